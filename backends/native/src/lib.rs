@@ -1,0 +1,1 @@
+//! strata's native backend (being written).

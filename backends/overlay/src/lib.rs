@@ -1,0 +1,1 @@
+//! strata's overlay backend (being written).

@@ -1,0 +1,113 @@
+//! The narrow trait a storage backend implements.
+//!
+//! A backend stores and mounts snapshots for **numeric ids**. It never sees keys, names or
+//! labels: those live in the metadata store, which is shared by every backend. Ids are never
+//! reused, so storage left behind by a removed snapshot can never be mistaken for a new one.
+//!
+//! The store calls a backend in this order, with a journal entry `(operation, id)` written
+//! durably before the call and cleared after the metadata transaction that records the result:
+//!
+//! * [`Backend::create`] builds the storage in a temporary place and renames it into place,
+//!   so that [`Backend::ids`] never lists partial storage;
+//! * [`Backend::commit`] seals an Active snapshot (makes it durable, immutable where it can);
+//! * [`Backend::remove`] deletes storage and must be idempotent;
+//! * [`Backend::reconcile`] is called on open for journal entries whose process died.
+
+use crate::error::BackendError;
+use crate::types::{Kind, Mount, Usage};
+
+/// Per-snapshot options the store derives from the caller's request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Mount the snapshot `volatile` (overlay only): no syncs while mounted, for build scratch
+    /// space. Requested with the label [`crate::LABEL_VOLATILE`]` = "true"`.
+    pub volatile: bool,
+    /// Make the new storage durable before returning (fsync of the new directory entries).
+    pub durable: bool,
+}
+
+/// The operation a journal entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JournalOp {
+    /// [`Backend::create`] was called for the id.
+    Create,
+    /// [`Backend::commit`] was called for the id.
+    Commit,
+    /// [`Backend::remove`] was called for the id.
+    Remove,
+}
+
+impl JournalOp {
+    /// The name stored in the journal table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalOp::Create => "create",
+            JournalOp::Commit => "commit",
+            JournalOp::Remove => "remove",
+        }
+    }
+
+    /// The inverse of [`JournalOp::as_str`].
+    pub fn parse(s: &str) -> Option<JournalOp> {
+        match s {
+            "create" => Some(JournalOp::Create),
+            "commit" => Some(JournalOp::Commit),
+            "remove" => Some(JournalOp::Remove),
+            _ => None,
+        }
+    }
+}
+
+/// A storage backend: stores and mounts snapshots by numeric id.
+///
+/// `parents` always lists the whole parent chain, immediate parent first, as ids of
+/// Committed snapshots.
+pub trait Backend: Send + Sync + 'static {
+    /// The backend's own error type.
+    type Error: BackendError;
+
+    /// The backend's name as recorded in the store root (`native`, `overlay`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Creates the storage of a new snapshot `id` of `kind` on top of `parents`.
+    ///
+    /// Work happens in a temporary place that is renamed into place at the end: when this
+    /// fails or the process dies, [`Backend::ids`] does not list `id`, and
+    /// [`Backend::remove`] clears whatever temporary state is left.
+    fn create(
+        &self,
+        id: u64,
+        kind: Kind,
+        parents: &[u64],
+        opts: &CreateOptions,
+    ) -> Result<(), Self::Error>;
+
+    /// Seals the Active snapshot `id` so that it can be used as a parent. With `durable`, its
+    /// content must be on stable storage when this returns. Returns the usage of its own layer,
+    /// which the store records so that `usage` of a Committed snapshot costs nothing.
+    fn commit(&self, id: u64, parents: &[u64], durable: bool) -> Result<Usage, Self::Error>;
+
+    /// The mounts that present snapshot `id` of `kind` with its `parents`.
+    fn mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Result<Vec<Mount>, Self::Error>;
+
+    /// Deletes the storage of `id`, including temporary leftovers of an interrupted create.
+    /// Succeeds when there is nothing to delete.
+    fn remove(&self, id: u64) -> Result<(), Self::Error>;
+
+    /// The disk usage of the snapshot's own layer.
+    fn usage(&self, id: u64) -> Result<Usage, Self::Error>;
+
+    /// Every id that has storage (fully created, renamed into place), in any order.
+    fn ids(&self) -> Result<Vec<u64>, Self::Error>;
+
+    /// Rolls back (or forward) an operation whose process died between the journal entry and
+    /// its metadata transaction. `recorded` says whether the metadata shows the operation's
+    /// result (for `Create`: a row exists for `id`; for `Commit`: the row is Committed).
+    /// The default removes the storage of an unrecorded create and does nothing otherwise.
+    fn reconcile(&self, op: JournalOp, id: u64, recorded: bool) -> Result<(), Self::Error> {
+        match (op, recorded) {
+            (JournalOp::Create, false) | (JournalOp::Remove, _) => self.remove(id),
+            _ => Ok(()),
+        }
+    }
+}

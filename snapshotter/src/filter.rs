@@ -1,0 +1,1 @@
+//! Containerd filter syntax.

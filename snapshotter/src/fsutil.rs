@@ -1,0 +1,73 @@
+//! File-system helpers shared by the backends: disk usage and durability.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::types::Usage;
+
+/// The disk usage of the tree at `path`: allocated bytes and inodes, each hardlinked inode
+/// counted once. Symlinks are never followed. The root directory itself is counted.
+pub fn disk_usage(path: &Path) -> io::Result<Usage> {
+    let mut usage = Usage::default();
+    let mut seen = HashSet::new();
+    let meta = fs::symlink_metadata(path)?;
+    account(&meta, &mut usage, &mut seen);
+    if meta.is_dir() {
+        walk(path, &mut usage, &mut seen)?;
+    }
+    Ok(usage)
+}
+
+fn account(meta: &fs::Metadata, usage: &mut Usage, seen: &mut HashSet<(u64, u64)>) {
+    if meta.nlink() > 1 && !meta.is_dir() && !seen.insert((meta.dev(), meta.ino())) {
+        return;
+    }
+    usage.inodes += 1;
+    usage.size += meta.blocks() * 512;
+}
+
+fn walk(dir: &Path, usage: &mut Usage, seen: &mut HashSet<(u64, u64)>) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        account(&meta, usage, seen);
+        if meta.is_dir() {
+            walk(&entry.path(), usage, seen)?;
+        }
+    }
+    Ok(())
+}
+
+/// Flushes the whole file system that holds `path` to stable storage (`syncfs`): one call
+/// makes every file and directory written before it durable, far cheaper than an `fsync`
+/// per file.
+pub fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let dir = fs::File::open(path)?;
+    rustix::fs::syncfs(&dir)?;
+    Ok(())
+}
+
+/// Makes the entries of directory `dir` (creations, renames, removals) durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Removes the tree at `path` if it exists; succeeds when there is nothing to remove.
+/// Never follows symlinks.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => match fs::remove_dir_all(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+        Ok(_) => match fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,5 @@
+//! The store.
+/// Store
+pub struct Store;
+/// Options
+pub struct StoreOptions;

@@ -1,0 +1,1 @@
+//! Test support: tree builders and comparison with a flat copy.
