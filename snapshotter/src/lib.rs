@@ -5,16 +5,17 @@
 //! that only knows how to store and mount snapshots for numeric ids.
 //!
 //! ```no_run
-//! # fn main() -> strata::Result<()> {
-//! use strata::{Labels, Snapshotter, Store, StoreOptions};
-//! # fn backend() -> impl strata::Backend { unimplemented!() }
-//! let store = Store::open("/var/lib/strata".as_ref(), backend(), StoreOptions::default())?;
-//! let mounts = store.prepare("build-1", None, Labels::new())?;
-//! strata::mount::mount_all(&mounts, "/mnt/build".as_ref())?;
-//! // ... write the layer ...
-//! strata::mount::unmount("/mnt/build".as_ref())?;
-//! store.commit("layer-1", "build-1", Labels::new())?;
-//! # Ok(()) }
+//! use strata::{Backend, Labels, Snapshotter, Store, StoreOptions};
+//!
+//! fn build_layer(backend: impl Backend) -> strata::Result<()> {
+//!     let store = Store::open("/var/lib/strata".as_ref(), backend, StoreOptions::default())?;
+//!     let mounts = store.prepare("build-1", None, Labels::new())?;
+//!     strata::mount::mount_all(&mounts, "/mnt/build".as_ref())?;
+//!     // ... write the layer ...
+//!     strata::mount::unmount("/mnt/build".as_ref())?;
+//!     store.commit("layer-1", "build-1", Labels::new())?;
+//!     Ok(())
+//! }
 //! ```
 
 pub mod backend;

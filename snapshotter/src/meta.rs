@@ -1,1 +1,712 @@
-//! Metadata.
+//! The metadata database: one SQLite file per store root, shared by every backend.
+//!
+//! Tables:
+//! * `snapshots` — one row per snapshot: numeric id (the backend's handle), key/name, kind,
+//!   parent id, times, the usage recorded at commit, and a `broken` reason.
+//! * `labels` — (snapshot id, name, value).
+//! * `journal` — (operation, id, key) written before each backend operation and deleted by the
+//!   transaction that records its result; the `key` column is unique, so an entry also
+//!   reserves the key or name being created until the operation finishes.
+//! * `meta` — the recorded backend and the id counter (ids are never reused).
+//!
+//! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
+//! to date inside one transaction.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::backend::JournalOp;
+use crate::error::{Error, Result};
+use crate::filter::{Field, Filter, Op};
+use crate::types::{Info, Kind, Labels, Usage};
+
+/// The database file's name inside the store root.
+pub(crate) const DB_FILE: &str = "metadata.db";
+
+/// Schema migrations; entry `i` moves a database from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE snapshots (
+    id         INTEGER PRIMARY KEY,
+    key        TEXT NOT NULL UNIQUE,
+    kind       INTEGER NOT NULL,
+    parent_id  INTEGER REFERENCES snapshots(id),
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    size       INTEGER,
+    inodes     INTEGER,
+    volatile   INTEGER NOT NULL DEFAULT 0,
+    broken     TEXT
+);
+CREATE INDEX snapshots_parent ON snapshots(parent_id);
+CREATE INDEX snapshots_kind ON snapshots(kind);
+CREATE TABLE labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, name)
+) WITHOUT ROWID;
+CREATE INDEX labels_name_value ON labels(name, value);
+CREATE TABLE journal (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    op          TEXT NOT NULL,
+    snapshot_id INTEGER NOT NULL,
+    key         TEXT NOT NULL UNIQUE,
+    parent_id   INTEGER,
+    owner       TEXT NOT NULL,
+    started_ns  INTEGER NOT NULL
+);
+CREATE INDEX journal_snapshot ON journal(snapshot_id);
+CREATE INDEX journal_parent ON journal(parent_id);
+INSERT INTO meta (name, value) VALUES ('next_id', '0');
+"#];
+
+/// One row of `snapshots`, with what the store needs besides the Info.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub id: u64,
+    pub key: String,
+    pub kind: Kind,
+    pub parent_id: Option<u64>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    pub usage: Option<Usage>,
+    pub volatile: bool,
+    pub broken: Option<String>,
+}
+
+/// One journal entry.
+#[derive(Debug, Clone)]
+pub(crate) struct JournalEntry {
+    pub seq: i64,
+    pub op: JournalOp,
+    pub id: u64,
+    pub key: String,
+    pub owner: String,
+}
+
+/// The open database.
+pub(crate) struct Meta {
+    conn: Connection,
+    path: PathBuf,
+    root: PathBuf,
+}
+
+pub(crate) fn to_ns(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_ns(ns: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+}
+
+fn id_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn db_id(id: u64) -> i64 {
+    i64::try_from(id).unwrap_or(i64::MAX)
+}
+
+const ROW_COLUMNS: &str =
+    "s.id, s.key, s.kind, s.parent_id, s.created_ns, s.updated_ns, s.size, s.inodes, s.volatile, s.broken";
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let kind: i64 = r.get(2)?;
+    let size: Option<i64> = r.get(6)?;
+    let inodes: Option<i64> = r.get(7)?;
+    Ok(Row {
+        id: id_of(r.get(0)?),
+        key: r.get(1)?,
+        kind: Kind::from_db(kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                2,
+                rusqlite::types::Type::Integer,
+                format!("unknown kind {kind}").into(),
+            )
+        })?,
+        parent_id: r.get::<_, Option<i64>>(3)?.map(id_of),
+        created: from_ns(r.get(4)?),
+        updated: from_ns(r.get(5)?),
+        usage: match (size, inodes) {
+            (Some(s), Some(i)) => Some(Usage {
+                size: id_of(s),
+                inodes: id_of(i),
+            }),
+            _ => None,
+        },
+        volatile: r.get::<_, i64>(8)? != 0,
+        broken: r.get(9)?,
+    })
+}
+
+impl Meta {
+    /// Opens (creating and migrating as needed) the database of `root`.
+    pub fn open(root: &Path, lock_timeout: Duration) -> Result<Meta> {
+        let path = root.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|e| Error::Metadata {
+            path: path.clone(),
+            context: "open".into(),
+            source: e,
+        })?;
+        let mut meta = Meta {
+            conn,
+            path,
+            root: root.to_path_buf(),
+        };
+        meta.conn
+            .busy_timeout(lock_timeout)
+            .map_err(|e| meta.err("set the busy timeout", e))?;
+        // WAL lets readers run beside a writer and keeps transactions ordered on disk: after a
+        // power loss a prefix of them survives. synchronous=NORMAL does not fsync each commit;
+        // durability of storage is ordered by the backends syncing before the commit.
+        meta.conn
+            .pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| meta.err("enable WAL", e))?;
+        meta.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| meta.err("set synchronous", e))?;
+        meta.conn
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| meta.err("enable foreign keys", e))?;
+        meta.migrate()?;
+        Ok(meta)
+    }
+
+    fn err(&self, context: &str, e: rusqlite::Error) -> Error {
+        wrap(&self.path, &self.root, context, e)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| self.err("read the schema version", e))?;
+        let latest = MIGRATIONS.len() as i64;
+        if version > latest {
+            return Err(Error::Schema {
+                path: self.path.clone(),
+                reason: format!(
+                    "schema version {version} was written by a newer strata (this one knows up to {latest}); upgrade strata"
+                ),
+            });
+        }
+        if version == latest {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let root = self.root.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| wrap(&path, &root, "start the migration", e))?;
+        // Another process may have migrated while we waited for the write lock.
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| wrap(&path, &root, "read the schema version", e))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            tx.execute_batch(sql)
+                .map_err(|e| wrap(&path, &root, &format!("migrate to version {}", i + 1), e))?;
+        }
+        tx.pragma_update(None, "user_version", latest)
+            .map_err(|e| wrap(&path, &root, "record the schema version", e))?;
+        tx.commit()
+            .map_err(|e| wrap(&path, &root, "commit the migration", e))
+    }
+
+    /// Starts a write transaction (taking SQLite's write lock at once, waiting up to the lock
+    /// timeout), on behalf of `key`.
+    pub fn write(&mut self, key: &str) -> Result<Tx<'_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| wrap_key(&self.path, &self.root, key, "start a transaction", e))?;
+        Ok(Tx {
+            tx,
+            path: &self.path,
+            root: &self.root,
+            key: key.to_string(),
+        })
+    }
+
+    /// Starts a read transaction (a consistent snapshot of the database).
+    pub fn read(&mut self, key: &str) -> Result<Tx<'_>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(|e| wrap_key(&self.path, &self.root, key, "start a transaction", e))?;
+        Ok(Tx {
+            tx,
+            path: &self.path,
+            root: &self.root,
+            key: key.to_string(),
+        })
+    }
+}
+
+fn wrap(path: &Path, root: &Path, context: &str, e: rusqlite::Error) -> Error {
+    wrap_key(path, root, "", context, e)
+}
+
+fn wrap_key(path: &Path, root: &Path, key: &str, context: &str, e: rusqlite::Error) -> Error {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if matches!(
+            f.code,
+            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+        ) {
+            return Error::Busy {
+                key: key.to_string(),
+                root: root.to_path_buf(),
+            };
+        }
+    }
+    Error::Metadata {
+        path: path.to_path_buf(),
+        context: if key.is_empty() {
+            context.to_string()
+        } else {
+            format!("{context} for {key:?}")
+        },
+        source: e,
+    }
+}
+
+/// A transaction with the queries the store needs. Dropping it without [`Tx::commit`] rolls
+/// back.
+pub(crate) struct Tx<'a> {
+    tx: Transaction<'a>,
+    path: &'a Path,
+    root: &'a Path,
+    key: String,
+}
+
+impl Tx<'_> {
+    fn e(&self, context: &str, e: rusqlite::Error) -> Error {
+        wrap_key(self.path, self.root, &self.key, context, e)
+    }
+
+    /// Commits the transaction.
+    pub fn commit(self) -> Result<()> {
+        let (path, root, key) = (self.path, self.root, self.key.clone());
+        self.tx
+            .commit()
+            .map_err(|e| wrap_key(path, root, &key, "commit the transaction", e))
+    }
+
+    /// A value of the `meta` table.
+    pub fn meta_value(&self, name: &str) -> Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT value FROM meta WHERE name = ?1")
+            .and_then(|mut s| s.query_row([name], |r| r.get(0)).optional())
+            .map_err(|e| self.e("read meta", e))
+    }
+
+    /// Sets a value of the `meta` table.
+    pub fn set_meta_value(&self, name: &str, value: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut s| s.execute([name, value]))
+            .map(|_| ())
+            .map_err(|e| self.e("write meta", e))
+    }
+
+    /// Allocates a new snapshot id; ids are never reused.
+    pub fn next_id(&self) -> Result<u64> {
+        self.tx
+            .prepare_cached(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE name = 'next_id'
+                 RETURNING CAST(value AS INTEGER)",
+            )
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+            .map(id_of)
+            .map_err(|e| self.e("allocate an id", e))
+    }
+
+    /// The row with this key or name.
+    pub fn row_by_key(&self, key: &str) -> Result<Option<Row>> {
+        self.tx
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM snapshots s WHERE s.key = ?1"
+            ))
+            .and_then(|mut s| s.query_row([key], read_row).optional())
+            .map_err(|e| self.e("look up", e))
+    }
+
+    /// The row with this id.
+    pub fn row_by_id(&self, id: u64) -> Result<Option<Row>> {
+        self.tx
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM snapshots s WHERE s.id = ?1"
+            ))
+            .and_then(|mut s| s.query_row([db_id(id)], read_row).optional())
+            .map_err(|e| self.e("look up by id", e))
+    }
+
+    /// The key of the row with this id.
+    pub fn key_of(&self, id: u64) -> Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT key FROM snapshots WHERE id = ?1")
+            .and_then(|mut s| s.query_row([db_id(id)], |r| r.get(0)).optional())
+            .map_err(|e| self.e("look up a parent", e))
+    }
+
+    /// The parent chain of `parent_id` (itself first, then its parent, ...).
+    pub fn chain(&self, parent_id: Option<u64>) -> Result<Vec<u64>> {
+        let Some(start) = parent_id else {
+            return Ok(Vec::new());
+        };
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "WITH RECURSIVE chain(id, parent_id, depth) AS (
+                     SELECT id, parent_id, 0 FROM snapshots WHERE id = ?1
+                     UNION ALL
+                     SELECT s.id, s.parent_id, c.depth + 1
+                     FROM snapshots s JOIN chain c ON s.id = c.parent_id
+                 )
+                 SELECT id FROM chain ORDER BY depth",
+            )
+            .map_err(|e| self.e("read the parent chain", e))?;
+        let ids = stmt
+            .query_map([db_id(start)], |r| r.get::<_, i64>(0))
+            .and_then(|rows| rows.map(|r| r.map(id_of)).collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("read the parent chain", e))?;
+        Ok(ids)
+    }
+
+    /// Whether a key or name is taken by a row or reserved by a journal entry.
+    pub fn key_taken(&self, key: &str) -> Result<bool> {
+        self.tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM snapshots WHERE key = ?1)
+                     OR EXISTS (SELECT 1 FROM journal WHERE key = ?1)",
+            )
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)))
+            .map_err(|e| self.e("check the key", e))
+    }
+
+    /// Whether the snapshot has children, counting snapshots being created on it.
+    pub fn has_children(&self, id: u64) -> Result<bool> {
+        self.tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM snapshots WHERE parent_id = ?1)
+                     OR EXISTS (SELECT 1 FROM journal WHERE parent_id = ?1 AND op = 'create')",
+            )
+            .and_then(|mut s| s.query_row([db_id(id)], |r| r.get(0)))
+            .map_err(|e| self.e("check for children", e))
+    }
+
+    /// The journal entry in flight for snapshot `id`, if any.
+    pub fn pending_op(&self, id: u64) -> Result<Option<JournalOp>> {
+        let op: Option<String> = self
+            .tx
+            .prepare_cached("SELECT op FROM journal WHERE snapshot_id = ?1 LIMIT 1")
+            .and_then(|mut s| s.query_row([db_id(id)], |r| r.get(0)).optional())
+            .map_err(|e| self.e("read the journal", e))?;
+        Ok(op.as_deref().and_then(JournalOp::parse))
+    }
+
+    /// Writes a journal entry; returns its sequence number.
+    pub fn journal_add(
+        &self,
+        op: JournalOp,
+        id: u64,
+        key: &str,
+        parent_id: Option<u64>,
+        owner: &str,
+    ) -> Result<i64> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO journal (op, snapshot_id, key, parent_id, owner, started_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    op.as_str(),
+                    db_id(id),
+                    key,
+                    parent_id.map(db_id),
+                    owner,
+                    to_ns(SystemTime::now())
+                ])
+            })
+            .map_err(|e| self.e("write the journal", e))?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    /// Deletes a journal entry.
+    pub fn journal_remove(&self, seq: i64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM journal WHERE seq = ?1")
+            .and_then(|mut s| s.execute([seq]))
+            .map(|_| ())
+            .map_err(|e| self.e("clear the journal", e))
+    }
+
+    /// Every journal entry.
+    pub fn journal(&self) -> Result<Vec<JournalEntry>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT seq, op, snapshot_id, key, owner FROM journal ORDER BY seq")
+            .map_err(|e| self.e("read the journal", e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    id_of(r.get(2)?),
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("read the journal", e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(seq, op, id, key, owner)| {
+                Some(JournalEntry {
+                    seq,
+                    op: JournalOp::parse(&op)?,
+                    id,
+                    key,
+                    owner,
+                })
+            })
+            .collect())
+    }
+
+    /// Inserts a snapshot row and its labels.
+    pub fn insert(&self, row: &Row, labels: &Labels) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO snapshots (id, key, kind, parent_id, created_ns, updated_ns, volatile)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    db_id(row.id),
+                    row.key,
+                    row.kind.to_db(),
+                    row.parent_id.map(db_id),
+                    to_ns(row.created),
+                    to_ns(row.updated),
+                    i64::from(row.volatile),
+                ])
+            })
+            .map_err(|e| self.e("insert", e))?;
+        self.insert_labels(row.id, labels)
+    }
+
+    fn insert_labels(&self, id: u64, labels: &Labels) -> Result<()> {
+        if labels.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = self
+            .tx
+            .prepare_cached("INSERT INTO labels (snapshot_id, name, value) VALUES (?1, ?2, ?3)")
+            .map_err(|e| self.e("write labels", e))?;
+        for (k, v) in labels {
+            stmt.execute(params![db_id(id), k, v])
+                .map_err(|e| self.e("write labels", e))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every label of `id`.
+    pub fn replace_labels(&self, id: u64, labels: &Labels) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM labels WHERE snapshot_id = ?1")
+            .and_then(|mut s| s.execute([db_id(id)]))
+            .map_err(|e| self.e("clear labels", e))?;
+        self.insert_labels(id, labels)
+    }
+
+    /// The labels of `id`.
+    pub fn labels(&self, id: u64) -> Result<Labels> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT name, value FROM labels WHERE snapshot_id = ?1")
+            .map_err(|e| self.e("read labels", e))?;
+        let labels = stmt
+            .query_map([db_id(id)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Labels>>())
+            .map_err(|e| self.e("read labels", e))?;
+        Ok(labels)
+    }
+
+    /// Turns row `id` into the Committed snapshot `name`.
+    pub fn mark_committed(&self, id: u64, name: &str, usage: Usage) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "UPDATE snapshots SET key = ?2, kind = ?3, updated_ns = ?4, size = ?5, inodes = ?6
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    db_id(id),
+                    name,
+                    Kind::Committed.to_db(),
+                    to_ns(SystemTime::now()),
+                    i64::try_from(usage.size).unwrap_or(i64::MAX),
+                    i64::try_from(usage.inodes).unwrap_or(i64::MAX),
+                ])
+            })
+            .map(|_| ())
+            .map_err(|e| self.e("record the commit", e))
+    }
+
+    /// Sets the updated time of `id`.
+    pub fn touch(&self, id: u64, when: SystemTime) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE snapshots SET updated_ns = ?2 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![db_id(id), to_ns(when)]))
+            .map(|_| ())
+            .map_err(|e| self.e("update", e))
+    }
+
+    /// Records why the snapshot is broken.
+    pub fn mark_broken(&self, id: u64, reason: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE snapshots SET broken = ?2 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![db_id(id), reason]))
+            .map(|_| ())
+            .map_err(|e| self.e("mark broken", e))
+    }
+
+    /// Deletes row `id` and its labels.
+    pub fn delete(&self, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM snapshots WHERE id = ?1")
+            .and_then(|mut s| s.execute([db_id(id)]))
+            .map(|_| ())
+            .map_err(|e| self.e("delete", e))
+    }
+
+    /// Every id that has a row or a journal entry.
+    pub fn known_ids(&self) -> Result<std::collections::HashSet<u64>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT id FROM snapshots UNION SELECT snapshot_id FROM journal")
+            .map_err(|e| self.e("list ids", e))?;
+        let ids = stmt
+            .query_map([], |r| r.get::<_, i64>(0))
+            .and_then(|rows| {
+                rows.map(|r| r.map(id_of))
+                    .collect::<rusqlite::Result<std::collections::HashSet<_>>>()
+            })
+            .map_err(|e| self.e("list ids", e))?;
+        Ok(ids)
+    }
+
+    /// The Info of a row.
+    pub fn info(&self, row: &Row) -> Result<Info> {
+        let parent = match row.parent_id {
+            Some(p) => self.key_of(p)?,
+            None => None,
+        };
+        Ok(Info {
+            kind: row.kind,
+            name: row.key.clone(),
+            parent,
+            labels: self.labels(row.id)?,
+            created: row.created,
+            updated: row.updated,
+        })
+    }
+
+    /// Every snapshot matching `filter`, ordered by name. The filter is evaluated in SQL so
+    /// that lookups by name, parent, kind or label use the indexes.
+    pub fn select(&self, filter: &Filter) -> Result<Vec<Info>> {
+        let mut sql = format!(
+            "SELECT {ROW_COLUMNS}, p.key FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id"
+        );
+        let mut args: Vec<String> = Vec::new();
+        if !filter.any.is_empty() {
+            let mut ors = Vec::new();
+            for all in &filter.any {
+                let mut ands = Vec::new();
+                for sel in all {
+                    ands.push(selector_sql(&sel.field, &sel.op, &mut args));
+                }
+                ors.push(format!("({})", ands.join(" AND ")));
+            }
+            sql.push_str(" WHERE ");
+            sql.push_str(&ors.join(" OR "));
+        }
+        sql.push_str(" ORDER BY s.key");
+        let mut stmt = self
+            .tx
+            .prepare_cached(&sql)
+            .map_err(|e| self.e("walk", e))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok((read_row(r)?, r.get::<_, Option<String>>(10)?))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("walk", e))?;
+        rows.into_iter()
+            .map(|(row, parent)| {
+                Ok(Info {
+                    kind: row.kind,
+                    name: row.key,
+                    parent,
+                    labels: self.labels(row.id)?,
+                    created: row.created,
+                    updated: row.updated,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The SQL condition for one selector, pushing its arguments (numbered `?N`).
+fn selector_sql(field: &Field, op: &Op, args: &mut Vec<String>) -> String {
+    let mut arg = |v: &str| {
+        args.push(v.to_string());
+        format!("?{}", args.len())
+    };
+    match (field, op) {
+        (Field::Name, Op::Present) | (Field::Kind, Op::Present) => "1".into(),
+        (Field::Name, Op::Equal(v)) => format!("s.key = {}", arg(v)),
+        (Field::Name, Op::NotEqual(v)) => format!("s.key != {}", arg(v)),
+        (Field::Parent, Op::Present) => "s.parent_id IS NOT NULL".into(),
+        (Field::Parent, Op::Equal(v)) if v.is_empty() => "s.parent_id IS NULL".into(),
+        (Field::Parent, Op::Equal(v)) => format!(
+            "s.parent_id = (SELECT id FROM snapshots WHERE key = {})",
+            arg(v)
+        ),
+        (Field::Parent, Op::NotEqual(v)) if v.is_empty() => "s.parent_id IS NOT NULL".into(),
+        (Field::Parent, Op::NotEqual(v)) => format!("COALESCE(p.key, '') != {}", arg(v)),
+        (Field::Kind, Op::Equal(v)) => format!("s.kind = {}", kind_sql(v)),
+        (Field::Kind, Op::NotEqual(v)) => format!("s.kind != {}", kind_sql(v)),
+        (Field::Label(k), Op::Present) => format!(
+            "s.id IN (SELECT snapshot_id FROM labels WHERE name = {})",
+            arg(k)
+        ),
+        (Field::Label(k), Op::Equal(v)) => {
+            let (k, v) = (arg(k), arg(v));
+            format!("s.id IN (SELECT snapshot_id FROM labels WHERE name = {k} AND value = {v})")
+        }
+        (Field::Label(k), Op::NotEqual(v)) => {
+            let (k, v) = (arg(k), arg(v));
+            format!(
+                "s.id NOT IN (SELECT snapshot_id FROM labels WHERE name = {k} AND value = {v})"
+            )
+        }
+    }
+}
+
+fn kind_sql(v: &str) -> i64 {
+    // The parser has already refused unknown kinds; -1 matches nothing.
+    v.parse::<Kind>().map(Kind::to_db).unwrap_or(-1)
+}

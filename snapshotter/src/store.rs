@@ -1,5 +1,744 @@
-//! The store.
-/// Store
-pub struct Store;
-/// Options
-pub struct StoreOptions;
+//! [`Store`]: the one implementation of [`Snapshotter`], over any [`Backend`].
+//!
+//! The store owns the metadata and the journal; the backend only stores and mounts numeric
+//! ids. Every operation that touches storage follows the same protocol:
+//!
+//! 1. a write transaction checks the request, allocates the id and records a journal entry
+//!    `(operation, id, key)` — the entry also reserves the key against other processes;
+//! 2. the backend does its work in a temporary place and renames it into place (with
+//!    [`StoreOptions::durable`], syncing it first);
+//! 3. a second transaction records the result and deletes the journal entry.
+//!
+//! A process that dies between 1 and 3 leaves a journal entry whose owner is gone: every
+//! process holds an exclusive `flock` on `owners/<token>.lock` while its store is open, so
+//! another process can tell a dead owner from a live one. Such entries are rolled back (or
+//! forward) on open and by [`Snapshotter::cleanup`].
+//!
+//! **Guarantee.** A SIGKILL at any point loses nothing that was reported committed. With
+//! `durable` (the default) a power loss may roll back only whole, most recent operations and
+//! never leaves a row pointing at lost or partial storage, because storage is synced before
+//! the transaction that records it; storage left without a row is reclaimed by `cleanup`.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use crate::backend::{Backend, CreateOptions, JournalOp};
+use crate::error::{BackendError, Error, Result};
+use crate::filter::Filter;
+use crate::meta::{self, Meta, Row};
+use crate::snapshotter::Snapshotter;
+use crate::types::{Info, Kind, Labels, Mount, Usage};
+use crate::LABEL_VOLATILE;
+
+/// How a store behaves.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How long to wait for another process or thread holding the database before failing
+    /// with a "busy" error. Default: 10 s.
+    pub lock_timeout: Duration,
+    /// Sync storage before recording it (see the module docs). Default: on. Turning it off
+    /// keeps the SIGKILL guarantee but not the power-loss one.
+    pub durable: bool,
+    /// Delete storage in `remove` itself instead of leaving it to `cleanup`. Default: off
+    /// (removal is a metadata operation, like containerd's).
+    pub sync_remove: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            lock_timeout: Duration::from_secs(10),
+            durable: true,
+            sync_remove: false,
+        }
+    }
+}
+
+/// What [`Store::cleanup_report`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Ids whose storage was reclaimed.
+    pub reclaimed: Vec<u64>,
+    /// Interrupted operations rolled back or forward (journal entries of dead processes).
+    pub reconciled: usize,
+    /// Ids whose storage could not be reclaimed, with the error; retried next time.
+    pub failed: Vec<(u64, String)>,
+}
+
+/// A snapshot store: metadata plus a backend, rooted at one directory.
+pub struct Store<B: Backend> {
+    root: PathBuf,
+    backend: B,
+    meta: Mutex<Option<Meta>>,
+    owner: Owner,
+    opts: StoreOptions,
+}
+
+/// This store's identity in the journal, and the lock that proves it is alive.
+struct Owner {
+    token: String,
+    lock_path: PathBuf,
+    _lock: fs::File,
+}
+
+const OWNERS_DIR: &str = "owners";
+const BACKEND_META: &str = "backend";
+
+impl Owner {
+    fn create(root: &Path) -> Result<Owner> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = root.join(OWNERS_DIR);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create the owners directory", e))?;
+        let token = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            meta::to_ns(SystemTime::now()),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let lock_path = dir.join(format!("{token}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, "create the owner lock", e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| Error::io(&lock_path, "lock the owner lock", e.into()))?;
+        Ok(Owner {
+            token,
+            lock_path,
+            _lock: lock,
+        })
+    }
+}
+
+/// Holds the lock of a dead owner while its journal entries are reconciled.
+struct DeadOwner {
+    path: PathBuf,
+    _lock: Option<fs::File>,
+}
+
+/// Returns a handle when `token`'s process is gone (its lock file is missing or unlocked).
+fn dead_owner(root: &Path, token: &str) -> Option<DeadOwner> {
+    let path = root.join(OWNERS_DIR).join(format!("{token}.lock"));
+    match fs::OpenOptions::new().write(true).open(&path) {
+        Err(_) => Some(DeadOwner { path, _lock: None }),
+        Ok(f) => {
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+            Some(DeadOwner {
+                path,
+                _lock: Some(f),
+            })
+        }
+    }
+}
+
+fn check_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid(
+            format!("{what} \"\""),
+            "must not be empty",
+        ));
+    }
+    if key.contains('\0') {
+        return Err(Error::invalid(
+            format!("{what} {key:?}"),
+            "must not contain a NUL byte",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "failpoints")]
+fn failpoint(name: &str) {
+    if std::env::var("STRATA_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::warn!(failpoint = name, "failpoint reached: killing the process");
+        let _ = rustix::process::kill_process(
+            rustix::process::getpid(),
+            rustix::process::Signal::KILL,
+        );
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn failpoint(_name: &str) {}
+
+impl<B: Backend> Store<B> {
+    /// Opens the store at `root` (creating it when new) over `backend`, and reconciles what
+    /// dead processes left behind.
+    ///
+    /// The backend is recorded in the root the first time; opening it later with another
+    /// backend is an error.
+    pub fn open(root: &Path, backend: B, opts: StoreOptions) -> Result<Store<B>> {
+        fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
+        let mut meta = Meta::open(root, opts.lock_timeout)?;
+        {
+            let tx = meta.write("")?;
+            match tx.meta_value(BACKEND_META)? {
+                Some(recorded) if recorded != backend.name() => {
+                    return Err(Error::invalid(
+                        format!("backend {:?}", backend.name()),
+                        format!(
+                            "the store at {} was created with the {recorded:?} backend; use --backend {recorded} or another root",
+                            root.display()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => tx.set_meta_value(BACKEND_META, backend.name())?,
+            }
+            tx.commit()?;
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            owner: Owner::create(root)?,
+            backend,
+            meta: Mutex::new(Some(meta)),
+            opts,
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    /// The backend recorded in `root`, if a store exists there.
+    pub fn recorded_backend(root: &Path) -> Result<Option<String>> {
+        if !root.join(meta::DB_FILE).exists() {
+            return Ok(None);
+        }
+        let mut meta = Meta::open(root, StoreOptions::default().lock_timeout)?;
+        let tx = meta.read("")?;
+        tx.meta_value(BACKEND_META)
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    fn meta(&self) -> Result<MutexGuard<'_, Option<Meta>>> {
+        let guard = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(Error::Closed);
+        }
+        Ok(guard)
+    }
+
+    fn backend_err<E: BackendError>(&self, key: &str, op: &'static str, e: E) -> Error {
+        Error::backend(key, op, self.backend.name(), e)
+    }
+
+    /// Runs `f` with the open database.
+    fn with_meta<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+        let mut guard = self.meta()?;
+        match guard.as_mut() {
+            Some(m) => f(m),
+            None => Err(Error::Closed),
+        }
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        check_key("key", key)?;
+        let parent = parent.filter(|p| !p.is_empty());
+        if let Some(p) = parent {
+            check_key("parent", p)?;
+        }
+        let volatile = labels.get(LABEL_VOLATILE).is_some_and(|v| v == "true");
+        if volatile && kind != Kind::Active {
+            return Err(Error::invalid(
+                format!("label {LABEL_VOLATILE}"),
+                format!("only Active snapshots can be volatile, {key:?} would be a view"),
+            ));
+        }
+
+        // Step 1: check, allocate, journal.
+        let (id, parent_id, parents, seq) = self.with_meta(|m| {
+            let tx = m.write(key)?;
+            if tx.key_taken(key)? {
+                return Err(Error::AlreadyExists { key: key.into() });
+            }
+            let parent_id = match parent {
+                None => None,
+                Some(p) => {
+                    let row = tx.row_by_key(p)?.ok_or_else(|| Error::NotFound {
+                        key: p.into(),
+                        hint: format!("parent of {key:?} does not exist"),
+                    })?;
+                    if row.kind != Kind::Committed {
+                        return Err(Error::precondition(
+                            p,
+                            format!(
+                                "cannot be the parent of {key:?}: it is {} and only committed snapshots can be parents; commit it first",
+                                row.kind
+                            ),
+                        ));
+                    }
+                    if let Some(reason) = row.broken {
+                        return Err(Error::Broken {
+                            key: p.into(),
+                            reason,
+                        });
+                    }
+                    Some(row.id)
+                }
+            };
+            let parents = tx.chain(parent_id)?;
+            let id = tx.next_id()?;
+            let seq = tx.journal_add(JournalOp::Create, id, key, parent_id, &self.owner.token)?;
+            tx.commit()?;
+            Ok((id, parent_id, parents, seq))
+        })?;
+        failpoint("create-before-backend");
+
+        // Step 2: the backend builds the storage.
+        let opts = CreateOptions {
+            volatile,
+            durable: self.opts.durable,
+        };
+        if let Err(e) = self.backend.create(id, kind, &parents, &opts) {
+            let err = self.backend_err(key, "create", e);
+            self.abandon(key, seq, id);
+            return Err(err);
+        }
+        failpoint("create-after-backend");
+
+        // Step 3: record it.
+        let now = SystemTime::now();
+        let row = Row {
+            id,
+            key: key.into(),
+            kind,
+            parent_id,
+            created: now,
+            updated: now,
+            usage: None,
+            volatile,
+            broken: None,
+        };
+        let recorded = self.with_meta(|m| {
+            let tx = m.write(key)?;
+            tx.insert(&row, &labels)?;
+            tx.journal_remove(seq)?;
+            tx.commit()
+        });
+        if let Err(e) = recorded {
+            self.abandon(key, seq, id);
+            return Err(e);
+        }
+        failpoint("create-after-commit");
+        self.backend
+            .mounts(id, kind, &parents)
+            .map_err(|e| self.backend_err(key, "mounts", e))
+    }
+
+    /// Rolls back a create that failed after its journal entry: removes the storage, then
+    /// the entry. If either fails the entry stays and is reconciled later.
+    fn abandon(&self, key: &str, seq: i64, id: u64) {
+        if let Err(e) = self.backend.remove(id) {
+            tracing::warn!(key, id, error = %e, "could not remove the storage of a failed create; cleanup will retry");
+            return;
+        }
+        let cleared = self.with_meta(|m| {
+            let tx = m.write(key)?;
+            tx.journal_remove(seq)?;
+            tx.commit()
+        });
+        if let Err(e) = cleared {
+            tracing::warn!(key, id, error = %e, "could not clear the journal entry of a failed create; cleanup will retry");
+        }
+    }
+
+    /// Rolls back or forward the journal entries of dead processes (and, with `own`, this
+    /// store's own leftovers). Returns how many entries were reconciled.
+    fn reconcile_journal(&self, own: bool) -> Result<usize> {
+        let entries = self.with_meta(|m| m.read("")?.journal())?;
+        let mut done = 0;
+        let mut owners: Vec<(String, Option<DeadOwner>)> = Vec::new();
+        for entry in entries {
+            let is_self = entry.owner == self.owner.token;
+            if is_self && !own {
+                continue;
+            }
+            if !is_self {
+                let known = owners.iter().position(|(t, _)| *t == entry.owner);
+                let idx = match known {
+                    Some(i) => i,
+                    None => {
+                        owners.push((entry.owner.clone(), dead_owner(&self.root, &entry.owner)));
+                        owners.len() - 1
+                    }
+                };
+                if owners[idx].1.is_none() {
+                    continue; // alive: its operation is still running
+                }
+            }
+            let recorded = self.with_meta(|m| {
+                let tx = m.read(&entry.key)?;
+                Ok(match (entry.op, tx.row_by_id(entry.id)?) {
+                    (JournalOp::Create, row) => row.is_some(),
+                    (JournalOp::Commit, Some(row)) => row.kind == Kind::Committed,
+                    (JournalOp::Commit, None) | (JournalOp::Remove, _) => false,
+                })
+            })?;
+            tracing::info!(op = entry.op.as_str(), id = entry.id, key = %entry.key, recorded, "reconciling an interrupted operation");
+            self.backend
+                .reconcile(entry.op, entry.id, recorded)
+                .map_err(|e| self.backend_err(&entry.key, "reconcile", e))?;
+            self.with_meta(|m| {
+                let tx = m.write(&entry.key)?;
+                tx.journal_remove(entry.seq)?;
+                tx.commit()
+            })?;
+            done += 1;
+        }
+        for (_, dead) in owners {
+            if let Some(dead) = dead {
+                let _ = fs::remove_file(&dead.path);
+            }
+        }
+        Ok(done)
+    }
+
+    fn reconcile(&self) -> Result<()> {
+        self.reconcile_journal(false)?;
+        // Owner lock files of processes that died with no journal entries.
+        let dir = self.root.join(OWNERS_DIR);
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(token) = name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+                    continue;
+                };
+                if token == self.owner.token {
+                    continue;
+                }
+                if let Some(dead) = dead_owner(&self.root, token) {
+                    let _ = fs::remove_file(&dead.path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`Snapshotter::cleanup`], returning what was done. Never stops at the first
+    /// failure: ids that could not be reclaimed are listed and retried next time.
+    pub fn cleanup_report(&self) -> Result<CleanupReport> {
+        let reconciled = self.reconcile_journal(false)?;
+        // List storage first, then metadata: storage that appears after the listing is not
+        // looked at, and storage in the listing got its journal entry before it existed.
+        let ids = self
+            .backend
+            .ids()
+            .map_err(|e| self.backend_err("", "list storage", e))?;
+        let known: HashSet<u64> = self.with_meta(|m| m.read("")?.known_ids())?;
+        let mut report = CleanupReport {
+            reconciled,
+            ..CleanupReport::default()
+        };
+        for id in ids.into_iter().filter(|id| !known.contains(id)) {
+            match self.backend.remove(id) {
+                Ok(()) => report.reclaimed.push(id),
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "could not reclaim storage; will retry");
+                    report.failed.push((id, e.to_string()));
+                }
+            }
+        }
+        report.reclaimed.sort_unstable();
+        Ok(report)
+    }
+
+    fn row(&self, key: &str) -> Result<(Row, Vec<u64>)> {
+        check_key("key", key)?;
+        self.with_meta(|m| {
+            let tx = m.read(key)?;
+            let row = tx
+                .row_by_key(key)?
+                .ok_or_else(|| Error::not_found(key))?;
+            let parents = tx.chain(row.parent_id)?;
+            Ok((row, parents))
+        })
+    }
+
+    /// Marks `key` broken in the metadata (best effort) and returns the error to report.
+    fn broken(&self, key: &str, id: u64, err: Error) -> Error {
+        if err.kind() == crate::ErrorKind::DataLoss {
+            let reason = err.to_string();
+            let _ = self.with_meta(|m| {
+                let tx = m.write(key)?;
+                tx.mark_broken(id, &reason)?;
+                tx.commit()
+            });
+        }
+        err
+    }
+}
+
+impl<B: Backend> Snapshotter for Store<B> {
+    fn prepare(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    fn view(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let (row, parents) = self.row(key)?;
+        if row.kind == Kind::Committed {
+            return Err(Error::precondition(
+                key,
+                "committed snapshots are not mounted directly; create a view of it (view KEY PARENT) or prepare a child",
+            ));
+        }
+        if let Some(reason) = row.broken {
+            return Err(Error::Broken {
+                key: key.into(),
+                reason,
+            });
+        }
+        self.backend
+            .mounts(row.id, row.kind, &parents)
+            .map_err(|e| self.backend_err(key, "mounts", e))
+            .map_err(|e| self.broken(key, row.id, e))
+    }
+
+    fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
+        check_key("name", name)?;
+        check_key("key", key)?;
+        let (row, parents, seq) = self.with_meta(|m| {
+            let tx = m.write(key)?;
+            let row = tx
+                .row_by_key(key)?
+                .ok_or_else(|| Error::not_found(key))?;
+            if row.kind != Kind::Active {
+                return Err(Error::precondition(
+                    key,
+                    format!(
+                        "cannot commit a {} snapshot; only active snapshots can be committed",
+                        row.kind
+                    ),
+                ));
+            }
+            if let Some(reason) = row.broken {
+                return Err(Error::Broken {
+                    key: key.into(),
+                    reason,
+                });
+            }
+            if tx.key_taken(name)? {
+                return Err(Error::AlreadyExists { key: name.into() });
+            }
+            if let Some(op) = tx.pending_op(row.id)? {
+                return Err(Error::precondition(
+                    key,
+                    format!("another {} of it is in progress", op.as_str()),
+                ));
+            }
+            let parents = tx.chain(row.parent_id)?;
+            let seq =
+                tx.journal_add(JournalOp::Commit, row.id, name, row.parent_id, &self.owner.token)?;
+            tx.commit()?;
+            Ok((row, parents, seq))
+        })?;
+        failpoint("commit-before-backend");
+
+        let usage = match self.backend.commit(row.id, &parents, self.opts.durable) {
+            Ok(u) => u,
+            Err(e) => {
+                let err = self.backend_err(key, "commit", e);
+                let err = self.broken(key, row.id, err);
+                let _ = self.with_meta(|m| {
+                    let tx = m.write(key)?;
+                    tx.journal_remove(seq)?;
+                    tx.commit()
+                });
+                return Err(err);
+            }
+        };
+        failpoint("commit-after-backend");
+
+        self.with_meta(|m| {
+            let tx = m.write(key)?;
+            tx.mark_committed(row.id, name, usage)?;
+            tx.replace_labels(row.id, &labels)?;
+            tx.journal_remove(seq)?;
+            tx.commit()
+        })?;
+        failpoint("commit-after-commit");
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        check_key("key", key)?;
+        let (id, seq) = self.with_meta(|m| {
+            let tx = m.write(key)?;
+            let row = tx
+                .row_by_key(key)?
+                .ok_or_else(|| Error::not_found(key))?;
+            if tx.has_children(row.id)? {
+                return Err(Error::precondition(
+                    key,
+                    "cannot remove a snapshot that has children: remove its children first",
+                ));
+            }
+            if let Some(op) = tx.pending_op(row.id)? {
+                return Err(Error::precondition(
+                    key,
+                    format!("cannot remove it while a {} of it is in progress", op.as_str()),
+                ));
+            }
+            tx.delete(row.id)?;
+            let seq = if self.opts.sync_remove {
+                Some(tx.journal_add(JournalOp::Remove, row.id, key, None, &self.owner.token)?)
+            } else {
+                None
+            };
+            tx.commit()?;
+            Ok((row.id, seq))
+        })?;
+        if let Some(seq) = seq {
+            self.backend
+                .remove(id)
+                .map_err(|e| self.backend_err(key, "remove", e))?;
+            self.with_meta(|m| {
+                let tx = m.write(key)?;
+                tx.journal_remove(seq)?;
+                tx.commit()
+            })?;
+        }
+        Ok(())
+    }
+
+    fn stat(&self, key: &str) -> Result<Info> {
+        check_key("key", key)?;
+        self.with_meta(|m| {
+            let tx = m.read(key)?;
+            let row = tx
+                .row_by_key(key)?
+                .ok_or_else(|| Error::not_found(key))?;
+            tx.info(&row)
+        })
+    }
+
+    fn update(&self, info: &Info, fieldpaths: &[&str]) -> Result<Info> {
+        let key = info.name.as_str();
+        check_key("name", key)?;
+        self.with_meta(|m| {
+            let tx = m.write(key)?;
+            let row = tx
+                .row_by_key(key)?
+                .ok_or_else(|| Error::not_found(key))?;
+            let mut labels = tx.labels(row.id)?;
+            if fieldpaths.is_empty() {
+                labels = info.labels.clone();
+            }
+            for path in fieldpaths {
+                if *path == "labels" {
+                    labels = info.labels.clone();
+                } else if let Some(k) = path.strip_prefix("labels.") {
+                    match info.labels.get(k) {
+                        Some(v) => {
+                            labels.insert(k.to_string(), v.clone());
+                        }
+                        None => {
+                            labels.remove(k);
+                        }
+                    }
+                } else {
+                    return Err(Error::invalid(
+                        format!("field path {path:?}"),
+                        format!(
+                            "cannot update {path} of snapshot {key:?}: only labels and labels.<key> can be updated"
+                        ),
+                    ));
+                }
+            }
+            tx.replace_labels(row.id, &labels)?;
+            tx.touch(row.id, SystemTime::now())?;
+            let row = tx
+                .row_by_id(row.id)?
+                .ok_or_else(|| Error::not_found(key))?;
+            let info = tx.info(&row)?;
+            tx.commit()?;
+            Ok(info)
+        })
+    }
+
+    fn usage(&self, key: &str) -> Result<Usage> {
+        let (row, _) = self.row(key)?;
+        match row.usage {
+            Some(u) if row.kind == Kind::Committed => Ok(u),
+            _ => self
+                .backend
+                .usage(row.id)
+                .map_err(|e| self.backend_err(key, "usage", e)),
+        }
+    }
+
+    fn walk(&self, filters: &[&str], f: &mut dyn FnMut(&Info) -> Result<()>) -> Result<()> {
+        let filter = Filter::parse_all(filters)?;
+        // Collect under the lock, call back without it: `f` may call into the store.
+        let infos = self.with_meta(|m| m.read("")?.select(&filter))?;
+        for info in &infos {
+            f(info)?;
+        }
+        Ok(())
+    }
+
+    fn cleanup(&self) -> Result<()> {
+        let report = self.cleanup_report()?;
+        match report.failed.first() {
+            None => Ok(()),
+            Some((id, e)) => Err(Error::io(
+                self.root.join("snapshots").join(id.to_string()),
+                "reclaim storage (the other reclaimable snapshots were reclaimed; cleanup will retry this one)",
+                std::io::Error::other(e.clone()),
+            )),
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        {
+            let guard = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                return Ok(());
+            }
+        }
+        // Leftovers of this store's own failed operations are rolled back now.
+        let reconciled = self.reconcile_journal(true);
+        let mut guard = self.meta.lock().unwrap_or_else(|p| p.into_inner());
+        *guard = None;
+        drop(guard);
+        let _ = fs::remove_file(&self.owner.lock_path);
+        reconciled.map(|_| ())
+    }
+}
+
+impl<B: Backend> Drop for Store<B> {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(root = %self.root.display(), error = %e, "closing the store failed");
+        }
+    }
+}
