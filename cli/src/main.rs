@@ -1,2 +1,379 @@
-//! The `strata` command.
-fn main() {}
+//! `strata`: snapshots, mounts and benchmarks from the shell.
+//!
+//! Every subcommand opens the store at `--root`, does one thing and exits. Errors print one
+//! line naming the snapshot and the cause (or, with `--json`, a JSON object on stdout) and
+//! exit with status 1.
+
+mod bench;
+mod output;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use strata::{Error, Labels, Snapshotter, Store, StoreOptions};
+use strata_native::NativeBackend;
+use strata_overlay::{OverlayBackend, OverlayOptions};
+
+use crate::output::Output;
+
+/// The default store root.
+const DEFAULT_ROOT: &str = "/var/lib/strata";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata",
+    version,
+    about = "Container image layer storage: containerd's snapshotter model on overlayfs or plain copies",
+    long_about = None
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Store root: metadata and snapshot storage live under it [default: /var/lib/strata]
+    #[arg(long, global = true, env = "STRATA_ROOT")]
+    root: Option<PathBuf>,
+
+    /// Storage backend: overlay or native [default: the one recorded in the root, else overlay]
+    #[arg(long, global = true, env = "STRATA_BACKEND")]
+    backend: Option<String>,
+
+    /// Machine-readable output; errors become a JSON object on stdout
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// How long to wait for another process holding the store (e.g. 500ms, 10s)
+    #[arg(long, global = true, default_value = "10s", value_parser = parse_duration)]
+    lock_timeout: Duration,
+
+    /// Do not sync storage before recording it: survives a killed process, not a power loss
+    #[arg(long, global = true)]
+    no_sync: bool,
+
+    /// Delete storage in `remove` itself instead of leaving it to `cleanup`
+    #[arg(long, global = true)]
+    sync_remove: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a writable (Active) snapshot on top of PARENT and print its mounts
+    Prepare {
+        /// Key of the new snapshot
+        key: String,
+        /// Committed snapshot to build on
+        parent: Option<String>,
+        /// Label as k=v (repeatable); strata.io/volatile=true asks for a volatile overlay
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Create a read-only (View) snapshot of PARENT and print its mounts
+    View {
+        /// Key of the new snapshot
+        key: String,
+        /// Committed snapshot to look at
+        parent: Option<String>,
+        /// Label as k=v (repeatable)
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Print the mounts of an Active or View snapshot
+    Mounts {
+        /// Key of the snapshot
+        key: String,
+    },
+    /// Commit the Active snapshot KEY as NAME
+    Commit {
+        /// Name of the committed snapshot
+        name: String,
+        /// Key of the Active snapshot
+        key: String,
+        /// Label as k=v (repeatable); replaces the Active snapshot's labels
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Remove a snapshot that has no children
+    #[command(alias = "rm")]
+    Remove {
+        /// Key or name of the snapshot
+        key: String,
+    },
+    /// Print what the store knows about a snapshot
+    Stat {
+        /// Key or name of the snapshot
+        key: String,
+    },
+    /// List snapshots, optionally filtered (containerd's syntax, e.g. kind==committed)
+    #[command(alias = "list")]
+    Ls {
+        /// Filter (repeatable: OR'ed; commas inside one filter AND)
+        #[arg(long = "filter", short = 'f')]
+        filters: Vec<String>,
+    },
+    /// Print the disk usage of a snapshot's own layer
+    Usage {
+        /// Key or name of the snapshot
+        key: String,
+    },
+    /// Set (k=v) or delete (k=) labels of a snapshot
+    Label {
+        /// Key or name of the snapshot
+        key: String,
+        /// k=v to set, k= to delete (at least one)
+        #[arg(required = true, value_parser = parse_label_edit)]
+        edits: Vec<(String, Option<String>)>,
+    },
+    /// Mount an Active or View snapshot on TARGET
+    Mount {
+        /// Key of the snapshot
+        key: String,
+        /// Mount point (an existing directory)
+        target: PathBuf,
+    },
+    /// Unmount TARGET (mounted by `strata mount`)
+    Umount {
+        /// Mount point
+        target: PathBuf,
+    },
+    /// Reclaim the storage of removed snapshots and interrupted operations
+    Cleanup,
+    /// Measure layer-creation throughput
+    Bench(bench::BenchArgs),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 10s): {e}"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} is not k=v")),
+    }
+}
+
+fn parse_label_edit(s: &str) -> Result<(String, Option<String>), String> {
+    match s.split_once('=') {
+        Some((k, "")) if !k.is_empty() => Ok((k.to_string(), None)),
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Some(v.to_string()))),
+        _ => Err(format!("{s:?} is neither k=v (set) nor k= (delete)")),
+    }
+}
+
+fn labels(pairs: Vec<(String, String)>) -> Labels {
+    pairs.into_iter().collect()
+}
+
+/// A store over whichever backend the root uses.
+pub(crate) enum AnyStore {
+    /// Plain copies.
+    Native(Store<NativeBackend>),
+    /// overlayfs.
+    Overlay(Store<OverlayBackend>),
+}
+
+impl AnyStore {
+    /// The store as the trait builders use.
+    pub(crate) fn snapshotter(&self) -> &dyn Snapshotter {
+        match self {
+            AnyStore::Native(s) => s,
+            AnyStore::Overlay(s) => s,
+        }
+    }
+
+    fn cleanup_report(&self) -> strata::Result<strata::store::CleanupReport> {
+        match self {
+            AnyStore::Native(s) => s.cleanup_report(),
+            AnyStore::Overlay(s) => s.cleanup_report(),
+        }
+    }
+}
+
+/// A failure of the command line itself (not of the store).
+#[derive(Debug)]
+pub(crate) struct CliError(pub String);
+
+/// Anything a subcommand can fail with.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The store said no.
+    Store(Error),
+    /// The command line or the environment said no.
+    Cli(CliError),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl From<CliError> for Failure {
+    fn from(e: CliError) -> Self {
+        Failure::Cli(e)
+    }
+}
+
+/// Opens the store at `root` with the backend `--backend` names, or the recorded one.
+pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failure> {
+    let recorded = Store::<NativeBackend>::recorded_backend(root)?;
+    let name = match (&global.backend, &recorded) {
+        (Some(asked), Some(rec)) if asked != rec => {
+            return Err(CliError(format!(
+                "the store at {} uses the {rec} backend, not {asked}; drop --backend or pick another --root",
+                root.display()
+            ))
+            .into());
+        }
+        (Some(asked), _) => asked.clone(),
+        (None, Some(rec)) => rec.clone(),
+        (None, None) => "overlay".to_string(),
+    };
+    let opts = StoreOptions {
+        lock_timeout: global.lock_timeout,
+        durable: !global.no_sync,
+        sync_remove: global.sync_remove,
+    };
+    std::fs::create_dir_all(root)
+        .map_err(|e| Error::io(root, "create the store root", e))?;
+    match name.as_str() {
+        "native" => {
+            let backend = NativeBackend::open(root)
+                .map_err(|e| Error::backend("", "open", "native", e))?;
+            Ok(AnyStore::Native(Store::open(root, backend, opts)?))
+        }
+        "overlay" => {
+            let backend = OverlayBackend::open(root, OverlayOptions::default())
+                .map_err(|e| Error::backend("", "open", "overlay", e))?;
+            Ok(AnyStore::Overlay(Store::open(root, backend, opts)?))
+        }
+        other => Err(CliError(format!(
+            "unknown backend {other:?}: this strata was built with overlay and native"
+        ))
+        .into()),
+    }
+}
+
+fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
+    let root = cli
+        .global
+        .root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    match cli.command {
+        Command::Bench(args) => return bench::run(&cli.global, args, out),
+        Command::Umount { target } => {
+            strata::mount::unmount(&target)?;
+            out.done(&format!("unmounted {}", target.display()));
+            return Ok(());
+        }
+        _ => {}
+    }
+    let store = open_store(&root, &cli.global)?;
+    let s = store.snapshotter();
+    match cli.command {
+        Command::Prepare {
+            key,
+            parent,
+            labels: l,
+        } => out.mounts(&s.prepare(&key, parent.as_deref(), labels(l))?),
+        Command::View {
+            key,
+            parent,
+            labels: l,
+        } => out.mounts(&s.view(&key, parent.as_deref(), labels(l))?),
+        Command::Mounts { key } => out.mounts(&s.mounts(&key)?),
+        Command::Commit {
+            name,
+            key,
+            labels: l,
+        } => {
+            s.commit(&name, &key, labels(l))?;
+            out.info(&s.stat(&name)?);
+        }
+        Command::Remove { key } => {
+            s.remove(&key)?;
+            out.done(&format!("removed {key}"));
+        }
+        Command::Stat { key } => out.info(&s.stat(&key)?),
+        Command::Ls { filters } => {
+            let f: Vec<&str> = filters.iter().map(String::as_str).collect();
+            out.list(&s.list(&f)?);
+        }
+        Command::Usage { key } => out.usage(&key, s.usage(&key)?),
+        Command::Label { key, edits } => {
+            let mut info = s.stat(&key)?;
+            let mut paths = Vec::new();
+            for (k, v) in &edits {
+                match v {
+                    Some(v) => info.labels.insert(k.clone(), v.clone()),
+                    None => info.labels.remove(k),
+                };
+                paths.push(format!("labels.{k}"));
+            }
+            let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+            out.info(&s.update(&info, &paths)?);
+        }
+        Command::Mount { key, target } => {
+            let mounts = s.mounts(&key)?;
+            strata::mount::mount_all(&mounts, &target)?;
+            out.done(&format!("mounted {key} on {}", target.display()));
+        }
+        Command::Cleanup => {
+            let report = store.cleanup_report()?;
+            out.cleanup(&report);
+            if let Some((id, e)) = report.failed.first() {
+                return Err(CliError(format!(
+                    "could not reclaim {} snapshot(s), first id {id}: {e}; run cleanup again",
+                    report.failed.len()
+                ))
+                .into());
+            }
+        }
+        Command::Umount { .. } | Command::Bench(_) => {}
+    }
+    s.close()?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let out = Output::new(cli.global.json);
+    match run(cli, &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            out.error(&f);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Labels as a JSON-friendly map (used by the output module).
+pub(crate) fn label_map(labels: &Labels) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}

@@ -200,9 +200,10 @@ impl Error {
             Error::Broken { .. } => ErrorKind::DataLoss,
             Error::Closed => ErrorKind::Closed,
             Error::Backend { kind, .. } => *kind,
-            Error::Metadata { .. } | Error::Schema { .. } | Error::Mount { .. } | Error::Io { .. } => {
-                ErrorKind::Internal
-            }
+            Error::Metadata { .. }
+            | Error::Schema { .. }
+            | Error::Mount { .. }
+            | Error::Io { .. } => ErrorKind::Internal,
         }
     }
 

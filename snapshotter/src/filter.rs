@@ -14,7 +14,9 @@
 //! Field paths: `name`, `parent`, `kind`, `labels.<key>` (a key with dots or slashes is quoted).
 //! Operators: `==`, `!=`; a bare field path means "present" (for `parent`: has a parent).
 //! Values are bare words (no commas, no white space) or double-quoted strings with Go-style
-//! escapes. As in containerd, `!=` compares with the empty string when the field is absent.
+//! escapes. As in containerd, `==` needs the field to be present (so `parent==""` matches
+//! nothing: a snapshot without a parent has no parent field) and `!=` compares with the empty
+//! string when the field is absent (so `parent!=""` selects snapshots that have a parent).
 //! containerd's regular-expression operator `~=` is refused with an InvalidArgument error
 //! rather than silently matching nothing.
 
@@ -79,7 +81,11 @@ impl Filter {
     /// True when `info` matches (evaluated in memory; the store evaluates the same rules in
     /// SQL).
     pub fn matches(&self, info: &Info) -> bool {
-        self.any.is_empty() || self.any.iter().any(|all| all.iter().all(|s| s.matches(info)))
+        self.any.is_empty()
+            || self
+                .any
+                .iter()
+                .any(|all| all.iter().all(|s| s.matches(info)))
     }
 }
 

@@ -379,7 +379,10 @@ impl Tx<'_> {
             .map_err(|e| self.e("read the parent chain", e))?;
         let ids = stmt
             .query_map([db_id(start)], |r| r.get::<_, i64>(0))
-            .and_then(|rows| rows.map(|r| r.map(id_of)).collect::<rusqlite::Result<Vec<_>>>())
+            .and_then(|rows| {
+                rows.map(|r| r.map(id_of))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
             .map_err(|e| self.e("read the parent chain", e))?;
         Ok(ids)
     }
@@ -680,7 +683,8 @@ fn selector_sql(field: &Field, op: &Op, args: &mut Vec<String>) -> String {
         (Field::Name, Op::Equal(v)) => format!("s.key = {}", arg(v)),
         (Field::Name, Op::NotEqual(v)) => format!("s.key != {}", arg(v)),
         (Field::Parent, Op::Present) => "s.parent_id IS NOT NULL".into(),
-        (Field::Parent, Op::Equal(v)) if v.is_empty() => "s.parent_id IS NULL".into(),
+        // As in containerd, an absent parent is not "present", so `parent==""` matches nothing.
+        (Field::Parent, Op::Equal(v)) if v.is_empty() => "0".into(),
         (Field::Parent, Op::Equal(v)) => format!(
             "s.parent_id = (SELECT id FROM snapshots WHERE key = {})",
             arg(v)
@@ -699,9 +703,7 @@ fn selector_sql(field: &Field, op: &Op, args: &mut Vec<String>) -> String {
         }
         (Field::Label(k), Op::NotEqual(v)) => {
             let (k, v) = (arg(k), arg(v));
-            format!(
-                "s.id NOT IN (SELECT snapshot_id FROM labels WHERE name = {k} AND value = {v})"
-            )
+            format!("s.id NOT IN (SELECT snapshot_id FROM labels WHERE name = {k} AND value = {v})")
         }
     }
 }

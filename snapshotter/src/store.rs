@@ -139,10 +139,7 @@ fn dead_owner(root: &Path, token: &str) -> Option<DeadOwner> {
 
 fn check_key(what: &str, key: &str) -> Result<()> {
     if key.is_empty() {
-        return Err(Error::invalid(
-            format!("{what} \"\""),
-            "must not be empty",
-        ));
+        return Err(Error::invalid(format!("{what} \"\""), "must not be empty"));
     }
     if key.contains('\0') {
         return Err(Error::invalid(
@@ -157,10 +154,8 @@ fn check_key(what: &str, key: &str) -> Result<()> {
 fn failpoint(name: &str) {
     if std::env::var("STRATA_FAILPOINT").is_ok_and(|v| v == name) {
         tracing::warn!(failpoint = name, "failpoint reached: killing the process");
-        let _ = rustix::process::kill_process(
-            rustix::process::getpid(),
-            rustix::process::Signal::KILL,
-        );
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
 
@@ -472,9 +467,7 @@ impl<B: Backend> Store<B> {
         check_key("key", key)?;
         self.with_meta(|m| {
             let tx = m.read(key)?;
-            let row = tx
-                .row_by_key(key)?
-                .ok_or_else(|| Error::not_found(key))?;
+            let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             let parents = tx.chain(row.parent_id)?;
             Ok((row, parents))
         })
@@ -528,9 +521,7 @@ impl<B: Backend> Snapshotter for Store<B> {
         check_key("key", key)?;
         let (row, parents, seq) = self.with_meta(|m| {
             let tx = m.write(key)?;
-            let row = tx
-                .row_by_key(key)?
-                .ok_or_else(|| Error::not_found(key))?;
+            let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             if row.kind != Kind::Active {
                 return Err(Error::precondition(
                     key,
@@ -556,8 +547,13 @@ impl<B: Backend> Snapshotter for Store<B> {
                 ));
             }
             let parents = tx.chain(row.parent_id)?;
-            let seq =
-                tx.journal_add(JournalOp::Commit, row.id, name, row.parent_id, &self.owner.token)?;
+            let seq = tx.journal_add(
+                JournalOp::Commit,
+                row.id,
+                name,
+                row.parent_id,
+                &self.owner.token,
+            )?;
             tx.commit()?;
             Ok((row, parents, seq))
         })?;
@@ -593,9 +589,7 @@ impl<B: Backend> Snapshotter for Store<B> {
         check_key("key", key)?;
         let (id, seq) = self.with_meta(|m| {
             let tx = m.write(key)?;
-            let row = tx
-                .row_by_key(key)?
-                .ok_or_else(|| Error::not_found(key))?;
+            let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             if tx.has_children(row.id)? {
                 return Err(Error::precondition(
                     key,
@@ -605,7 +599,10 @@ impl<B: Backend> Snapshotter for Store<B> {
             if let Some(op) = tx.pending_op(row.id)? {
                 return Err(Error::precondition(
                     key,
-                    format!("cannot remove it while a {} of it is in progress", op.as_str()),
+                    format!(
+                        "cannot remove it while a {} of it is in progress",
+                        op.as_str()
+                    ),
                 ));
             }
             tx.delete(row.id)?;
@@ -634,9 +631,7 @@ impl<B: Backend> Snapshotter for Store<B> {
         check_key("key", key)?;
         self.with_meta(|m| {
             let tx = m.read(key)?;
-            let row = tx
-                .row_by_key(key)?
-                .ok_or_else(|| Error::not_found(key))?;
+            let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             tx.info(&row)
         })
     }

@@ -140,6 +140,12 @@ impl Mount {
 
 impl fmt::Display for Mount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} {}", self.fs_type, self.source, self.options.join(","))
+        write!(
+            f,
+            "{} {} {}",
+            self.fs_type,
+            self.source,
+            self.options.join(",")
+        )
     }
 }

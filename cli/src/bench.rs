@@ -1,0 +1,168 @@
+//! `strata bench`: layer-creation throughput.
+//!
+//! Runs in `--root` when given, else in a temporary root that is removed afterwards.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use strata::{Labels, Snapshotter};
+
+use crate::output::Output;
+use crate::{open_store, Failure, Global};
+
+/// Arguments of `strata bench`.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Workload to run (repeatable)
+    #[arg(long = "workload", short = 'w', value_enum, default_values_t = [Workload::EmptyChain])]
+    workloads: Vec<Workload>,
+
+    /// Layers per workload
+    #[arg(long, default_value_t = 1000)]
+    layers: usize,
+}
+
+/// The workloads.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Workload {
+    /// N layers, each prepared on the previous one and committed with no data
+    EmptyChain,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::EmptyChain => "empty-chain",
+        }
+    }
+}
+
+/// Latency percentiles of a sorted sample, in milliseconds.
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+struct Result {
+    workload: Workload,
+    layers: usize,
+    total: Duration,
+    per_layer: Vec<Duration>,
+    prepare: Vec<Duration>,
+    commit: Vec<Duration>,
+}
+
+fn empty_chain(s: &dyn Snapshotter, layers: usize, tag: &str) -> strata::Result<Result> {
+    let mut per_layer = Vec::with_capacity(layers);
+    let mut prepare = Vec::with_capacity(layers);
+    let mut commit = Vec::with_capacity(layers);
+    let mut parent: Option<String> = None;
+    let start = Instant::now();
+    for i in 0..layers {
+        let key = format!("{tag}/active/{i}");
+        let name = format!("{tag}/layer/{i}");
+        let t0 = Instant::now();
+        s.prepare(&key, parent.as_deref(), Labels::new())?;
+        let t1 = Instant::now();
+        s.commit(&name, &key, Labels::new())?;
+        let t2 = Instant::now();
+        prepare.push(t1 - t0);
+        commit.push(t2 - t1);
+        per_layer.push(t2 - t0);
+        parent = Some(name);
+    }
+    Ok(Result {
+        workload: Workload::EmptyChain,
+        layers,
+        total: start.elapsed(),
+        per_layer,
+        prepare,
+        commit,
+    })
+}
+
+fn run_in(
+    root: &Path,
+    global: &Global,
+    args: &BenchArgs,
+) -> std::result::Result<Vec<Result>, Failure> {
+    let store = open_store(root, global)?;
+    let s = store.snapshotter();
+    let tag = format!("bench-{}", std::process::id());
+    let mut results = Vec::new();
+    for (n, w) in args.workloads.iter().enumerate() {
+        let tag = format!("{tag}-{n}");
+        results.push(match w {
+            Workload::EmptyChain => empty_chain(s, args.layers, &tag)?,
+        });
+    }
+    s.close()?;
+    Ok(results)
+}
+
+/// Runs the benchmark and prints the results.
+pub(crate) fn run(global: &Global, args: BenchArgs, out: &Output) -> std::result::Result<(), Failure> {
+    let (results, backend, root_desc) = match &global.root {
+        Some(root) => {
+            let r = run_in(root, global, &args)?;
+            (r, global.backend.clone(), root.display().to_string())
+        }
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix("strata-bench-")
+                .tempdir()
+                .map_err(|e| strata::Error::io(std::env::temp_dir(), "create a temporary root", e))?;
+            let r = run_in(tmp.path(), global, &args)?;
+            (r, global.backend.clone(), "a temporary root (removed)".to_string())
+        }
+    };
+    let backend = backend.unwrap_or_else(|| "overlay".into());
+    let mut rows = Vec::new();
+    for mut r in results {
+        r.per_layer.sort_unstable();
+        r.prepare.sort_unstable();
+        r.commit.sort_unstable();
+        let layers_per_s = r.layers as f64 / r.total.as_secs_f64().max(f64::MIN_POSITIVE);
+        rows.push(json!({
+            "workload": r.workload.name(),
+            "backend": backend,
+            "layers": r.layers,
+            "seconds": r.total.as_secs_f64(),
+            "layers_per_s": layers_per_s,
+            "p50_ms": percentile(&r.per_layer, 0.5),
+            "p99_ms": percentile(&r.per_layer, 0.99),
+            "prepare_p50_ms": percentile(&r.prepare, 0.5),
+            "prepare_p99_ms": percentile(&r.prepare, 0.99),
+            "commit_p50_ms": percentile(&r.commit, 0.5),
+            "commit_p99_ms": percentile(&r.commit, 0.99),
+            "durable": !global.no_sync,
+        }));
+    }
+    if out.is_json() {
+        out.value(&json!({ "results": rows }));
+        return Ok(());
+    }
+    println!("strata bench: backend {backend}, in {root_desc}, durable {}", !global.no_sync);
+    println!(
+        "{:<14} {:>7} {:>12} {:>9} {:>9} {:>12} {:>11}",
+        "workload", "layers", "layers/s", "p50 ms", "p99 ms", "prepare p50", "commit p50"
+    );
+    for r in &rows {
+        println!(
+            "{:<14} {:>7} {:>12.1} {:>9.3} {:>9.3} {:>12.3} {:>11.3}",
+            r["workload"].as_str().unwrap_or(""),
+            r["layers"],
+            r["layers_per_s"].as_f64().unwrap_or(0.0),
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0),
+            r["prepare_p50_ms"].as_f64().unwrap_or(0.0),
+            r["commit_p50_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! What the CLI prints: text for people, JSON with `--json`.
+
+use serde_json::{json, Value};
+use strata::store::CleanupReport;
+use strata::{Info, Mount, Usage};
+
+use crate::{label_map, Failure};
+
+/// Prints results in the chosen format.
+pub(crate) struct Output {
+    json: bool,
+}
+
+fn time(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn info_json(info: &Info) -> Value {
+    json!({
+        "name": info.name,
+        "kind": info.kind.as_str(),
+        "parent": info.parent,
+        "labels": label_map(&info.labels),
+        "created": time(info.created),
+        "updated": time(info.updated),
+    })
+}
+
+impl Output {
+    /// Text output unless `json`.
+    pub(crate) fn new(json: bool) -> Output {
+        Output { json }
+    }
+
+    /// Whether JSON was asked for.
+    pub(crate) fn is_json(&self) -> bool {
+        self.json
+    }
+
+    fn print_json(&self, v: &Value) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+
+    /// Mounts, one per line as `type source options`.
+    pub(crate) fn mounts(&self, mounts: &[Mount]) {
+        if self.json {
+            self.print_json(&json!(mounts));
+        } else {
+            for m in mounts {
+                println!("{m}");
+            }
+        }
+    }
+
+    /// One snapshot's Info.
+    pub(crate) fn info(&self, info: &Info) {
+        if self.json {
+            self.print_json(&info_json(info));
+            return;
+        }
+        println!("name:    {}", info.name);
+        println!("kind:    {}", info.kind);
+        println!("parent:  {}", info.parent.as_deref().unwrap_or(""));
+        println!("created: {}", time(info.created));
+        println!("updated: {}", time(info.updated));
+        for (k, v) in &info.labels {
+            println!("label:   {k}={v}");
+        }
+    }
+
+    /// A list of snapshots.
+    pub(crate) fn list(&self, infos: &[Info]) {
+        if self.json {
+            self.print_json(&Value::Array(infos.iter().map(info_json).collect()));
+            return;
+        }
+        let w = infos.iter().map(|i| i.name.len()).max().unwrap_or(4).max(4);
+        println!("{:<w$}  {:<9}  PARENT", "NAME", "KIND");
+        for i in infos {
+            println!(
+                "{:<w$}  {:<9}  {}",
+                i.name,
+                i.kind.as_str(),
+                i.parent.as_deref().unwrap_or("")
+            );
+        }
+    }
+
+    /// Disk usage.
+    pub(crate) fn usage(&self, key: &str, u: Usage) {
+        if self.json {
+            self.print_json(&json!({"name": key, "size": u.size, "inodes": u.inodes}));
+        } else {
+            println!("{key}: {} bytes, {} inodes", u.size, u.inodes);
+        }
+    }
+
+    /// What cleanup did.
+    pub(crate) fn cleanup(&self, r: &CleanupReport) {
+        if self.json {
+            self.print_json(&json!({
+                "reclaimed": r.reclaimed,
+                "reconciled": r.reconciled,
+                "failed": r.failed.iter().map(|(id, e)| json!({"id": id, "error": e})).collect::<Vec<_>>(),
+            }));
+        } else {
+            println!(
+                "reclaimed {} snapshot(s), reconciled {} interrupted operation(s), {} failure(s)",
+                r.reclaimed.len(),
+                r.reconciled,
+                r.failed.len()
+            );
+        }
+    }
+
+    /// A plain confirmation.
+    pub(crate) fn done(&self, msg: &str) {
+        if self.json {
+            self.print_json(&json!({"ok": true, "message": msg}));
+        } else {
+            println!("{msg}");
+        }
+    }
+
+    /// A JSON value as it is (used by bench).
+    pub(crate) fn value(&self, v: &Value) {
+        self.print_json(v);
+    }
+
+    /// An error: one line on stderr, or a JSON object on stdout.
+    pub(crate) fn error(&self, f: &Failure) {
+        let (kind, key, message) = match f {
+            Failure::Store(e) => (e.kind().as_str(), e.key().map(str::to_string), e.to_string()),
+            Failure::Cli(e) => ("invalid-argument", None, e.0.clone()),
+        };
+        if self.json {
+            self.print_json(&json!({"error": {"kind": kind, "key": key, "message": message}}));
+        } else {
+            eprintln!("strata: {message}");
+        }
+    }
+}
