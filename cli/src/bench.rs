@@ -106,7 +106,11 @@ fn run_in(
 }
 
 /// Runs the benchmark and prints the results.
-pub(crate) fn run(global: &Global, args: BenchArgs, out: &Output) -> std::result::Result<(), Failure> {
+pub(crate) fn run(
+    global: &Global,
+    args: BenchArgs,
+    out: &Output,
+) -> std::result::Result<(), Failure> {
     let (results, backend, root_desc) = match &global.root {
         Some(root) => {
             let r = run_in(root, global, &args)?;
@@ -116,9 +120,15 @@ pub(crate) fn run(global: &Global, args: BenchArgs, out: &Output) -> std::result
             let tmp = tempfile::Builder::new()
                 .prefix("strata-bench-")
                 .tempdir()
-                .map_err(|e| strata::Error::io(std::env::temp_dir(), "create a temporary root", e))?;
+                .map_err(|e| {
+                    strata::Error::io(std::env::temp_dir(), "create a temporary root", e)
+                })?;
             let r = run_in(tmp.path(), global, &args)?;
-            (r, global.backend.clone(), "a temporary root (removed)".to_string())
+            (
+                r,
+                global.backend.clone(),
+                "a temporary root (removed)".to_string(),
+            )
         }
     };
     let backend = backend.unwrap_or_else(|| "overlay".into());
@@ -147,7 +157,10 @@ pub(crate) fn run(global: &Global, args: BenchArgs, out: &Output) -> std::result
         out.value(&json!({ "results": rows }));
         return Ok(());
     }
-    println!("strata bench: backend {backend}, in {root_desc}, durable {}", !global.no_sync);
+    println!(
+        "strata bench: backend {backend}, in {root_desc}, durable {}",
+        !global.no_sync
+    );
     println!(
         "{:<14} {:>7} {:>12} {:>9} {:>9} {:>12} {:>11}",
         "workload", "layers", "layers/s", "p50 ms", "p99 ms", "prepare p50", "commit p50"

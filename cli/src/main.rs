@@ -157,7 +157,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             return Ok(Duration::from_secs_f64(secs));
         }
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 10s): {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 10s): {e}"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -249,12 +250,11 @@ pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failu
         durable: !global.no_sync,
         sync_remove: global.sync_remove,
     };
-    std::fs::create_dir_all(root)
-        .map_err(|e| Error::io(root, "create the store root", e))?;
+    std::fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
     match name.as_str() {
         "native" => {
-            let backend = NativeBackend::open(root)
-                .map_err(|e| Error::backend("", "open", "native", e))?;
+            let backend =
+                NativeBackend::open(root).map_err(|e| Error::backend("", "open", "native", e))?;
             Ok(AnyStore::Native(Store::open(root, backend, opts)?))
         }
         "overlay" => {

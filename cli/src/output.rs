@@ -130,7 +130,11 @@ impl Output {
     /// An error: one line on stderr, or a JSON object on stdout.
     pub(crate) fn error(&self, f: &Failure) {
         let (kind, key, message) = match f {
-            Failure::Store(e) => (e.kind().as_str(), e.key().map(str::to_string), e.to_string()),
+            Failure::Store(e) => (
+                e.kind().as_str(),
+                e.key().map(str::to_string),
+                e.to_string(),
+            ),
             Failure::Cli(e) => ("invalid-argument", None, e.0.clone()),
         };
         if self.json {

@@ -712,3 +712,81 @@ fn kind_sql(v: &str) -> i64 {
     // The parser has already refused unknown kinds; -1 matches nothing.
     v.parse::<Kind>().map(Kind::to_db).unwrap_or(-1)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The plan SQLite picks for `sql`, one detail line per step.
+    fn plan(meta: &Meta, sql: &str, args: &[&str]) -> String {
+        let mut stmt = meta
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                r.get::<_, String>(3)
+            })
+            .unwrap();
+        rows.map(|r| r.unwrap()).collect::<Vec<_>>().join("\n")
+    }
+
+    /// A step that reads a whole table (as opposed to an index search).
+    fn scans_a_table(plan: &str) -> bool {
+        plan.lines()
+            .any(|l| l.starts_with("SCAN") && !l.contains("USING") && !l.contains("CONSTANT"))
+    }
+
+    #[test]
+    fn lookups_use_indexes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let meta = Meta::open(tmp.path(), Duration::from_secs(1)).unwrap();
+        // The detector does see a full scan (no index on created_ns).
+        let p = plan(
+            &meta,
+            "SELECT * FROM snapshots WHERE created_ns = ?1",
+            &["1"],
+        );
+        assert!(scans_a_table(&p), "{p}");
+        for (sql, args) in [
+            (
+                format!("SELECT {ROW_COLUMNS} FROM snapshots s WHERE s.key = ?1"),
+                vec!["k"],
+            ),
+            (
+                "SELECT EXISTS (SELECT 1 FROM snapshots WHERE parent_id = ?1)
+                     OR EXISTS (SELECT 1 FROM journal WHERE parent_id = ?1 AND op = 'create')"
+                    .to_string(),
+                vec!["1"],
+            ),
+            (
+                "SELECT EXISTS (SELECT 1 FROM snapshots WHERE key = ?1)
+                     OR EXISTS (SELECT 1 FROM journal WHERE key = ?1)"
+                    .to_string(),
+                vec!["k"],
+            ),
+        ] {
+            let p = plan(&meta, &sql, &args);
+            assert!(!scans_a_table(&p), "{sql}\n{p}");
+        }
+        for f in [
+            "name==a",
+            "parent==a",
+            "kind==active",
+            "labels.x",
+            "labels.x==1",
+        ] {
+            let filter = Filter::parse_all(&[f]).unwrap();
+            let mut args = Vec::new();
+            let sel = &filter.any[0][0];
+            let cond = selector_sql(&sel.field, &sel.op, &mut args);
+            let sql = format!(
+                "SELECT {ROW_COLUMNS}, p.key FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id WHERE {cond}"
+            );
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let p = plan(&meta, &sql, &args);
+            assert!(!scans_a_table(&p), "filter {f}:\n{p}");
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Crash-reconcile and multi-process tests: real `strata` processes on one root.
+//!
+//! A crash is a real SIGKILL, delivered by the binary to itself at a named failpoint
+//! (`STRATA_FAILPOINT`, compiled in with the `failpoints` feature). After it, the next process
+//! that opens the root must find a consistent store: nothing reported committed is lost, no
+//! row points at missing storage, and storage without a row is reclaimed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_strata");
+
+/// Whether this test can run here; under `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot
+/// run fails instead.
+fn can_run(what: &str, need_failpoints: bool) -> bool {
+    let mut missing = Vec::new();
+    if !rustix::process::geteuid().is_root() {
+        missing.push("root");
+    }
+    if !fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .contains("overlay")
+    {
+        missing.push("overlayfs");
+    }
+    if need_failpoints && !cfg!(feature = "failpoints") {
+        missing.push("the failpoints feature (cargo test --all-features)");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("{what} needs {}", missing.join(", "));
+    if std::env::var("STRATA_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("{msg}, and STRATA_REQUIRE_PRIVILEGED=1 forbids skipping it");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+struct Root {
+    dir: tempfile::TempDir,
+    backend: &'static str,
+}
+
+impl Root {
+    fn new(backend: &'static str) -> Root {
+        Root {
+            dir: tempfile::tempdir().unwrap(),
+            backend,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--root")
+            .arg(self.path())
+            .args(["--backend", self.backend, "--json"])
+            .args(args)
+            .env_remove("STRATA_FAILPOINT");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and expects success; returns the JSON printed.
+    fn ok(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Runs and expects failure of `kind`; returns the error object.
+    fn fails(&self, args: &[&str], kind: &str) -> Value {
+        let out = self.run(args);
+        assert!(!out.status.success(), "strata {args:?} should fail");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["kind"], kind, "strata {args:?}: {v}");
+        v["error"].clone()
+    }
+
+    /// Runs with a failpoint and expects the process to die of SIGKILL there.
+    fn crash(&self, failpoint: &str, args: &[&str]) {
+        let out = self
+            .cmd(args)
+            .env("STRATA_FAILPOINT", failpoint)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "strata {args:?} should have been killed at {failpoint}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn names(&self) -> Vec<String> {
+        let v = self.ok(&["ls"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Storage directories (all-digit names) under snapshots/.
+    fn storage(&self) -> usize {
+        fs::read_dir(self.path().join("snapshots"))
+            .unwrap()
+            .filter(|e| {
+                let n = e.as_ref().unwrap().file_name();
+                n.to_str().unwrap().bytes().all(|b| b.is_ascii_digit())
+            })
+            .count()
+    }
+
+    /// After cleanup, every row has storage and every storage has a row.
+    fn assert_consistent(&self) {
+        self.ok(&["cleanup"]);
+        let rows = self.names().len();
+        assert_eq!(
+            self.storage(),
+            rows,
+            "storage and rows disagree after cleanup"
+        );
+        let tmp_left = fs::read_dir(self.path().join("snapshots"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count();
+        assert_eq!(tmp_left, 0, "temporary storage left behind");
+    }
+
+    /// Writes `content` to `file` inside the Active snapshot `key`, through a real mount.
+    fn write(&self, key: &str, file: &str, content: &str) {
+        let mnt = self.path().join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        self.ok(&["mount", key, mnt.to_str().unwrap()]);
+        fs::write(mnt.join(file), content).unwrap();
+        self.ok(&["umount", mnt.to_str().unwrap()]);
+    }
+
+    /// Reads `file` from the committed snapshot `name` through a view.
+    fn read(&self, name: &str, file: &str) -> String {
+        let mnt = self.path().join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let view = format!("read-view-{name}");
+        self.ok(&["view", &view, name]);
+        self.ok(&["mount", &view, mnt.to_str().unwrap()]);
+        let s = fs::read_to_string(mnt.join(file)).unwrap();
+        self.ok(&["umount", mnt.to_str().unwrap()]);
+        self.ok(&["remove", &view]);
+        s
+    }
+}
+
+const BACKENDS: [&str; 2] = ["native", "overlay"];
+
+#[test]
+fn crash_during_prepare_leaves_a_consistent_store() {
+    if !can_run("crash_during_prepare", true) {
+        return;
+    }
+    for backend in BACKENDS {
+        for fp in ["create-before-backend", "create-after-backend"] {
+            let r = Root::new(backend);
+            r.ok(&["prepare", "a"]);
+            r.ok(&["commit", "base", "a"]);
+            r.crash(fp, &["prepare", "k", "base"]);
+            // The next process rolls the interrupted create back.
+            r.fails(&["stat", "k"], "not-found");
+            r.assert_consistent();
+            r.ok(&["prepare", "k", "base"]);
+            r.ok(&["mounts", "k"]);
+            r.assert_consistent();
+        }
+        // Killed after the metadata commit: the snapshot exists and works.
+        let r = Root::new(backend);
+        r.crash("create-after-commit", &["prepare", "k"]);
+        assert_eq!(r.ok(&["stat", "k"])["kind"], "active");
+        r.write("k", "f", "data");
+        r.ok(&["commit", "c", "k"]);
+        assert_eq!(r.read("c", "f"), "data");
+        r.assert_consistent();
+    }
+}
+
+#[test]
+fn crash_during_commit_loses_nothing() {
+    if !can_run("crash_during_commit", true) {
+        return;
+    }
+    for backend in BACKENDS {
+        for fp in ["commit-before-backend", "commit-after-backend"] {
+            let r = Root::new(backend);
+            r.ok(&["prepare", "k"]);
+            r.write("k", "f", "precious");
+            r.crash(fp, &["commit", "c", "k"]);
+            // Not reported committed: still Active, data intact, commit can be retried.
+            assert_eq!(r.ok(&["stat", "k"])["kind"], "active", "{backend} {fp}");
+            r.fails(&["stat", "c"], "not-found");
+            r.assert_consistent();
+            r.ok(&["commit", "c", "k"]);
+            assert_eq!(r.read("c", "f"), "precious");
+        }
+        let r = Root::new(backend);
+        r.ok(&["prepare", "k"]);
+        r.write("k", "f", "precious");
+        r.crash("commit-after-commit", &["commit", "c", "k"]);
+        assert_eq!(r.ok(&["stat", "c"])["kind"], "committed");
+        r.fails(&["stat", "k"], "not-found");
+        assert_eq!(r.read("c", "f"), "precious");
+        r.assert_consistent();
+    }
+}
+
+#[test]
+fn removed_storage_is_reclaimed_by_cleanup() {
+    if !can_run("removed_storage_is_reclaimed", false) {
+        return;
+    }
+    for backend in BACKENDS {
+        let r = Root::new(backend);
+        r.ok(&["prepare", "a"]);
+        r.ok(&["commit", "base", "a"]);
+        r.ok(&["prepare", "b", "base"]);
+        let e = r.fails(&["remove", "base"], "failed-precondition");
+        assert!(e["message"].as_str().unwrap().contains("remove"), "{e}");
+        assert_eq!(e["key"], "base");
+        r.ok(&["remove", "b"]);
+        r.ok(&["remove", "base"]);
+        assert_eq!(r.storage(), 2, "remove is a metadata operation");
+        let report = r.ok(&["cleanup"]);
+        assert_eq!(report["reclaimed"].as_array().unwrap().len(), 2);
+        assert_eq!(r.storage(), 0);
+    }
+}
+
+/// Several processes build chains on one root at once, and race for the same keys.
+#[test]
+fn many_processes_share_one_root() {
+    if !can_run("many_processes_share_one_root", false) {
+        return;
+    }
+    for backend in BACKENDS {
+        let r = Root::new(backend);
+        r.ok(&["prepare", "a"]);
+        r.ok(&["commit", "base", "a"]);
+        let root = r.path().to_path_buf();
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let root: PathBuf = root.clone();
+                std::thread::spawn(move || {
+                    let run = |args: &[&str]| {
+                        Command::new(BIN)
+                            .arg("--root")
+                            .arg(&root)
+                            .args(["--backend", backend, "--json", "--lock-timeout", "30s"])
+                            .args(args)
+                            .output()
+                            .unwrap()
+                    };
+                    let mut parent = "base".to_string();
+                    let mut race_wins = 0;
+                    for i in 0..10 {
+                        let key = format!("w{w}/active/{i}");
+                        let name = format!("w{w}/layer/{i}");
+                        let out = run(&["prepare", &key, &parent]);
+                        assert!(
+                            out.status.success(),
+                            "{}",
+                            String::from_utf8_lossy(&out.stdout)
+                        );
+                        let out = run(&["commit", &name, &key]);
+                        assert!(
+                            out.status.success(),
+                            "{}",
+                            String::from_utf8_lossy(&out.stdout)
+                        );
+                        parent = name;
+                        // Every worker tries to create the same key: one wins.
+                        let out = run(&["prepare", &format!("race/{i}"), "base"]);
+                        if out.status.success() {
+                            race_wins += 1;
+                        } else {
+                            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                            assert_eq!(v["error"]["kind"], "already-exists", "{v}");
+                            assert_eq!(v["error"]["key"], format!("race/{i}"));
+                        }
+                    }
+                    race_wins
+                })
+            })
+            .collect();
+        let wins: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        assert_eq!(wins, 10, "each raced key is created exactly once");
+        let names = r.names();
+        assert_eq!(names.len(), 1 + 4 * 10 + 10);
+        for w in 0..4 {
+            let top = r.ok(&["stat", &format!("w{w}/layer/9")]);
+            assert_eq!(top["parent"], format!("w{w}/layer/8"));
+        }
+        r.assert_consistent();
+    }
+}
+
+#[test]
+fn errors_are_one_line_naming_the_key() {
+    if !can_run("errors_are_one_line", false) {
+        return;
+    }
+    let r = Root::new("overlay");
+    let out = Command::new(BIN)
+        .arg("--root")
+        .arg(r.path())
+        .args(["stat", "no/such:key"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("\"no/such:key\"") && err.contains("not found"),
+        "{err}"
+    );
+
+    // A root keeps the backend it was created with.
+    r.ok(&["prepare", "x"]);
+    let out = Command::new(BIN)
+        .arg("--root")
+        .arg(r.path())
+        .args(["--backend", "native", "stat", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("overlay") && err.contains("native"), "{err}");
+}
+
+#[test]
+fn bench_reports_the_documented_fields() {
+    if !can_run("bench", false) {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "bench",
+            "--workload",
+            "empty-chain",
+            "--layers",
+            "50",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["results"][0];
+    assert_eq!(r["workload"], "empty-chain");
+    assert_eq!(r["layers"], 50);
+    for field in ["layers_per_s", "p50_ms", "p99_ms"] {
+        assert!(r[field].as_f64().unwrap() > 0.0, "{field}: {r}");
+    }
+    assert!(r["p99_ms"].as_f64() >= r["p50_ms"].as_f64());
+}
