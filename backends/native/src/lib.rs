@@ -1,1 +1,182 @@
-//! strata's native backend (being written).
+//! strata's native backend: every snapshot is a full copy of its parent.
+//!
+//! It works on any file system and needs no kernel feature beyond bind mounts, which makes it
+//! the oracle the other backends are compared with. Layout under the store root:
+//! `snapshots/<id>/fs`; a snapshot is built in `snapshots/.tmp-<id>` and renamed into place.
+
+mod copy;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use strata::fsutil;
+use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
+
+pub use copy::copy_tree;
+
+/// The native backend's errors. Each names the path and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    /// A file-system operation failed.
+    #[error("{path}: {context}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Committed snapshots have no mounts of their own.
+    #[error("snapshot {id} is committed: mount a view of it instead")]
+    Committed {
+        /// The snapshot id.
+        id: u64,
+    },
+}
+
+impl BackendError for NativeError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            NativeError::Io { .. } => ErrorKind::Internal,
+            NativeError::Committed { .. } => ErrorKind::FailedPrecondition,
+        }
+    }
+}
+
+fn io_err(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> NativeError {
+    let path = path.to_path_buf();
+    move |source| NativeError::Io {
+        path,
+        context,
+        source,
+    }
+}
+
+/// The native backend.
+#[derive(Debug, Clone)]
+pub struct NativeBackend {
+    snapshots: PathBuf,
+}
+
+impl NativeBackend {
+    /// Opens the backend under the store `root`, creating `root/snapshots` if needed.
+    pub fn open(root: &Path) -> Result<NativeBackend, NativeError> {
+        let snapshots = root.join("snapshots");
+        fs::create_dir_all(&snapshots)
+            .map_err(io_err(&snapshots, "create the snapshots directory"))?;
+        Ok(NativeBackend { snapshots })
+    }
+
+    /// The directory of snapshot `id`.
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots.join(id.to_string())
+    }
+
+    /// The tree of snapshot `id`.
+    pub fn fs_path(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn tmp_dir(&self, id: u64) -> PathBuf {
+        self.snapshots.join(format!(".tmp-{id}"))
+    }
+}
+
+impl Backend for NativeBackend {
+    type Error = NativeError;
+
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn create(
+        &self,
+        id: u64,
+        _kind: Kind,
+        parents: &[u64],
+        opts: &CreateOptions,
+    ) -> Result<(), NativeError> {
+        let tmp = self.tmp_dir(id);
+        fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
+        fs::create_dir(&tmp).map_err(io_err(&tmp, "create the temporary directory"))?;
+        let fs_dir = tmp.join("fs");
+        match parents.first() {
+            None => {
+                fs::create_dir(&fs_dir).map_err(io_err(&fs_dir, "create the root directory"))?;
+                // Exactly 0755 whatever the umask.
+                fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))
+                    .map_err(io_err(&fs_dir, "set the root directory's mode"))?;
+            }
+            Some(&parent) => {
+                let src = self.fs_path(parent);
+                copy_tree(&src, &fs_dir).map_err(io_err(&src, "copy the parent's tree"))?;
+            }
+        }
+        if opts.durable {
+            fsutil::sync_filesystem(&tmp).map_err(io_err(&tmp, "sync the new snapshot"))?;
+        }
+        let dir = self.dir(id);
+        fs::rename(&tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
+        if opts.durable {
+            fsutil::fsync_dir(&self.snapshots)
+                .map_err(io_err(&self.snapshots, "sync the snapshots directory"))?;
+        }
+        Ok(())
+    }
+
+    fn commit(&self, id: u64, _parents: &[u64], durable: bool) -> Result<Usage, NativeError> {
+        let fs_dir = self.fs_path(id);
+        if durable {
+            fsutil::sync_filesystem(&fs_dir).map_err(io_err(&fs_dir, "sync the layer"))?;
+        }
+        fsutil::disk_usage(&fs_dir).map_err(io_err(&fs_dir, "measure the layer"))
+    }
+
+    fn mounts(&self, id: u64, kind: Kind, _parents: &[u64]) -> Result<Vec<Mount>, NativeError> {
+        match kind {
+            Kind::Active => Ok(vec![Mount::bind(&self.fs_path(id), false)]),
+            Kind::View => Ok(vec![Mount::bind(&self.fs_path(id), true)]),
+            Kind::Committed => Err(NativeError::Committed { id }),
+        }
+    }
+
+    fn remove(&self, id: u64) -> Result<(), NativeError> {
+        for dir in [self.dir(id), self.tmp_dir(id)] {
+            fsutil::remove_tree(&dir).map_err(io_err(&dir, "remove the snapshot"))?;
+        }
+        Ok(())
+    }
+
+    fn usage(&self, id: u64) -> Result<Usage, NativeError> {
+        let fs_dir = self.fs_path(id);
+        fsutil::disk_usage(&fs_dir).map_err(io_err(&fs_dir, "measure the snapshot"))
+    }
+
+    fn ids(&self) -> Result<Vec<u64>, NativeError> {
+        list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
+    }
+}
+
+/// The all-digit directory names under `dir`.
+fn list_ids(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if let Some(id) = name
+            .to_str()
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests;
