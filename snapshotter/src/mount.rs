@@ -1,20 +1,618 @@
-//! Mount helpers: mount a snapshot's [`Mount`]s on a target, unmount, temporary mounts.
+//! Mount helpers: put a snapshot's [`Mount`]s on a target, take them off, temporary mounts.
 //!
-//! (Being written: overlay through `fsconfig` with `lowerdir+`, the common-prefix fallback,
-//! bind mounts, volatile clean-up.)
+//! Overlay mounts go through the new mount API (`fsopen`/`fsconfig`/`fsmount`), passing each
+//! lower layer as its own `lowerdir+` parameter (Linux ≥ 6.8), so that no option string limits
+//! the depth of a chain. Where that is not available, or when forced with
+//! [`set_overlay_mount_mode`] / `STRATA_OVERLAY_MOUNT=legacy`, they go through mount(2): as is
+//! when the option string fits in a page, else with every path made relative to the layers'
+//! common parent directory, in a thread that has its own working directory.
 
-use std::path::Path;
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags, UnmountFlags,
+};
 
 use crate::error::{Error, Result};
 use crate::types::Mount;
 
+/// overlayfs's limit on lower layers in one mount (the kernel's `OVL_MAX_STACK`).
+pub const OVERLAY_MAX_LAYERS: usize = 500;
+
+/// The longest option string mount(2) accepts: one page, with its terminating NUL.
+const PAGE_LIMIT: usize = 4095;
+
+/// How overlay mounts are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayMountMode {
+    /// The new mount API with `lowerdir+` where the kernel has it, mount(2) otherwise.
+    Auto,
+    /// Always mount(2), compacting long option strings.
+    Legacy,
+}
+
+const MODE_UNSET: u8 = 0;
+const MODE_AUTO: u8 = 1;
+const MODE_LEGACY: u8 = 2;
+static MODE: AtomicU8 = AtomicU8::new(MODE_UNSET);
+
+/// Whether the kernel accepts `lowerdir+` (0 = not probed yet, 1 = yes, 2 = no).
+static LOWERDIR_PLUS: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how this process mounts overlays. The default is [`OverlayMountMode::Auto`], or
+/// [`OverlayMountMode::Legacy`] when the environment has `STRATA_OVERLAY_MOUNT=legacy`.
+pub fn set_overlay_mount_mode(mode: OverlayMountMode) {
+    let v = match mode {
+        OverlayMountMode::Auto => MODE_AUTO,
+        OverlayMountMode::Legacy => MODE_LEGACY,
+    };
+    MODE.store(v, Ordering::Relaxed);
+}
+
+/// How this process mounts overlays now.
+pub fn overlay_mount_mode() -> OverlayMountMode {
+    let mut v = MODE.load(Ordering::Relaxed);
+    if v == MODE_UNSET {
+        v = if std::env::var("STRATA_OVERLAY_MOUNT").is_ok_and(|m| m == "legacy") {
+            MODE_LEGACY
+        } else {
+            MODE_AUTO
+        };
+        MODE.store(v, Ordering::Relaxed);
+    }
+    if v == MODE_LEGACY {
+        OverlayMountMode::Legacy
+    } else {
+        OverlayMountMode::Auto
+    }
+}
+
 /// Mounts `mounts` on `target`, in order.
 pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
-    let _ = mounts;
-    Err(Error::io(target, "mount", std::io::Error::from(std::io::ErrorKind::Unsupported)))
+    for m in mounts {
+        mount_one(m, target).map_err(|source| Error::Mount {
+            target: target.to_path_buf(),
+            mount: m.to_string(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// The flags and the remaining data options of a mount's option list.
+fn split_options(options: &[String]) -> (MountFlags, bool, Vec<String>) {
+    let mut flags = MountFlags::empty();
+    let mut readonly = false;
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "ro" => readonly = true,
+            "rw" | "defaults" => {}
+            "bind" => flags |= MountFlags::BIND,
+            "rbind" => flags |= MountFlags::BIND | MountFlags::REC,
+            "nosuid" => flags |= MountFlags::NOSUID,
+            "nodev" => flags |= MountFlags::NODEV,
+            "noexec" => flags |= MountFlags::NOEXEC,
+            "noatime" => flags |= MountFlags::NOATIME,
+            "relatime" => flags |= MountFlags::RELATIME,
+            "sync" => flags |= MountFlags::SYNCHRONOUS,
+            _ => data.push(o.clone()),
+        }
+    }
+    (flags, readonly, data)
+}
+
+fn mount_one(m: &Mount, target: &Path) -> io::Result<()> {
+    let (mut flags, readonly, data) = split_options(&m.options);
+    match m.fs_type.as_str() {
+        "bind" | "rbind" => {
+            flags |= MountFlags::BIND;
+            if m.fs_type == "rbind" {
+                flags |= MountFlags::REC;
+            }
+            rustix::mount::mount(m.source.as_str(), target, "", flags, None)?;
+            if readonly {
+                // A bind mount takes its flags only from a remount.
+                let remount = rustix::mount::mount_remount(
+                    target,
+                    MountFlags::BIND
+                        | MountFlags::RDONLY
+                        | (flags - MountFlags::REC - MountFlags::BIND),
+                    "",
+                );
+                if let Err(e) = remount {
+                    let _ = rustix::mount::unmount(target, UnmountFlags::DETACH);
+                    return Err(e.into());
+                }
+            }
+            Ok(())
+        }
+        "overlay" => mount_overlay(target, flags, readonly, data),
+        other => {
+            if readonly {
+                flags |= MountFlags::RDONLY;
+            }
+            let data = CString::new(data.join(",")).map_err(io::Error::other)?;
+            rustix::mount::mount(
+                m.source.as_str(),
+                target,
+                other,
+                flags,
+                Some(data.as_c_str()),
+            )?;
+            Ok(())
+        }
+    }
+}
+
+/// An overlay's options, taken apart.
+struct OverlayOptions {
+    lower: Vec<String>,
+    upper: Option<String>,
+    work: Option<String>,
+    other: Vec<String>,
+}
+
+fn parse_overlay(data: Vec<String>) -> OverlayOptions {
+    let mut o = OverlayOptions {
+        lower: Vec::new(),
+        upper: None,
+        work: None,
+        other: Vec::new(),
+    };
+    for opt in data {
+        if let Some(l) = opt.strip_prefix("lowerdir=") {
+            o.lower
+                .extend(l.split(':').filter(|s| !s.is_empty()).map(str::to_string));
+        } else if let Some(u) = opt.strip_prefix("upperdir=") {
+            o.upper = Some(u.to_string());
+        } else if let Some(w) = opt.strip_prefix("workdir=") {
+            o.work = Some(w.to_string());
+        } else {
+            o.other.push(opt);
+        }
+    }
+    o
+}
+
+fn mount_overlay(
+    target: &Path,
+    flags: MountFlags,
+    readonly: bool,
+    data: Vec<String>,
+) -> io::Result<()> {
+    let o = parse_overlay(data);
+    if o.lower.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an overlay mount needs at least one lowerdir",
+        ));
+    }
+    if o.lower.len() > OVERLAY_MAX_LAYERS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} lower layers exceed overlayfs's limit of {OVERLAY_MAX_LAYERS}",
+                o.lower.len()
+            ),
+        ));
+    }
+    if overlay_mount_mode() == OverlayMountMode::Auto && LOWERDIR_PLUS.load(Ordering::Relaxed) != 2
+    {
+        match mount_overlay_fsconfig(&o, target, flags, readonly) {
+            Ok(()) => {
+                LOWERDIR_PLUS.store(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(FsconfigError::Unsupported) => {
+                tracing::debug!("the kernel has no lowerdir+; using mount(2)");
+                LOWERDIR_PLUS.store(2, Ordering::Relaxed);
+            }
+            Err(FsconfigError::Failed(e)) => return Err(e),
+        }
+    }
+    mount_overlay_legacy(&o, target, flags, readonly)
+}
+
+enum FsconfigError {
+    /// The kernel lacks the new mount API or `lowerdir+`.
+    Unsupported,
+    /// The mount failed for another reason.
+    Failed(io::Error),
+}
+
+/// Reads the messages the kernel queued on a filesystem context (e.g. "overlayfs: ...").
+fn fs_context_messages(fd: &rustix::fd::OwnedFd) -> String {
+    let mut out = Vec::new();
+    for _ in 0..8 {
+        let mut buf = [0u8; 512];
+        match rustix::io::read(fd, &mut buf[..]) {
+            Ok(n) if n > 0 => out.push(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+            _ => break,
+        }
+    }
+    out.join("; ")
+}
+
+fn with_messages(fd: &rustix::fd::OwnedFd, e: rustix::io::Errno, what: &str) -> io::Error {
+    let msgs = fs_context_messages(fd);
+    let base: io::Error = e.into();
+    if msgs.is_empty() {
+        io::Error::new(base.kind(), format!("{what}: {base}"))
+    } else {
+        io::Error::new(base.kind(), format!("{what}: {base} ({msgs})"))
+    }
+}
+
+fn mount_overlay_fsconfig(
+    o: &OverlayOptions,
+    target: &Path,
+    flags: MountFlags,
+    readonly: bool,
+) -> std::result::Result<(), FsconfigError> {
+    use rustix::io::Errno;
+    let fd = match rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        Ok(fd) => fd,
+        Err(Errno::NOSYS) | Err(Errno::PERM) => return Err(FsconfigError::Unsupported),
+        Err(e) => return Err(FsconfigError::Failed(e.into())),
+    };
+    for (i, l) in o.lower.iter().enumerate() {
+        if let Err(e) = rustix::mount::fsconfig_set_string(&fd, "lowerdir+", l.as_str()) {
+            if i == 0 && e == Errno::INVAL && fs_context_messages(&fd).contains("lowerdir+") {
+                return Err(FsconfigError::Unsupported);
+            }
+            return Err(FsconfigError::Failed(with_messages(
+                &fd,
+                e,
+                &format!("lowerdir+ {l}"),
+            )));
+        }
+    }
+    let mut params: Vec<(&str, Option<&str>)> = Vec::new();
+    if let Some(u) = &o.upper {
+        params.push(("upperdir", Some(u)));
+    }
+    if let Some(w) = &o.work {
+        params.push(("workdir", Some(w)));
+    }
+    for opt in &o.other {
+        match opt.split_once('=') {
+            Some((k, v)) => params.push((k, Some(v))),
+            None => params.push((opt, None)),
+        }
+    }
+    for (k, v) in params {
+        let r = match v {
+            Some(v) => rustix::mount::fsconfig_set_string(&fd, k, v),
+            None => rustix::mount::fsconfig_set_flag(&fd, k),
+        };
+        r.map_err(|e| FsconfigError::Failed(with_messages(&fd, e, k)))?;
+    }
+    rustix::mount::fsconfig_create(&fd)
+        .map_err(|e| FsconfigError::Failed(with_messages(&fd, e, "create the overlay")))?;
+    let mut attrs = MountAttrFlags::empty();
+    if readonly {
+        attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
+    if flags.contains(MountFlags::NOSUID) {
+        attrs |= MountAttrFlags::MOUNT_ATTR_NOSUID;
+    }
+    if flags.contains(MountFlags::NODEV) {
+        attrs |= MountAttrFlags::MOUNT_ATTR_NODEV;
+    }
+    if flags.contains(MountFlags::NOEXEC) {
+        attrs |= MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    }
+    let mnt = rustix::mount::fsmount(&fd, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
+        .map_err(|e| FsconfigError::Failed(with_messages(&fd, e, "fsmount")))?;
+    rustix::mount::move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| FsconfigError::Failed(e.into()))
+}
+
+/// The longest common parent directory of `paths` (all absolute), with a trailing `/`.
+fn common_dir(paths: &[&str]) -> Option<String> {
+    let first = paths.first()?;
+    let mut prefix: &str = first;
+    for p in &paths[1..] {
+        let n = prefix
+            .bytes()
+            .zip(p.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        prefix = &prefix[..n];
+    }
+    // Cut back to a directory boundary that every path continues after.
+    let cut = prefix.rfind('/')?;
+    let dir = &prefix[..=cut];
+    if dir.len() <= 1 || !dir.starts_with('/') {
+        return None;
+    }
+    Some(dir.to_string())
+}
+
+fn overlay_data(o: &OverlayOptions, strip: &str) -> String {
+    let rel = |p: &str| p.strip_prefix(strip).unwrap_or(p).to_string();
+    let mut parts: Vec<String> = o.other.clone();
+    if let Some(w) = &o.work {
+        parts.push(format!("workdir={}", rel(w)));
+    }
+    if let Some(u) = &o.upper {
+        parts.push(format!("upperdir={}", rel(u)));
+    }
+    let lower: Vec<String> = o.lower.iter().map(|l| rel(l)).collect();
+    parts.push(format!("lowerdir={}", lower.join(":")));
+    parts.join(",")
+}
+
+fn mount_overlay_legacy(
+    o: &OverlayOptions,
+    target: &Path,
+    mut flags: MountFlags,
+    readonly: bool,
+) -> io::Result<()> {
+    if readonly {
+        flags |= MountFlags::RDONLY;
+    }
+    let full = overlay_data(o, "");
+    if full.len() <= PAGE_LIMIT {
+        let data = CString::new(full).map_err(io::Error::other)?;
+        rustix::mount::mount("overlay", target, "overlay", flags, Some(data.as_c_str()))?;
+        return Ok(());
+    }
+    let mut paths: Vec<&str> = o.lower.iter().map(String::as_str).collect();
+    paths.extend(o.upper.as_deref());
+    paths.extend(o.work.as_deref());
+    let dir = common_dir(&paths).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the options of {} lower layers do not fit in a page and the layers share no parent directory to shorten them",
+                o.lower.len()
+            ),
+        )
+    })?;
+    let short = overlay_data(o, &dir);
+    if short.len() > PAGE_LIMIT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the options of {} lower layers take {} bytes even relative to {dir}, more than mount(2)'s page of {PAGE_LIMIT}; use a kernel with lowerdir+ (≥ 6.8)",
+                o.lower.len(),
+                short.len()
+            ),
+        ));
+    }
+    // The target must not depend on the working directory we are about to change.
+    let target = std::path::absolute(target)?;
+    let data = CString::new(short).map_err(io::Error::other)?;
+    let handle = std::thread::spawn(move || -> io::Result<()> {
+        crate::sys::unshare_fs()?;
+        rustix::process::chdir(dir.as_str())?;
+        rustix::mount::mount("overlay", &target, "overlay", flags, Some(data.as_c_str()))?;
+        Ok(())
+    });
+    handle
+        .join()
+        .map_err(|_| io::Error::other("the mount thread panicked"))?
+}
+
+/// What `/proc/self/mountinfo` says about one mount point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// The mount point.
+    pub target: PathBuf,
+    /// The file-system type.
+    pub fs_type: String,
+    /// The super-block options (for overlay: `lowerdir=`, `upperdir=`, `workdir=`, ...).
+    pub super_options: Vec<String>,
+}
+
+/// Decodes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The topmost mount on `target`, if any.
+pub fn mount_info(target: &Path) -> io::Result<Option<MountInfo>> {
+    let target = fs::canonicalize(target)?;
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut found = None;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() < sep + 4 || fields.len() < 5 {
+            continue;
+        }
+        if Path::new(&unescape(fields[4])) != target {
+            continue;
+        }
+        found = Some(MountInfo {
+            target: target.clone(),
+            fs_type: fields[sep + 1].to_string(),
+            super_options: fields[sep + 3].split(',').map(unescape).collect(),
+        });
+    }
+    Ok(found)
 }
 
 /// Unmounts `target`.
+///
+/// An overlay mounted `volatile` leaves `work/incompat/volatile` in its work directory, and
+/// the kernel refuses to mount it again while that is there. After unmounting such an overlay
+/// this syncs the upper layer's file system and clears that directory, so the snapshot can be
+/// mounted again with nothing lost.
 pub fn unmount(target: &Path) -> Result<()> {
-    Err(Error::io(target, "unmount", std::io::Error::from(std::io::ErrorKind::Unsupported)))
+    let info = mount_info(target).map_err(|e| Error::io(target, "read the mount table", e))?;
+    rustix::mount::unmount(target, UnmountFlags::empty())
+        .map_err(|e| Error::io(target, "unmount", e.into()))?;
+    if let Some(info) = info.filter(|i| i.fs_type == "overlay") {
+        let volatile = info
+            .super_options
+            .iter()
+            .any(|o| o == "volatile" || o == "fsync=volatile");
+        let opt = |k: &str| {
+            info.super_options
+                .iter()
+                .find_map(|o| o.strip_prefix(k).map(PathBuf::from))
+        };
+        if let (true, Some(upper), Some(work)) = (volatile, opt("upperdir="), opt("workdir=")) {
+            clear_volatile(&upper, &work)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes a volatile overlay's upper layer durable and clears the kernel's
+/// `work/incompat/volatile` marker so that it can be mounted again.
+pub fn clear_volatile(upper: &Path, work: &Path) -> Result<()> {
+    crate::fsutil::sync_filesystem(upper)
+        .map_err(|e| Error::io(upper, "sync the volatile upper layer", e))?;
+    let marker = volatile_marker(work);
+    crate::fsutil::remove_tree(&marker)
+        .map_err(|e| Error::io(&marker, "clear the volatile marker", e))
+}
+
+/// Where the kernel marks a work directory that was mounted `volatile`.
+pub fn volatile_marker(work: &Path) -> PathBuf {
+    work.join("work").join("incompat").join("volatile")
+}
+
+/// A mount on a temporary directory, unmounted and removed on drop.
+#[derive(Debug)]
+pub struct TempMount {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl TempMount {
+    /// Mounts `mounts` on a new directory under the system's temporary directory.
+    pub fn new(mounts: &[Mount]) -> Result<TempMount> {
+        TempMount::new_in(&std::env::temp_dir(), mounts)
+    }
+
+    /// Mounts `mounts` on a new directory under `parent`.
+    pub fn new_in(parent: &Path, mounts: &[Mount]) -> Result<TempMount> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let path = parent.join(format!(
+            "strata-mount-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&path).map_err(|e| Error::io(&path, "create a temporary mount point", e))?;
+        let mut tm = TempMount {
+            path,
+            mounted: false,
+        };
+        mount_all(mounts, &tm.path)?;
+        tm.mounted = true;
+        Ok(tm)
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unmounts and removes the mount point, reporting failures (drop only logs them).
+    pub fn unmount(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        if self.mounted {
+            unmount(&self.path)?;
+            self.mounted = false;
+        }
+        fs::remove_dir(&self.path)
+            .map_err(|e| Error::io(&self.path, "remove a temporary mount point", e))
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        if let Err(e) = self.release() {
+            tracing::warn!(path = %self.path.display(), error = %e, "unmounting a temporary mount failed; detaching it");
+            let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn common_dir_stops_at_a_directory_boundary() {
+        assert_eq!(
+            common_dir(&[
+                "/r/snapshots/12/fs",
+                "/r/snapshots/13/fs",
+                "/r/snapshots/1/work"
+            ]),
+            Some("/r/snapshots/".into())
+        );
+        assert_eq!(common_dir(&["/a/b", "/c/d"]), None);
+        assert_eq!(
+            common_dir(&["/r/s/120/fs", "/r/s/121/fs"]),
+            Some("/r/s/".into()),
+            "a shared digit prefix is not a directory"
+        );
+    }
+
+    #[test]
+    fn overlay_data_keeps_containerds_order_and_relativises() {
+        let o = parse_overlay(vec![
+            "index=off".into(),
+            "workdir=/r/s/3/work".into(),
+            "upperdir=/r/s/3/fs".into(),
+            "lowerdir=/r/s/2/fs:/r/s/1/fs".into(),
+        ]);
+        assert_eq!(
+            overlay_data(&o, ""),
+            "index=off,workdir=/r/s/3/work,upperdir=/r/s/3/fs,lowerdir=/r/s/2/fs:/r/s/1/fs"
+        );
+        assert_eq!(
+            overlay_data(&o, "/r/s/"),
+            "index=off,workdir=3/work,upperdir=3/fs,lowerdir=2/fs:1/fs"
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape(r"plain\"), r"plain\");
+    }
 }

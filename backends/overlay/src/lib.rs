@@ -1,1 +1,373 @@
-//! strata's overlay backend (being written).
+//! strata's overlay backend: containerd's overlayfs layout and mount rules.
+//!
+//! Layout under the store root: `snapshots/<id>/fs` (the layer: an upper directory while
+//! Active, a lower one once Committed) and `snapshots/<id>/work` (overlayfs's work
+//! directory). A snapshot is built in `snapshots/.tmp-<id>` and renamed into place.
+//!
+//! Mounts follow containerd: a parentless Active snapshot is a read-write `bind` of its `fs`;
+//! a View of one parent is a read-only `bind` of the parent's `fs`; an Active snapshot with
+//! parents is an `overlay` with `workdir=`, `upperdir=` and `lowerdir=` (immediate parent
+//! first); a View of two or more parents is an `overlay` with `lowerdir=` only. `index=off` is
+//! added when the kernel has the parameter. Paths are absolute under `ROOT/snapshots/`, one
+//! short common prefix, so that containerd's mount(2) path can shorten long lists.
+//!
+//! Directory renames inside an overlay need `redirect_dir`, which strata does not turn on
+//! (containerd does not either): renaming a directory that comes from a lower layer fails
+//! with `EXDEV`, and tools fall back to copying.
+//!
+//! **Volatile snapshots.** An Active snapshot created with [`strata::CreateOptions::volatile`]
+//! is mounted with `volatile`: no syncs while mounted. The kernel then leaves
+//! `work/work/incompat/volatile` behind and refuses to mount the snapshot again.
+//! [`strata::mount::unmount`] syncs and clears it; if it is still there when strata is asked
+//! for the mounts (or a commit) and the snapshot is not mounted, the backend looks at the boot
+//! id recorded at creation: the same boot means the data is still in the page cache, so it
+//! syncs and clears the marker; another boot means the machine stopped while the snapshot was
+//! mounted volatile, and the snapshot is reported broken (`DataLoss`).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use strata::fsutil;
+use strata::mount::{volatile_marker, OVERLAY_MAX_LAYERS};
+use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
+
+/// The overlay backend's errors. Each names the snapshot id or path and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// A file-system operation failed.
+    #[error("{path}: {context}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The root cannot hold overlay upper layers.
+    #[error("overlayfs cannot use {root} for its layers: {reason}; put the store root on a file system that supports overlay upper directories (ext4, xfs, btrfs) or use --backend native")]
+    Unsupported {
+        /// The store root.
+        root: PathBuf,
+        /// What the probe found.
+        reason: String,
+    },
+    /// The chain is deeper than overlayfs can stack.
+    #[error("a chain of {depth} layers exceeds overlayfs's limit of {OVERLAY_MAX_LAYERS} lower layers; squash the image or use the native backend")]
+    TooDeep {
+        /// Number of parents.
+        depth: usize,
+    },
+    /// The machine stopped while the snapshot was mounted volatile.
+    #[error("snapshot {id} was mounted volatile when the machine stopped (boot {recorded}, now {current}); its contents may be incomplete")]
+    VolatileLost {
+        /// The snapshot id.
+        id: u64,
+        /// Boot id recorded at creation.
+        recorded: String,
+        /// Current boot id.
+        current: String,
+    },
+    /// Committed snapshots have no mounts of their own.
+    #[error("snapshot {id} is committed: mount a view of it instead")]
+    Committed {
+        /// The snapshot id.
+        id: u64,
+    },
+}
+
+impl BackendError for OverlayError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            OverlayError::Io { .. } | OverlayError::Unsupported { .. } => ErrorKind::Internal,
+            OverlayError::TooDeep { .. } | OverlayError::Committed { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            OverlayError::VolatileLost { .. } => ErrorKind::DataLoss,
+        }
+    }
+}
+
+fn io_err(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> OverlayError {
+    let path = path.to_path_buf();
+    move |source| OverlayError::Io {
+        path,
+        context,
+        source,
+    }
+}
+
+/// Options of the overlay backend.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayOptions {
+    /// Skip the mount probe at open (for tools that only read metadata).
+    pub skip_probe: bool,
+}
+
+/// The overlay backend.
+#[derive(Debug, Clone)]
+pub struct OverlayBackend {
+    snapshots: PathBuf,
+    index_off: bool,
+}
+
+const VOLATILE_FILE: &str = "volatile";
+
+fn boot_id() -> io::Result<String> {
+    Ok(fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
+impl OverlayBackend {
+    /// Opens the backend under the store `root`: creates `root/snapshots` and checks, by
+    /// mounting a tiny overlay there, that the root can hold overlay layers.
+    pub fn open(root: &Path, opts: OverlayOptions) -> Result<OverlayBackend, OverlayError> {
+        let snapshots = root.join("snapshots");
+        fs::create_dir_all(&snapshots)
+            .map_err(io_err(&snapshots, "create the snapshots directory"))?;
+        let index_off = Path::new("/sys/module/overlay/parameters/index").exists();
+        let backend = OverlayBackend {
+            snapshots,
+            index_off,
+        };
+        if !opts.skip_probe {
+            backend.probe(root)?;
+        }
+        Ok(backend)
+    }
+
+    /// Mounts and unmounts a one-layer overlay in the snapshots directory.
+    fn probe(&self, root: &Path) -> Result<(), OverlayError> {
+        let dir = self
+            .snapshots
+            .join(format!(".probe-{}", std::process::id()));
+        let unsupported = |reason: String| OverlayError::Unsupported {
+            root: root.to_path_buf(),
+            reason,
+        };
+        let _ = fsutil::remove_tree(&dir);
+        for d in ["lower", "upper", "work", "merged"] {
+            fs::create_dir_all(dir.join(d)).map_err(io_err(&dir, "create the overlay probe"))?;
+        }
+        let mut options = Vec::new();
+        if self.index_off {
+            options.push("index=off".to_string());
+        }
+        options.push(format!("workdir={}", dir.join("work").display()));
+        options.push(format!("upperdir={}", dir.join("upper").display()));
+        options.push(format!("lowerdir={}", dir.join("lower").display()));
+        let m = Mount {
+            fs_type: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        };
+        let merged = dir.join("merged");
+        let result = strata::mount::mount_all(&[m], &merged)
+            .map_err(|e| unsupported(e.to_string()))
+            .and_then(|()| strata::mount::unmount(&merged).map_err(|e| unsupported(e.to_string())));
+        let _ = fsutil::remove_tree(&dir);
+        result
+    }
+
+    /// The directory of snapshot `id`.
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots.join(id.to_string())
+    }
+
+    /// The layer of snapshot `id` (its upper directory while Active).
+    pub fn fs_path(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// The work directory of snapshot `id`.
+    pub fn work_path(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    fn tmp_dir(&self, id: u64) -> PathBuf {
+        self.snapshots.join(format!(".tmp-{id}"))
+    }
+
+    /// Whether snapshot `id` is mounted somewhere now (as an overlay upper layer).
+    fn is_mounted(&self, id: u64) -> io::Result<bool> {
+        let upper = format!("upperdir={}", self.fs_path(id).display());
+        let text = fs::read_to_string("/proc/self/mountinfo")?;
+        Ok(text
+            .lines()
+            .any(|l| l.contains(" - overlay ") && l.split([' ', ',']).any(|o| o == upper)))
+    }
+
+    /// Applies the volatile rule (see the crate docs) before the snapshot is used.
+    fn check_volatile(&self, id: u64) -> Result<(), OverlayError> {
+        let marker_file = self.dir(id).join(VOLATILE_FILE);
+        let recorded = match fs::read_to_string(&marker_file) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&marker_file, "read the volatile marker")(e)),
+        };
+        let work = self.work_path(id);
+        if !volatile_marker(&work).exists()
+            || self
+                .is_mounted(id)
+                .map_err(io_err(&work, "read the mount table"))?
+        {
+            return Ok(());
+        }
+        let current = boot_id().map_err(io_err(
+            Path::new("/proc/sys/kernel/random/boot_id"),
+            "read the boot id",
+        ))?;
+        if recorded != current {
+            return Err(OverlayError::VolatileLost {
+                id,
+                recorded,
+                current,
+            });
+        }
+        strata::mount::clear_volatile(&self.fs_path(id), &work).map_err(|e| OverlayError::Io {
+            path: work.clone(),
+            context: "clear the volatile marker",
+            source: io::Error::other(e.to_string()),
+        })
+    }
+
+    fn lowerdir(&self, parents: &[u64]) -> String {
+        let dirs: Vec<String> = parents
+            .iter()
+            .map(|p| self.fs_path(*p).to_string_lossy().into_owned())
+            .collect();
+        format!("lowerdir={}", dirs.join(":"))
+    }
+}
+
+impl Backend for OverlayBackend {
+    type Error = OverlayError;
+
+    fn name(&self) -> &'static str {
+        "overlay"
+    }
+
+    fn create(
+        &self,
+        id: u64,
+        kind: Kind,
+        parents: &[u64],
+        opts: &CreateOptions,
+    ) -> Result<(), OverlayError> {
+        if parents.len() > OVERLAY_MAX_LAYERS {
+            return Err(OverlayError::TooDeep {
+                depth: parents.len(),
+            });
+        }
+        let tmp = self.tmp_dir(id);
+        fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
+        fs::create_dir(&tmp).map_err(io_err(&tmp, "create the temporary directory"))?;
+        for d in ["fs", "work"] {
+            let p = tmp.join(d);
+            fs::create_dir(&p).map_err(io_err(&p, "create a snapshot directory"))?;
+        }
+        // Exactly 0755 whatever the umask: it is the root directory of a parentless mount.
+        let fs_dir = tmp.join("fs");
+        fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))
+            .map_err(io_err(&fs_dir, "set the root directory's mode"))?;
+        if opts.volatile && kind == Kind::Active {
+            let f = tmp.join(VOLATILE_FILE);
+            let id = boot_id().map_err(io_err(&f, "read the boot id"))?;
+            fs::write(&f, id).map_err(io_err(&f, "write the volatile marker"))?;
+        }
+        let dir = self.dir(id);
+        fs::rename(&tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
+        if opts.durable {
+            fsutil::fsync_dir(&self.snapshots)
+                .map_err(io_err(&self.snapshots, "sync the snapshots directory"))?;
+        }
+        Ok(())
+    }
+
+    fn commit(&self, id: u64, _parents: &[u64], durable: bool) -> Result<Usage, OverlayError> {
+        self.check_volatile(id)?;
+        let fs_dir = self.fs_path(id);
+        if durable {
+            fsutil::sync_filesystem(&fs_dir).map_err(io_err(&fs_dir, "sync the layer"))?;
+        }
+        let marker = self.dir(id).join(VOLATILE_FILE);
+        fsutil::remove_tree(&marker).map_err(io_err(&marker, "remove the volatile marker"))?;
+        fsutil::disk_usage(&fs_dir).map_err(io_err(&fs_dir, "measure the layer"))
+    }
+
+    fn mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Result<Vec<Mount>, OverlayError> {
+        match (kind, parents) {
+            (Kind::Committed, _) => Err(OverlayError::Committed { id }),
+            (Kind::Active, []) => Ok(vec![Mount::bind(&self.fs_path(id), false)]),
+            (Kind::View, []) => Ok(vec![Mount::bind(&self.fs_path(id), true)]),
+            (Kind::View, [parent]) => Ok(vec![Mount::bind(&self.fs_path(*parent), true)]),
+            (Kind::View, _) => {
+                let mut options = Vec::new();
+                if self.index_off {
+                    options.push("index=off".to_string());
+                }
+                options.push(self.lowerdir(parents));
+                Ok(vec![Mount {
+                    fs_type: "overlay".into(),
+                    source: "overlay".into(),
+                    options,
+                }])
+            }
+            (Kind::Active, _) => {
+                self.check_volatile(id)?;
+                let mut options = Vec::new();
+                if self.index_off {
+                    options.push("index=off".to_string());
+                }
+                if self.dir(id).join(VOLATILE_FILE).exists() {
+                    options.push("volatile".to_string());
+                }
+                options.push(format!("workdir={}", self.work_path(id).display()));
+                options.push(format!("upperdir={}", self.fs_path(id).display()));
+                options.push(self.lowerdir(parents));
+                Ok(vec![Mount {
+                    fs_type: "overlay".into(),
+                    source: "overlay".into(),
+                    options,
+                }])
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) -> Result<(), OverlayError> {
+        for dir in [self.dir(id), self.tmp_dir(id)] {
+            fsutil::remove_tree(&dir).map_err(io_err(&dir, "remove the snapshot"))?;
+        }
+        Ok(())
+    }
+
+    fn usage(&self, id: u64) -> Result<Usage, OverlayError> {
+        let fs_dir = self.fs_path(id);
+        fsutil::disk_usage(&fs_dir).map_err(io_err(&fs_dir, "measure the layer"))
+    }
+
+    fn ids(&self) -> Result<Vec<u64>, OverlayError> {
+        let mut ids = Vec::new();
+        let entries =
+            fs::read_dir(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.snapshots, "list snapshots"))?;
+            let name = entry.file_name();
+            if let Some(id) = name
+                .to_str()
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse().ok())
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests;
