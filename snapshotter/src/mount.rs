@@ -76,7 +76,7 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
     for m in mounts {
         mount_one(m, target).map_err(|source| Error::Mount {
             target: target.to_path_buf(),
-            mount: m.to_string(),
+            mount: m.summary(),
             source,
         })?;
     }
@@ -341,15 +341,20 @@ fn common_dir(paths: &[&str]) -> Option<String> {
 }
 
 fn overlay_data(o: &OverlayOptions, strip: &str) -> String {
-    let rel = |p: &str| p.strip_prefix(strip).unwrap_or(p).to_string();
+    // Only the lower layers are made relative (as containerd does): upper and work stay
+    // absolute, so they do not depend on the working directory.
     let mut parts: Vec<String> = o.other.clone();
     if let Some(w) = &o.work {
-        parts.push(format!("workdir={}", rel(w)));
+        parts.push(format!("workdir={w}"));
     }
     if let Some(u) = &o.upper {
-        parts.push(format!("upperdir={}", rel(u)));
+        parts.push(format!("upperdir={u}"));
     }
-    let lower: Vec<String> = o.lower.iter().map(|l| rel(l)).collect();
+    let lower: Vec<String> = o
+        .lower
+        .iter()
+        .map(|l| l.strip_prefix(strip).unwrap_or(l).to_string())
+        .collect();
     parts.push(format!("lowerdir={}", lower.join(":")));
     parts.join(",")
 }
@@ -369,9 +374,7 @@ fn mount_overlay_legacy(
         rustix::mount::mount("overlay", target, "overlay", flags, Some(data.as_c_str()))?;
         return Ok(());
     }
-    let mut paths: Vec<&str> = o.lower.iter().map(String::as_str).collect();
-    paths.extend(o.upper.as_deref());
-    paths.extend(o.work.as_deref());
+    let paths: Vec<&str> = o.lower.iter().map(String::as_str).collect();
     let dir = common_dir(&paths).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -606,7 +609,7 @@ mod tests {
         );
         assert_eq!(
             overlay_data(&o, "/r/s/"),
-            "index=off,workdir=3/work,upperdir=3/fs,lowerdir=2/fs:1/fs"
+            "index=off,workdir=/r/s/3/work,upperdir=/r/s/3/fs,lowerdir=2/fs:1/fs"
         );
     }
 

@@ -132,6 +132,28 @@ impl Mount {
         }
     }
 
+    /// A short description for messages: like the `Display` form, but a long `lowerdir=`
+    /// list is cut to its first and last layers and a count.
+    pub fn summary(&self) -> String {
+        let options: Vec<String> = self
+            .options
+            .iter()
+            .map(|o| match o.strip_prefix("lowerdir=") {
+                Some(l) if l.len() > 256 => {
+                    let layers: Vec<&str> = l.split(':').collect();
+                    format!(
+                        "lowerdir={}:...:{} ({} layers)",
+                        layers[0],
+                        layers[layers.len() - 1],
+                        layers.len()
+                    )
+                }
+                _ => o.clone(),
+            })
+            .collect();
+        format!("{} {} {}", self.fs_type, self.source, options.join(","))
+    }
+
     /// True when the options make this mount read-only.
     pub fn is_readonly(&self) -> bool {
         self.options.iter().any(|o| o == "ro")
