@@ -547,11 +547,13 @@ impl Tx<'_> {
         Ok(labels)
     }
 
-    /// Turns row `id` into the Committed snapshot `name`.
+    /// Turns row `id` into the Committed snapshot `name`. As in containerd, a committed
+    /// snapshot is created when it is committed: created and updated are both set to now.
     pub fn mark_committed(&self, id: u64, name: &str, usage: Usage) -> Result<()> {
         self.tx
             .prepare_cached(
-                "UPDATE snapshots SET key = ?2, kind = ?3, updated_ns = ?4, size = ?5, inodes = ?6
+                "UPDATE snapshots SET key = ?2, kind = ?3, created_ns = ?4, updated_ns = ?4,
+                     size = ?5, inodes = ?6
                  WHERE id = ?1",
             )
             .and_then(|mut s| {

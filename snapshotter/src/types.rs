@@ -87,7 +87,8 @@ pub struct Info {
     pub parent: Option<String>,
     /// User labels.
     pub labels: Labels,
-    /// When the snapshot was created (for a Committed one: when its Active snapshot was).
+    /// When the snapshot was created (for a Committed one, as in containerd: when it was
+    /// committed).
     pub created: SystemTime,
     /// When the snapshot was last changed (commit or label update).
     pub updated: SystemTime,
