@@ -86,7 +86,7 @@ fn mounts_have_containerds_shapes() {
     assert_eq!(m.options, want);
 
     // And the overlay really presents the chain.
-    let t = TempMount::new_in(tmp.path(), &[m.clone()]).unwrap();
+    let t = TempMount::new_in(tmp.path(), std::slice::from_ref(m)).unwrap();
     assert_eq!(fs::read_to_string(t.path().join("f1")).unwrap(), "1");
     assert_eq!(fs::read_to_string(t.path().join("f2")).unwrap(), "2");
     fs::write(t.path().join("new"), "x").unwrap();
