@@ -100,14 +100,18 @@ impl Owner {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
         let lock_path = dir.join(format!("{token}.lock"));
+        // Lock the file under a temporary name and rename it into place: a `.lock` file is
+        // never visible unlocked, so no other process can take a live owner for a dead one.
+        let tmp_path = dir.join(format!(".{token}.new"));
         let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, "create the owner lock", e))?;
+            .open(&tmp_path)
+            .map_err(|e| Error::io(&tmp_path, "create the owner lock", e))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|e| Error::io(&lock_path, "lock the owner lock", e.into()))?;
+            .map_err(|e| Error::io(&tmp_path, "lock the owner lock", e.into()))?;
+        fs::rename(&tmp_path, &lock_path)
+            .map_err(|e| Error::io(&lock_path, "publish the owner lock", e))?;
         Ok(Owner {
             token,
             lock_path,
@@ -172,22 +176,24 @@ impl<B: Backend> Store<B> {
     pub fn open(root: &Path, backend: B, opts: StoreOptions) -> Result<Store<B>> {
         fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
         let mut meta = Meta::open(root, opts.lock_timeout)?;
-        {
+        let mut recorded = meta.read("")?.meta_value(BACKEND_META)?;
+        if recorded.is_none() {
+            // A new root: record the backend (another process may be doing the same).
             let tx = meta.write("")?;
-            match tx.meta_value(BACKEND_META)? {
-                Some(recorded) if recorded != backend.name() => {
-                    return Err(Error::invalid(
-                        format!("backend {:?}", backend.name()),
-                        format!(
-                            "the store at {} was created with the {recorded:?} backend; use --backend {recorded} or another root",
-                            root.display()
-                        ),
-                    ));
-                }
-                Some(_) => {}
-                None => tx.set_meta_value(BACKEND_META, backend.name())?,
+            recorded = tx.meta_value(BACKEND_META)?;
+            if recorded.is_none() {
+                tx.set_meta_value(BACKEND_META, backend.name())?;
+                tx.commit()?;
             }
-            tx.commit()?;
+        }
+        if let Some(recorded) = recorded.filter(|r| r != backend.name()) {
+            return Err(Error::invalid(
+                format!("backend {:?}", backend.name()),
+                format!(
+                    "the store at {} was created with the {recorded:?} backend; use --backend {recorded} or another root",
+                    root.display()
+                ),
+            ));
         }
         let store = Store {
             root: root.to_path_buf(),
@@ -421,7 +427,34 @@ impl<B: Backend> Store<B> {
         if let Ok(entries) = fs::read_dir(&dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
-                let Some(token) = name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+                let Some(name) = name.to_str() else {
+                    continue;
+                };
+                if name.starts_with('.') && name.ends_with(".new") {
+                    // A lock file whose process died before publishing it. A young one may be
+                    // a live process between creating and locking it: leave those alone.
+                    let path = entry.path();
+                    let old = fs::symlink_metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Duration::from_secs(60));
+                    if !old {
+                        continue;
+                    }
+                    if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
+                        if rustix::fs::flock(
+                            &f,
+                            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+                        )
+                        .is_ok()
+                        {
+                            let _ = fs::remove_file(&path);
+                        }
+                    }
+                    continue;
+                }
+                let Some(token) = name.strip_suffix(".lock") else {
                     continue;
                 };
                 if token == self.owner.token {

@@ -557,3 +557,38 @@ fn journal_ops_round_trip() {
         assert_eq!(JournalOp::parse(op.as_str()), Some(op));
     }
 }
+
+/// Stores that open, work and close on one root at the same time never take each other for
+/// dead (an owner's lock must never be visible unlocked).
+#[test]
+fn stores_opening_concurrently_never_roll_back_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    drop(open(tmp.path()));
+    let root = tmp.path().to_path_buf();
+    let threads: Vec<_> = (0..6)
+        .map(|t| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                for i in 0..30 {
+                    let (s, sim) = open(&root);
+                    let key = format!("t{t}/a{i}");
+                    let mounts = s.prepare(&key, None, Labels::new()).unwrap();
+                    assert!(
+                        Path::new(&mounts[0].source).exists(),
+                        "storage of {key} was rolled back by another store"
+                    );
+                    s.commit(&format!("t{t}/c{i}"), &key, Labels::new())
+                        .unwrap();
+                    assert!(sim.ids().unwrap().len() > i);
+                    s.close().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (s, sim) = open(&root);
+    assert_eq!(s.list(&["kind==committed"]).unwrap().len(), 180);
+    assert_eq!(sim.ids().unwrap().len(), 180, "every row has its storage");
+}
