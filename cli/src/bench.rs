@@ -10,7 +10,7 @@ use serde_json::json;
 use strata::{Labels, Snapshotter};
 
 use crate::output::Output;
-use crate::{open_store, Failure, Global};
+use crate::{open_store, AnyStore, CliError, Failure, Global};
 
 /// Arguments of `strata bench`.
 #[derive(Args, Debug)]
@@ -19,8 +19,9 @@ pub(crate) struct BenchArgs {
     #[arg(long = "workload", short = 'w', value_enum, default_values_t = [Workload::EmptyChain])]
     workloads: Vec<Workload>,
 
-    /// Layers per workload
-    #[arg(long, default_value_t = 1000)]
+    /// Layers per workload (overlay stacks at most 500 lower layers, so an empty chain on it
+    /// is at most 501 layers deep)
+    #[arg(long, default_value_t = 500)]
     layers: usize,
 }
 
@@ -92,6 +93,18 @@ fn run_in(
     args: &BenchArgs,
 ) -> std::result::Result<Vec<Result>, Failure> {
     let store = open_store(root, global)?;
+    let max = strata::mount::OVERLAY_MAX_LAYERS + 1;
+    if matches!(store, AnyStore::Overlay(_))
+        && args.workloads.contains(&Workload::EmptyChain)
+        && args.layers > max
+    {
+        return Err(CliError(format!(
+            "--layers {}: an empty chain on overlay can be at most {max} layers deep (overlayfs stacks at most {} lower layers); use --layers {max} or --backend native",
+            args.layers,
+            strata::mount::OVERLAY_MAX_LAYERS
+        ))
+        .into());
+    }
     let s = store.snapshotter();
     let tag = format!("bench-{}", std::process::id());
     let mut results = Vec::new();

@@ -388,4 +388,16 @@ fn bench_reports_the_documented_fields() {
         assert!(r[field].as_f64().unwrap() > 0.0, "{field}: {r}");
     }
     assert!(r["p99_ms"].as_f64() >= r["p50_ms"].as_f64());
+
+    // Deeper than overlay can stack: refused before any work, with what to do.
+    let out = Command::new(BIN)
+        .args(["bench", "--backend", "overlay", "--layers", "600"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--layers 600") && err.contains("--backend native"),
+        "{err}"
+    );
 }
