@@ -71,3 +71,20 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         Err(e) => Err(e),
     }
 }
+
+/// The ids of the snapshot directories under `dir`: every entry whose name is all digits.
+/// Temporary directories (`.tmp-<id>`) and anything else are not listed.
+pub fn list_ids(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(id) = name
+            .to_str()
+            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
+}

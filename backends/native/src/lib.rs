@@ -157,25 +157,8 @@ impl Backend for NativeBackend {
     }
 
     fn ids(&self) -> Result<Vec<u64>, NativeError> {
-        list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
+        fsutil::list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
     }
-}
-
-/// The all-digit directory names under `dir`.
-fn list_ids(dir: &Path) -> io::Result<Vec<u64>> {
-    let mut ids = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if let Some(id) = name
-            .to_str()
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse().ok())
-        {
-            ids.push(id);
-        }
-    }
-    Ok(ids)
 }
 
 #[cfg(test)]

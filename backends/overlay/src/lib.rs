@@ -351,21 +351,7 @@ impl Backend for OverlayBackend {
     }
 
     fn ids(&self) -> Result<Vec<u64>, OverlayError> {
-        let mut ids = Vec::new();
-        let entries =
-            fs::read_dir(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))?;
-        for entry in entries {
-            let entry = entry.map_err(io_err(&self.snapshots, "list snapshots"))?;
-            let name = entry.file_name();
-            if let Some(id) = name
-                .to_str()
-                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|n| n.parse().ok())
-            {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
+        fsutil::list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
     }
 }
 

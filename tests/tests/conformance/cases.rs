@@ -672,24 +672,8 @@ pub fn layers_128_mount(s: &dyn Snapshotter, work: &Path, _backend: &str) {
             Op::CreateFileOwned(format!("/ONLYME/file-{i}"), b"only me!\n".to_vec(), 0o777),
         ]);
     }
-    let flat = work.join("flat");
-    fs::create_dir_all(&flat).unwrap();
-    let mut parent: Option<String> = None;
-    for (i, ops) in appliers.iter().enumerate() {
-        let (k, m) = prepare_mount(s, work, &format!("prepare-layer-{i}"), parent.as_deref());
-        apply(m.path(), ops).unwrap();
-        apply(&flat, ops).unwrap();
-        check_directory_equal(m.path(), &flat)
-            .unwrap_or_else(|d| panic!("layer {i} differs from the flat copy:\n{d}"));
-        m.unmount();
-        let committed = key(work, &format!("committed-{i}"));
-        s.commit(&committed, &k, opt()).unwrap();
-        parent = Some(committed);
-    }
-    let view = key(work, "fullview");
-    let mounts = s.view(&view, parent.as_deref(), Labels::new()).unwrap();
-    let m = Mounted::new(&mounts, Path::new(&view));
-    check_directory_equal(m.path(), &flat).unwrap();
+    // Each layer equals the flat copy when mounted, and a view of the top equals it too.
+    check_snapshots(s, work, &appliers);
 }
 
 /// Runs `case` in a fresh root with the umask cleared, as containerd's suite does.
