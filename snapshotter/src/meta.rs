@@ -8,6 +8,8 @@
 //!   transaction that records its result; the `key` column is unique, so an entry also
 //!   reserves the key or name being created until the operation finishes.
 //! * `meta` — the recorded backend and the id counter (ids are never reused).
+//! * `images` — image name → top committed snapshot (version 2).
+//! * `leases`, `lease_snapshots` — named holders with an optional expiry (version 2).
 //!
 //! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
 //! to date inside one transaction.
@@ -20,13 +22,15 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use crate::backend::JournalOp;
 use crate::error::{Error, Result};
 use crate::filter::{Field, Filter, Op};
+use crate::store::LeaseInfo;
 use crate::types::{Info, Kind, Labels, Usage};
 
 /// The database file's name inside the store root.
 pub(crate) const DB_FILE: &str = "metadata.db";
 
 /// Schema migrations; entry `i` moves a database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -64,7 +68,27 @@ CREATE TABLE journal (
 CREATE INDEX journal_snapshot ON journal(snapshot_id);
 CREATE INDEX journal_parent ON journal(parent_id);
 INSERT INTO meta (name, value) VALUES ('next_id', '0');
-"#];
+"#,
+    r#"
+CREATE TABLE images (
+    name        TEXT PRIMARY KEY,
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id),
+    created_ns  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX images_snapshot ON images(snapshot_id);
+CREATE TABLE leases (
+    name       TEXT PRIMARY KEY,
+    created_ns INTEGER NOT NULL,
+    expires_ns INTEGER
+) WITHOUT ROWID;
+CREATE TABLE lease_snapshots (
+    lease       TEXT NOT NULL REFERENCES leases(name) ON DELETE CASCADE,
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id),
+    PRIMARY KEY (lease, snapshot_id)
+) WITHOUT ROWID;
+CREATE INDEX lease_snapshots_snapshot ON lease_snapshots(snapshot_id);
+"#,
+];
 
 /// One row of `snapshots`, with what the store needs besides the Info.
 #[derive(Debug, Clone)]
@@ -588,13 +612,232 @@ impl Tx<'_> {
             .map_err(|e| self.e("mark broken", e))
     }
 
-    /// Deletes row `id` and its labels.
+    /// Deletes row `id`, its labels and its entries in (expired) leases.
     pub fn delete(&self, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM lease_snapshots WHERE snapshot_id = ?1")
+            .and_then(|mut s| s.execute([db_id(id)]))
+            .map_err(|e| self.e("delete", e))?;
         self.tx
             .prepare_cached("DELETE FROM snapshots WHERE id = ?1")
             .and_then(|mut s| s.execute([db_id(id)]))
             .map(|_| ())
             .map_err(|e| self.e("delete", e))
+    }
+
+    /// Why `id` must not be deleted: the first image naming it or unexpired lease holding
+    /// it, as "image X" / "lease Y"; `None` when nothing holds it.
+    pub fn holder(&self, id: u64, now: SystemTime) -> Result<Option<String>> {
+        let image: Option<String> = self
+            .tx
+            .prepare_cached("SELECT name FROM images WHERE snapshot_id = ?1 ORDER BY name LIMIT 1")
+            .and_then(|mut s| s.query_row([db_id(id)], |r| r.get(0)).optional())
+            .map_err(|e| self.e("look up images", e))?;
+        if let Some(i) = image {
+            return Ok(Some(format!("image {i:?}")));
+        }
+        let lease: Option<String> = self
+            .tx
+            .prepare_cached(
+                "SELECT l.name FROM lease_snapshots ls JOIN leases l ON l.name = ls.lease
+                 WHERE ls.snapshot_id = ?1 AND (l.expires_ns IS NULL OR l.expires_ns > ?2)
+                 ORDER BY l.name LIMIT 1",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![db_id(id), to_ns(now)], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(|e| self.e("look up leases", e))?;
+        Ok(lease.map(|l| format!("lease {l:?}")))
+    }
+
+    /// The snapshot an image names.
+    pub fn image(&self, name: &str) -> Result<Option<u64>> {
+        self.tx
+            .prepare_cached("SELECT snapshot_id FROM images WHERE name = ?1")
+            .and_then(|mut s| s.query_row([name], |r| r.get::<_, i64>(0)).optional())
+            .map(|o| o.map(id_of))
+            .map_err(|e| self.e("look up the image", e))
+    }
+
+    /// Points image `name` at snapshot `id` (replacing an older target).
+    pub fn set_image(&self, name: &str, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO images (name, snapshot_id, created_ns) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET snapshot_id = excluded.snapshot_id",
+            )
+            .and_then(|mut s| s.execute(params![name, db_id(id), to_ns(SystemTime::now())]))
+            .map(|_| ())
+            .map_err(|e| self.e("tag", e))
+    }
+
+    /// Deletes image `name`; false when there was none.
+    pub fn delete_image(&self, name: &str) -> Result<bool> {
+        self.tx
+            .prepare_cached("DELETE FROM images WHERE name = ?1")
+            .and_then(|mut s| s.execute([name]))
+            .map(|n| n > 0)
+            .map_err(|e| self.e("untag", e))
+    }
+
+    /// Every image with the name of its snapshot, by name.
+    pub fn images(&self) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT i.name, s.key FROM images i JOIN snapshots s ON s.id = i.snapshot_id
+                 ORDER BY i.name",
+            )
+            .map_err(|e| self.e("list images", e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("list images", e))?;
+        Ok(rows)
+    }
+
+    /// Creates lease `name`; false when it exists already.
+    pub fn create_lease(&self, name: &str, expires: Option<SystemTime>) -> Result<bool> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO leases (name, created_ns, expires_ns) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![name, to_ns(SystemTime::now()), expires.map(to_ns)])
+            })
+            .map(|n| n > 0)
+            .map_err(|e| self.e("create the lease", e))
+    }
+
+    /// Whether lease `name` exists (expired or not).
+    pub fn lease_exists(&self, name: &str) -> Result<bool> {
+        self.tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM leases WHERE name = ?1)")
+            .and_then(|mut s| s.query_row([name], |r| r.get(0)))
+            .map_err(|e| self.e("look up the lease", e))
+    }
+
+    /// Adds snapshot `id` to lease `name`.
+    pub fn lease_add(&self, name: &str, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO lease_snapshots (lease, snapshot_id) VALUES (?1, ?2)
+                 ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![name, db_id(id)]))
+            .map(|_| ())
+            .map_err(|e| self.e("add to the lease", e))
+    }
+
+    /// Deletes lease `name`; false when there was none.
+    pub fn delete_lease(&self, name: &str) -> Result<bool> {
+        self.tx
+            .prepare_cached("DELETE FROM leases WHERE name = ?1")
+            .and_then(|mut s| s.execute([name]))
+            .map(|n| n > 0)
+            .map_err(|e| self.e("remove the lease", e))
+    }
+
+    /// Every lease: name, expiry, and the names of the snapshots it holds.
+    pub fn leases(&self) -> Result<Vec<LeaseInfo>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT name, expires_ns FROM leases ORDER BY name")
+            .map_err(|e| self.e("list leases", e))?;
+        let leases = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("list leases", e))?;
+        let mut held = self
+            .tx
+            .prepare_cached(
+                "SELECT s.key FROM lease_snapshots ls JOIN snapshots s ON s.id = ls.snapshot_id
+                 WHERE ls.lease = ?1 ORDER BY s.key",
+            )
+            .map_err(|e| self.e("list leases", e))?;
+        let mut out = Vec::new();
+        for (name, exp) in leases {
+            let keys = held
+                .query_map([&name], |r| r.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                .map_err(|e| self.e("list leases", e))?;
+            out.push(LeaseInfo {
+                name,
+                expires: exp.map(from_ns),
+                snapshots: keys,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes leases that expired before `now`; returns their names.
+    pub fn delete_expired_leases(&self, now: SystemTime) -> Result<Vec<String>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM leases WHERE expires_ns IS NOT NULL AND expires_ns <= ?1
+                 RETURNING name",
+            )
+            .map_err(|e| self.e("expire leases", e))?;
+        let names = stmt
+            .query_map([to_ns(now)], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("expire leases", e))?;
+        Ok(names)
+    }
+
+    /// Committed snapshots that no gc root reaches, as (id, name), children before parents.
+    ///
+    /// Roots: images, unexpired leases, Active and View snapshots, snapshots labelled
+    /// `containerd.io/gc.root`, and the parents of creates in flight; each holds its whole
+    /// parent chain.
+    pub fn unreachable(&self, now: SystemTime) -> Result<Vec<(u64, String)>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "WITH RECURSIVE
+                 roots(id) AS (
+                     SELECT snapshot_id FROM images
+                     UNION SELECT ls.snapshot_id FROM lease_snapshots ls
+                         JOIN leases l ON l.name = ls.lease
+                         WHERE l.expires_ns IS NULL OR l.expires_ns > ?1
+                     UNION SELECT id FROM snapshots WHERE kind != ?2
+                     UNION SELECT snapshot_id FROM labels WHERE name = 'containerd.io/gc.root'
+                     UNION SELECT parent_id FROM journal WHERE parent_id IS NOT NULL
+                     UNION SELECT snapshot_id FROM journal
+                 ),
+                 live(id) AS (
+                     SELECT id FROM roots
+                     UNION SELECT s.parent_id FROM snapshots s JOIN live ON s.id = live.id
+                         WHERE s.parent_id IS NOT NULL
+                 )
+                 SELECT id, key FROM snapshots
+                 WHERE kind = ?2 AND id NOT IN (SELECT id FROM live)
+                 ORDER BY id DESC",
+            )
+            .map_err(|e| self.e("find unreachable snapshots", e))?;
+        let rows = stmt
+            .query_map(params![to_ns(now), Kind::Committed.to_db()], |r| {
+                Ok((id_of(r.get(0)?), r.get::<_, String>(1)?))
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("find unreachable snapshots", e))?;
+        Ok(rows)
+    }
+
+    /// Whether snapshot `id` carries the `containerd.io/gc.root` label.
+    pub fn is_gc_root(&self, id: u64) -> Result<bool> {
+        self.tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM labels
+                 WHERE snapshot_id = ?1 AND name = 'containerd.io/gc.root')",
+            )
+            .and_then(|mut s| s.query_row([db_id(id)], |r| r.get(0)))
+            .map_err(|e| self.e("check the gc.root label", e))
     }
 
     /// Every id that has a row or a journal entry.

@@ -34,6 +34,10 @@ use crate::snapshotter::Snapshotter;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::LABEL_VOLATILE;
 
+mod tracker;
+
+pub use tracker::{GcReport, LeaseInfo};
+
 /// How a store behaves.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -141,7 +145,7 @@ fn dead_owner(root: &Path, token: &str) -> Option<DeadOwner> {
     }
 }
 
-fn check_key(what: &str, key: &str) -> Result<()> {
+pub(crate) fn check_key(what: &str, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid(format!("{what} \"\""), "must not be empty"));
     }
@@ -244,7 +248,7 @@ impl<B: Backend> Store<B> {
     }
 
     /// Runs `f` with the open database.
-    fn with_meta<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_meta<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
         let mut guard = self.meta()?;
         match guard.as_mut() {
             Some(m) => f(m),
@@ -281,9 +285,17 @@ impl<B: Backend> Store<B> {
             let parent_id = match parent {
                 None => None,
                 Some(p) => {
-                    let row = tx.row_by_key(p)?.ok_or_else(|| Error::NotFound {
+                    let row = match tx.row_by_key(p)? {
+                        Some(row) => Some(row),
+                        // An image name stands for its top snapshot.
+                        None => match tx.image(p)? {
+                            Some(id) => tx.row_by_id(id)?,
+                            None => None,
+                        },
+                    };
+                    let row = row.ok_or_else(|| Error::NotFound {
                         key: p.into(),
-                        hint: format!("parent of {key:?} does not exist"),
+                        hint: format!("parent of {key:?} is neither a snapshot nor an image"),
                     })?;
                     if row.kind != Kind::Committed {
                         return Err(Error::precondition(
@@ -496,7 +508,7 @@ impl<B: Backend> Store<B> {
         Ok(report)
     }
 
-    fn row(&self, key: &str) -> Result<(Row, Vec<u64>)> {
+    pub(crate) fn row(&self, key: &str) -> Result<(Row, Vec<u64>)> {
         check_key("key", key)?;
         self.with_meta(|m| {
             let tx = m.read(key)?;
@@ -636,6 +648,12 @@ impl<B: Backend> Snapshotter for Store<B> {
                         "cannot remove it while a {} of it is in progress",
                         op.as_str()
                     ),
+                ));
+            }
+            if let Some(holder) = tx.holder(row.id, SystemTime::now())? {
+                return Err(Error::precondition(
+                    key,
+                    format!("cannot remove it: {holder} holds it; untag the image or remove the lease first"),
                 ));
             }
             tx.delete(row.id)?;

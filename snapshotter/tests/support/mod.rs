@@ -1,6 +1,8 @@
 //! Shared helpers of the mount tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod sim;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

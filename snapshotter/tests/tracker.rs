@@ -1,0 +1,221 @@
+//! The tracker's rules over a simulated backend: images, leases, gc roots, remove refusals.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use strata::{ErrorKind, Labels, Snapshotter};
+
+mod support;
+
+use support::sim::open;
+
+/// A chain `<p>0 <- <p>1 <- ... <- <p>(n-1)` of committed snapshots.
+fn chain(s: &dyn Snapshotter, p: &str, n: usize) {
+    let mut parent: Option<String> = None;
+    for i in 0..n {
+        let a = format!("{p}-active-{i}");
+        s.prepare(&a, parent.as_deref(), Labels::new()).unwrap();
+        s.commit(&format!("{p}{i}"), &a, Labels::new()).unwrap();
+        parent = Some(format!("{p}{i}"));
+    }
+}
+
+fn names(s: &dyn Snapshotter) -> Vec<String> {
+    s.list(&[]).unwrap().into_iter().map(|i| i.name).collect()
+}
+
+#[test]
+fn gc_keeps_what_an_image_holds_and_collects_the_rest_children_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, sim) = open(tmp.path());
+    chain(&s, "a", 3);
+    chain(&s, "b", 3);
+    s.tag("app:1", "a2").unwrap();
+    let dry = s.gc(true).unwrap();
+    assert_eq!(
+        dry.removed,
+        vec!["b2", "b1", "b0"],
+        "children before parents"
+    );
+    assert_eq!(names(&s).len(), 6, "dry run changes nothing");
+    let r = s.gc(false).unwrap();
+    assert_eq!(r.removed, vec!["b2", "b1", "b0"]);
+    assert_eq!(r.reclaimed, 3);
+    assert_eq!(names(&s), vec!["a0", "a1", "a2"]);
+    assert_eq!(strata::Backend::ids(&sim).unwrap().len(), 3);
+
+    // An image name works where a committed snapshot is expected.
+    s.prepare("on-image", Some("app:1"), Labels::new()).unwrap();
+    assert_eq!(s.stat("on-image").unwrap().parent.as_deref(), Some("a2"));
+    s.remove("on-image").unwrap();
+    s.untag("app:1").unwrap();
+    assert_eq!(s.gc(false).unwrap().removed, vec!["a2", "a1", "a0"]);
+    assert!(names(&s).is_empty());
+}
+
+#[test]
+fn every_root_kind_holds_its_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    chain(&s, "act", 2);
+    s.prepare("active", Some("act1"), Labels::new()).unwrap();
+    chain(&s, "view", 2);
+    s.view("v", Some("view1"), Labels::new()).unwrap();
+    chain(&s, "label", 2);
+    let mut info = s.stat("label1").unwrap();
+    info.labels
+        .insert("containerd.io/gc.root".into(), "x".into());
+    s.update(&info, &["labels.containerd.io/gc.root"]).unwrap();
+    chain(&s, "lease", 2);
+    s.lease_create("build", None).unwrap();
+    s.lease_add("build", &["lease1"]).unwrap();
+    chain(&s, "gone", 2);
+    let r = s.gc(false).unwrap();
+    assert_eq!(r.removed, vec!["gone1", "gone0"]);
+    for kept in [
+        "act0", "act1", "view0", "view1", "label0", "label1", "lease0", "lease1",
+    ] {
+        s.stat(kept).unwrap();
+    }
+    s.lease_remove("build").unwrap();
+    assert_eq!(s.gc(false).unwrap().removed, vec!["lease1", "lease0"]);
+}
+
+#[test]
+fn expired_leases_hold_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    chain(&s, "x", 2);
+    s.lease_create("short", Some(Duration::from_millis(1)))
+        .unwrap();
+    s.lease_add("short", &["x1"]).unwrap();
+    s.lease_create("long", Some(Duration::from_secs(3600)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    // An expired lease no longer protects from remove either.
+    s.remove("x1").unwrap();
+    chain(&s, "y", 1);
+    s.lease_add("short", &["y0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let r = s.gc(false).unwrap();
+    assert_eq!(r.expired_leases, vec!["short"]);
+    assert_eq!(r.removed, vec!["y0", "x0"]);
+    let leases = s.leases().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].name, "long");
+}
+
+#[test]
+fn remove_refuses_what_an_image_or_lease_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    chain(&s, "c", 2);
+    s.tag("img", "c1").unwrap();
+    let e = s.remove("c1").unwrap_err();
+    assert_eq!(
+        (e.kind(), e.key()),
+        (ErrorKind::FailedPrecondition, Some("c1"))
+    );
+    assert!(e.to_string().contains("image \"img\""), "{e}");
+    s.untag("img").unwrap();
+    s.lease_create("l", None).unwrap();
+    s.lease_add("l", &["c1"]).unwrap();
+    let e = s.remove("c1").unwrap_err();
+    assert!(e.to_string().contains("lease \"l\""), "{e}");
+    s.lease_remove("l").unwrap();
+    s.remove("c1").unwrap();
+}
+
+#[test]
+fn tracker_errors_name_what_they_are_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    s.prepare("act", None, Labels::new()).unwrap();
+    let e = s.tag("img", "act").unwrap_err();
+    assert_eq!(
+        (e.kind(), e.key()),
+        (ErrorKind::FailedPrecondition, Some("act"))
+    );
+    let e = s.tag("img", "nope").unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("nope")));
+    assert_eq!(s.untag("img").unwrap_err().kind(), ErrorKind::NotFound);
+    s.lease_create("l", None).unwrap();
+    assert_eq!(
+        s.lease_create("l", None).unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
+    let e = s.lease_add("l", &["nope"]).unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("nope")));
+    let e = s.lease_add("missing", &["act"]).unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("missing")));
+    assert_eq!(
+        s.lease_remove("missing").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    let e = s
+        .prepare("child", Some("no-such-image"), Labels::new())
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("neither a snapshot nor an image"),
+        "{e}"
+    );
+}
+
+#[test]
+fn gc_beside_builders_in_other_threads_never_breaks_a_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    let s = std::sync::Arc::new(s);
+    let builders: Vec<_> = (0..3)
+        .map(|t| {
+            let s = std::sync::Arc::clone(&s);
+            std::thread::spawn(move || {
+                for round in 0..10 {
+                    let p = format!("t{t}r{round}-");
+                    // A builder holds a lease for the duration of a build: between the commit
+                    // of one layer and the prepare of the next, nothing else holds it.
+                    let lease = format!("build-{p}");
+                    s.lease_create(&lease, None).unwrap();
+                    let mut parent: Option<String> = None;
+                    for i in 0..4 {
+                        let a = format!("{p}a{i}");
+                        s.prepare(&a, parent.as_deref(), Labels::new()).unwrap();
+                        // Leased while active: the commit keeps the snapshot (and the lease
+                        // entry), so there is no moment when the new layer is unheld.
+                        s.lease_add(&lease, &[&a]).unwrap();
+                        s.commit(&format!("{p}{i}"), &a, Labels::new()).unwrap();
+                        parent = Some(format!("{p}{i}"));
+                    }
+                    s.tag(&format!("t{t}"), parent.as_deref().unwrap()).unwrap();
+                    s.lease_remove(&lease).unwrap();
+                }
+            })
+        })
+        .collect();
+    let gc = {
+        let s = std::sync::Arc::clone(&s);
+        std::thread::spawn(move || {
+            for _ in 0..30 {
+                let r = s.gc(false).unwrap();
+                assert!(r.failed.is_empty(), "{:?}", r.failed);
+            }
+        })
+    };
+    for b in builders {
+        b.join().unwrap();
+    }
+    gc.join().unwrap();
+    s.gc(false).unwrap();
+    // Only the three tagged chains survive, complete.
+    for t in 0..3 {
+        let mut name = s.images().unwrap()[t].1.clone();
+        let mut depth = 1;
+        while let Some(p) = s.stat(&name).unwrap().parent {
+            name = p;
+            depth += 1;
+        }
+        assert_eq!(depth, 4);
+    }
+    assert_eq!(s.list(&[]).unwrap().len(), 12);
+}
