@@ -147,8 +147,60 @@ enum Command {
     },
     /// Reclaim the storage of removed snapshots and interrupted operations
     Cleanup,
+    /// Name a committed snapshot as an image (the image holds its whole chain)
+    Tag {
+        /// Image name
+        image: String,
+        /// Committed snapshot (or another image)
+        snapshot: String,
+    },
+    /// Delete an image name (its layers stay until gc)
+    Untag {
+        /// Image name
+        image: String,
+    },
+    /// List images
+    Images,
+    /// Manage leases: named holders a builder takes for the duration of a build
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+    /// Remove committed snapshots no image, lease, active/view snapshot or gc.root label holds
+    Gc {
+        /// Only list what would be removed
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Measure layer-creation throughput
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaseCommand {
+    /// Create a lease
+    Create {
+        /// Lease name
+        name: String,
+        /// Expire after this long (e.g. 30m, 2h); never when absent
+        #[arg(long, value_parser = parse_duration)]
+        expire: Option<Duration>,
+    },
+    /// Add snapshots (keys, names or images) to a lease
+    Add {
+        /// Lease name
+        name: String,
+        /// Snapshots to hold
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// List leases
+    Ls,
+    /// Remove a lease
+    Rm {
+        /// Lease name
+        name: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -201,6 +253,13 @@ impl AnyStore {
         match self {
             AnyStore::Native(s) => s.cleanup_report(),
             AnyStore::Overlay(s) => s.cleanup_report(),
+        }
+    }
+
+    fn tracker(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
+        match self {
+            AnyStore::Native(s) => tracker(s, cmd, out),
+            AnyStore::Overlay(s) => tracker(s, cmd, out),
         }
     }
 }
@@ -267,6 +326,50 @@ pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failu
         ))
         .into()),
     }
+}
+
+/// The tracker's subcommands (images, leases, gc).
+fn tracker<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
+    match cmd {
+        Command::Tag { image, snapshot } => {
+            s.tag(image, snapshot)?;
+            out.done(&format!("tagged {snapshot} as {image}"));
+        }
+        Command::Untag { image } => {
+            s.untag(image)?;
+            out.done(&format!("untagged {image}"));
+        }
+        Command::Images => out.images(&s.images()?),
+        Command::Lease { command } => match command {
+            LeaseCommand::Create { name, expire } => {
+                s.lease_create(name, *expire)?;
+                out.done(&format!("created lease {name}"));
+            }
+            LeaseCommand::Add { name, keys } => {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                s.lease_add(name, &keys)?;
+                out.done(&format!("lease {name} holds {}", keys.join(" ")));
+            }
+            LeaseCommand::Ls => out.leases(&s.leases()?),
+            LeaseCommand::Rm { name } => {
+                s.lease_remove(name)?;
+                out.done(&format!("removed lease {name}"));
+            }
+        },
+        Command::Gc { dry_run } => {
+            let report = s.gc(*dry_run)?;
+            out.gc(&report, *dry_run);
+            if let Some((what, e)) = report.failed.first() {
+                return Err(CliError(format!(
+                    "gc could not remove {} item(s), first {what}: {e}; the next gc retries",
+                    report.failed.len()
+                ))
+                .into());
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
@@ -345,6 +448,11 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
                 .into());
             }
         }
+        cmd @ (Command::Tag { .. }
+        | Command::Untag { .. }
+        | Command::Images
+        | Command::Lease { .. }
+        | Command::Gc { .. }) => store.tracker(&cmd, out)?,
         Command::Umount { .. } | Command::Bench(_) => {}
     }
     s.close()?;

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use strata::store::CleanupReport;
-use strata::{Info, Mount, Usage};
+use strata::{GcReport, Info, LeaseInfo, Mount, Usage};
 
 use crate::{label_map, Failure};
 
@@ -108,6 +108,80 @@ impl Output {
                 "reclaimed {} snapshot(s), reconciled {} interrupted operation(s), {} failure(s)",
                 r.reclaimed.len(),
                 r.reconciled,
+                r.failed.len()
+            );
+        }
+    }
+
+    /// Images and their snapshots.
+    pub(crate) fn images(&self, images: &[(String, String)]) {
+        if self.json {
+            self.print_json(&Value::Array(
+                images
+                    .iter()
+                    .map(|(i, s)| json!({"image": i, "snapshot": s}))
+                    .collect(),
+            ));
+            return;
+        }
+        let w = images
+            .iter()
+            .map(|(i, _)| i.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        println!("{:<w$}  SNAPSHOT", "IMAGE");
+        for (i, s) in images {
+            println!("{i:<w$}  {s}");
+        }
+    }
+
+    /// Leases.
+    pub(crate) fn leases(&self, leases: &[LeaseInfo]) {
+        if self.json {
+            self.print_json(&Value::Array(
+                leases
+                    .iter()
+                    .map(|l| {
+                        json!({
+                            "name": l.name,
+                            "expires": l.expires.map(time),
+                            "snapshots": l.snapshots,
+                        })
+                    })
+                    .collect(),
+            ));
+            return;
+        }
+        for l in leases {
+            let exp = l.expires.map(time).unwrap_or_else(|| "never".into());
+            println!("{}  expires {exp}  holds {}", l.name, l.snapshots.join(" "));
+        }
+    }
+
+    /// What gc did.
+    pub(crate) fn gc(&self, r: &GcReport, dry_run: bool) {
+        if self.json {
+            self.print_json(&json!({
+                "dry_run": dry_run,
+                "removed": r.removed,
+                "kept": r.kept,
+                "expired_leases": r.expired_leases,
+                "reclaimed": r.reclaimed,
+                "failed": r.failed.iter().map(|(k, e)| json!({"key": k, "error": e})).collect::<Vec<_>>(),
+            }));
+            return;
+        }
+        let verb = if dry_run { "would remove" } else { "removed" };
+        println!("{verb} {} snapshot(s)", r.removed.len());
+        for k in &r.removed {
+            println!("  {k}");
+        }
+        if !dry_run {
+            println!(
+                "expired {} lease(s), reclaimed the storage of {} snapshot(s), {} failure(s)",
+                r.expired_leases.len(),
+                r.reclaimed,
                 r.failed.len()
             );
         }
