@@ -166,6 +166,13 @@ enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Check the store: interrupted operations, orphaned storage, broken snapshots, stale
+    /// export guards, leaked mounts. Exit status 1 when anything is wrong
+    Fsck {
+        /// Fix what can be fixed without losing committed data, and say what was done
+        #[arg(long)]
+        repair: bool,
+    },
     /// Remove committed snapshots no image, lease, active/view snapshot or gc.root label holds
     Gc {
         /// Only list what would be removed
@@ -256,6 +263,13 @@ impl AnyStore {
         }
     }
 
+    fn fsck(&self, repair: bool) -> strata::Result<strata::FsckReport> {
+        match self {
+            AnyStore::Native(s) => s.fsck(repair),
+            AnyStore::Overlay(s) => s.fsck(repair),
+        }
+    }
+
     fn tracker(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
         match self {
             AnyStore::Native(s) => tracker(s, cmd, out),
@@ -275,6 +289,9 @@ pub(crate) enum Failure {
     Store(Error),
     /// The command line or the environment said no.
     Cli(CliError),
+    /// The command printed its own verdict (fsck); exit 1 without another message in
+    /// `--json` mode, with this line otherwise.
+    Reported(String),
 }
 
 impl From<Error> for Failure {
@@ -291,6 +308,11 @@ impl From<CliError> for Failure {
 
 /// Opens the store at `root` with the backend `--backend` names, or the recorded one.
 pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failure> {
+    open_store_with(root, global, true)
+}
+
+/// [`open_store`], choosing whether opening repairs what dead processes left behind.
+fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnyStore, Failure> {
     let recorded = Store::<NativeBackend>::recorded_backend(root)?;
     let name = match (&global.backend, &recorded) {
         (Some(asked), Some(rec)) if asked != rec => {
@@ -308,6 +330,7 @@ pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failu
         lock_timeout: global.lock_timeout,
         durable: !global.no_sync,
         sync_remove: global.sync_remove,
+        recover,
     };
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
     match name.as_str() {
@@ -387,7 +410,8 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         }
         _ => {}
     }
-    let store = open_store(&root, &cli.global)?;
+    let recover = !matches!(cli.command, Command::Fsck { .. });
+    let store = open_store_with(&root, &cli.global, recover)?;
     let s = store.snapshotter();
     match cli.command {
         Command::Prepare {
@@ -447,6 +471,25 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
                 ))
                 .into());
             }
+        }
+        Command::Fsck { repair } => {
+            let report = store.fsck(repair)?;
+            out.fsck(&report, repair);
+            let wrong = if repair {
+                !report.failed.is_empty() || !report.broken.is_empty()
+            } else {
+                !report.is_clean()
+            };
+            s.close()?;
+            if wrong {
+                return Err(Failure::Reported(if repair {
+                    "fsck: problems remain (broken snapshots can only be removed and recreated)"
+                        .into()
+                } else {
+                    "fsck: the store has problems; `strata fsck --repair` fixes what it can".into()
+                }));
+            }
+            return Ok(());
         }
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }

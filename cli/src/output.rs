@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use strata::store::CleanupReport;
-use strata::{GcReport, Info, LeaseInfo, Mount, Usage};
+use strata::{FsckReport, GcReport, Info, LeaseInfo, Mount, Usage};
 
 use crate::{label_map, Failure};
 
@@ -187,6 +187,45 @@ impl Output {
         }
     }
 
+    /// What fsck found and did.
+    pub(crate) fn fsck(&self, r: &FsckReport, repair: bool) {
+        if self.json {
+            self.print_json(&json!({
+                "clean": r.is_clean(),
+                "orphans": r.orphans,
+                "broken": r.broken.iter().map(|(k, why)| json!({"name": k, "reason": why})).collect::<Vec<_>>(),
+                "interrupted": r.interrupted,
+                "stale_guards": r.stale_guards,
+                "leaked_mounts": r.leaked_mounts,
+                "repaired": r.repaired,
+                "failed": r.failed,
+            }));
+            return;
+        }
+        println!("orphaned storage: {}", r.orphans.len());
+        println!("broken snapshots: {}", r.broken.len());
+        for (k, why) in &r.broken {
+            println!("  {k}: {why}");
+        }
+        println!("interrupted operations: {}", r.interrupted.len());
+        for i in &r.interrupted {
+            println!("  {i}");
+        }
+        println!("stale export guards: {}", r.stale_guards.len());
+        println!("leaked mounts: {}", r.leaked_mounts.len());
+        for m in &r.leaked_mounts {
+            println!("  {}", m.display());
+        }
+        if repair {
+            for line in &r.repaired {
+                println!("repaired: {line}");
+            }
+            for line in &r.failed {
+                println!("failed: {line}");
+            }
+        }
+    }
+
     /// A plain confirmation.
     pub(crate) fn done(&self, msg: &str) {
         if self.json {
@@ -210,6 +249,8 @@ impl Output {
                 e.to_string(),
             ),
             Failure::Cli(e) => ("invalid-argument", None, e.0.clone()),
+            Failure::Reported(_) if self.json => return,
+            Failure::Reported(msg) => ("reported", None, msg.clone()),
         };
         if self.json {
             self.print_json(&json!({"error": {"kind": kind, "key": key, "message": message}}));

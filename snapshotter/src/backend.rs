@@ -100,6 +100,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Every id that has storage (fully created, renamed into place), in any order.
     fn ids(&self) -> Result<Vec<u64>, Self::Error>;
 
+    /// Whether the storage of `id` is there and usable. Asked of the backend, never taken
+    /// from the metadata, before a layer is exported. The default looks in [`Backend::ids`].
+    fn exists(&self, id: u64) -> Result<bool, Self::Error> {
+        Ok(self.ids()?.contains(&id))
+    }
+
+    /// A directory holding the layer's own content, for readers that do not mount (the
+    /// overlay upper directory; the native backend's full tree). `None` when the backend
+    /// has no such directory.
+    fn layer_path(&self, id: u64) -> Option<std::path::PathBuf> {
+        let _ = id;
+        None
+    }
+
     /// Rolls back (or forward) an operation whose process died between the journal entry and
     /// its metadata transaction. `recorded` says whether the metadata shows the operation's
     /// result (for `Create`: a row exists for `id`; for `Commit`: the row is Committed).

@@ -829,6 +829,33 @@ impl Tx<'_> {
         Ok(rows)
     }
 
+    /// Names of the leases whose name starts with `prefix`.
+    pub fn leases_with_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT name FROM leases WHERE substr(name, 1, ?2) = ?1 ORDER BY name")
+            .map_err(|e| self.e("list leases", e))?;
+        let len = i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX);
+        let names = stmt
+            .query_map(params![prefix, len], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("list leases", e))?;
+        Ok(names)
+    }
+
+    /// Every snapshot as (id, key, broken reason).
+    pub fn all_rows(&self) -> Result<Vec<(u64, String, Option<String>)>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT id, key, broken FROM snapshots ORDER BY id")
+            .map_err(|e| self.e("list snapshots", e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((id_of(r.get(0)?), r.get(1)?, r.get(2)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("list snapshots", e))?;
+        Ok(rows)
+    }
+
     /// Whether snapshot `id` carries the `containerd.io/gc.root` label.
     pub fn is_gc_root(&self, id: u64) -> Result<bool> {
         self.tx

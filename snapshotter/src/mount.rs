@@ -441,11 +441,10 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The topmost mount on `target`, if any.
-pub fn mount_info(target: &Path) -> io::Result<Option<MountInfo>> {
-    let target = fs::canonicalize(target)?;
+/// Every mount of this process's mount namespace, in mount order.
+pub fn list_mounts() -> io::Result<Vec<MountInfo>> {
     let text = fs::read_to_string("/proc/self/mountinfo")?;
-    let mut found = None;
+    let mut out = Vec::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
@@ -454,16 +453,28 @@ pub fn mount_info(target: &Path) -> io::Result<Option<MountInfo>> {
         if fields.len() < sep + 4 || fields.len() < 5 {
             continue;
         }
-        if Path::new(&unescape(fields[4])) != target {
-            continue;
-        }
-        found = Some(MountInfo {
-            target: target.clone(),
+        out.push(MountInfo {
+            target: PathBuf::from(unescape(fields[4])),
             fs_type: fields[sep + 1].to_string(),
             super_options: fields[sep + 3].split(',').map(unescape).collect(),
         });
     }
-    Ok(found)
+    Ok(out)
+}
+
+/// The topmost mount on `target`, if any.
+pub fn mount_info(target: &Path) -> io::Result<Option<MountInfo>> {
+    let target = fs::canonicalize(target)?;
+    Ok(list_mounts()?.into_iter().rfind(|m| m.target == target))
+}
+
+/// The process id in the name of a [`TempMount`] directory (`strata-mount-<pid>-<n>`).
+pub fn temp_mount_pid(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    let rest = name.strip_prefix("strata-mount-")?;
+    let (pid, n) = rest.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
 }
 
 /// Unmounts `target`.

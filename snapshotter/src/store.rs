@@ -34,9 +34,12 @@ use crate::snapshotter::Snapshotter;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::LABEL_VOLATILE;
 
+mod recovery;
 mod tracker;
 
-pub use tracker::{GcReport, LeaseInfo};
+pub use recovery::FsckReport;
+
+pub use tracker::{ExportGuard, GcReport, GuardedLayer, LeaseInfo};
 
 /// How a store behaves.
 #[derive(Debug, Clone)]
@@ -50,6 +53,9 @@ pub struct StoreOptions {
     /// Delete storage in `remove` itself instead of leaving it to `cleanup`. Default: off
     /// (removal is a metadata operation, like containerd's).
     pub sync_remove: bool,
+    /// Repair what dead processes and lost storage left behind when opening (see
+    /// [`Store::fsck`]). Default: on; `fsck` turns it off to look before it repairs.
+    pub recover: bool,
 }
 
 impl Default for StoreOptions {
@@ -58,6 +64,7 @@ impl Default for StoreOptions {
             lock_timeout: Duration::from_secs(10),
             durable: true,
             sync_remove: false,
+            recover: true,
         }
     }
 }
@@ -84,7 +91,7 @@ pub struct Store<B: Backend> {
 
 /// This store's identity in the journal, and the lock that proves it is alive.
 struct Owner {
-    token: String,
+    pub(crate) token: String,
     lock_path: PathBuf,
     _lock: fs::File,
 }
@@ -125,13 +132,13 @@ impl Owner {
 }
 
 /// Holds the lock of a dead owner while its journal entries are reconciled.
-struct DeadOwner {
+pub(crate) struct DeadOwner {
     path: PathBuf,
     _lock: Option<fs::File>,
 }
 
 /// Returns a handle when `token`'s process is gone (its lock file is missing or unlocked).
-fn dead_owner(root: &Path, token: &str) -> Option<DeadOwner> {
+pub(crate) fn dead_owner(root: &Path, token: &str) -> Option<DeadOwner> {
     let path = root.join(OWNERS_DIR).join(format!("{token}.lock"));
     match fs::OpenOptions::new().write(true).open(&path) {
         Err(_) => Some(DeadOwner { path, _lock: None }),
@@ -206,7 +213,16 @@ impl<B: Backend> Store<B> {
             meta: Mutex::new(Some(meta)),
             opts,
         };
-        store.reconcile()?;
+        if store.opts.recover {
+            let report = store.fsck(true)?;
+            for line in &report.repaired {
+                tracing::info!(root = %root.display(), "recovery: {line}");
+            }
+            for line in &report.failed {
+                tracing::warn!(root = %root.display(), "recovery: {line}");
+            }
+            store.remove_dead_owner_files();
+        }
         Ok(store)
     }
 
@@ -243,7 +259,7 @@ impl<B: Backend> Store<B> {
         Ok(guard)
     }
 
-    fn backend_err<E: BackendError>(&self, key: &str, op: &'static str, e: E) -> Error {
+    pub(crate) fn backend_err<E: BackendError>(&self, key: &str, op: &'static str, e: E) -> Error {
         Error::backend(key, op, self.backend.name(), e)
     }
 
@@ -383,7 +399,7 @@ impl<B: Backend> Store<B> {
 
     /// Rolls back or forward the journal entries of dead processes (and, with `own`, this
     /// store's own leftovers). Returns how many entries were reconciled.
-    fn reconcile_journal(&self, own: bool) -> Result<usize> {
+    pub(crate) fn reconcile_journal(&self, own: bool) -> Result<usize> {
         let entries = self.with_meta(|m| m.read("")?.journal())?;
         let mut done = 0;
         let mut owners: Vec<(String, Option<DeadOwner>)> = Vec::new();
@@ -432,8 +448,9 @@ impl<B: Backend> Store<B> {
         Ok(done)
     }
 
-    fn reconcile(&self) -> Result<()> {
-        self.reconcile_journal(false)?;
+    /// Removes the lock files of owners that are gone (their journal entries and guards
+    /// have been dealt with by then).
+    fn remove_dead_owner_files(&self) {
         // Owner lock files of processes that died with no journal entries.
         let dir = self.root.join(OWNERS_DIR);
         if let Ok(entries) = fs::read_dir(&dir) {
@@ -477,7 +494,6 @@ impl<B: Backend> Store<B> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Like [`Snapshotter::cleanup`], returning what was done. Never stops at the first
@@ -518,15 +534,23 @@ impl<B: Backend> Store<B> {
         })
     }
 
-    /// Marks `key` broken in the metadata (best effort) and returns the error to report.
+    /// Records that snapshot `id` is broken (best effort: logged when it fails).
+    pub(crate) fn mark_broken(&self, id: u64, key: &str, reason: &str) {
+        let r = self.with_meta(|m| {
+            let tx = m.write(key)?;
+            tx.mark_broken(id, reason)?;
+            tx.commit()
+        });
+        if let Err(e) = r {
+            tracing::warn!(key, error = %e, "could not record that the snapshot is broken");
+        }
+    }
+
+    /// Marks `key` broken in the metadata (best effort) when `err` says its data was lost,
+    /// and returns the error to report.
     fn broken(&self, key: &str, id: u64, err: Error) -> Error {
         if err.kind() == crate::ErrorKind::DataLoss {
-            let reason = err.to_string();
-            let _ = self.with_meta(|m| {
-                let tx = m.write(key)?;
-                tx.mark_broken(id, &reason)?;
-                tx.commit()
-            });
+            self.mark_broken(id, key, &err.to_string());
         }
         err
     }

@@ -350,6 +350,19 @@ impl Backend for OverlayBackend {
         fsutil::disk_usage(&fs_dir).map_err(io_err(&fs_dir, "measure the layer"))
     }
 
+    fn exists(&self, id: u64) -> Result<bool, OverlayError> {
+        let fs_dir = self.fs_path(id);
+        match std::fs::symlink_metadata(&fs_dir) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(&fs_dir, "look for the snapshot")(e)),
+        }
+    }
+
+    fn layer_path(&self, id: u64) -> Option<PathBuf> {
+        Some(self.fs_path(id))
+    }
+
     fn ids(&self) -> Result<Vec<u64>, OverlayError> {
         fsutil::list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
     }

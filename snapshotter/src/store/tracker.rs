@@ -197,3 +197,162 @@ impl<B: Backend> Store<B> {
         Ok(report)
     }
 }
+
+/// Lease names of export guards start with this, then the owner's token and a counter, so
+/// that the guards of a dead process can be found and dropped.
+pub(crate) const GUARD_PREFIX: &str = "strata.io/guard/";
+
+/// One layer pinned by an [`ExportGuard`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardedLayer {
+    /// The image that needs it.
+    pub image: String,
+    /// The layer's snapshot name.
+    pub name: String,
+    /// Its position in the image, 0 = the bottom layer.
+    pub index: usize,
+    /// The backend's directory of the layer's own content, when it has one.
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// Every layer of some images, pinned: while it lives, gc and remove cannot delete any of
+/// them. Dropping it (or [`ExportGuard::release`]) lets them go.
+pub struct ExportGuard<'a, B: Backend> {
+    store: &'a Store<B>,
+    lease: String,
+    layers: Vec<GuardedLayer>,
+    released: bool,
+}
+
+impl<B: Backend> std::fmt::Debug for ExportGuard<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportGuard")
+            .field("lease", &self.lease)
+            .field("layers", &self.layers)
+            .finish()
+    }
+}
+
+impl<B: Backend> ExportGuard<'_, B> {
+    /// The pinned layers, image by image, bottom layer first.
+    pub fn layers(&self) -> &[GuardedLayer] {
+        &self.layers
+    }
+
+    /// The lease that holds the layers.
+    pub fn lease(&self) -> &str {
+        &self.lease
+    }
+
+    /// Releases the layers now, reporting a failure (drop only logs it).
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.store.lease_remove(&self.lease)
+    }
+}
+
+impl<B: Backend> Drop for ExportGuard<'_, B> {
+    fn drop(&mut self) {
+        if !self.released {
+            if let Err(e) = self.store.lease_remove(&self.lease) {
+                tracing::warn!(lease = %self.lease, error = %e, "releasing an export guard failed; the next open or cleanup drops it");
+            }
+        }
+    }
+}
+
+impl<B: Backend> Store<B> {
+    /// Pins every layer of every image in `images` (image names, or names of Committed
+    /// snapshots) and checks that each exists, is Committed, is not broken, and that the
+    /// backend still has its storage. On success nothing can delete those layers until the
+    /// guard is dropped. On failure nothing stays pinned and the error names the image, the
+    /// layer and why — before the caller has written a byte.
+    pub fn guard(&self, images: &[&str]) -> Result<ExportGuard<'_, B>> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let lease = format!(
+            "{GUARD_PREFIX}{}/{}",
+            self.owner.token,
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut pinned: Vec<(GuardedLayer, u64)> = Vec::new();
+        self.with_meta(|m| {
+            let tx = m.write("")?;
+            tx.create_lease(&lease, None)?;
+            for image in images {
+                check_key("image", image)?;
+                let top = match tx.image(image)? {
+                    Some(id) => id,
+                    None => match tx.row_by_key(image)? {
+                        Some(row) => row.id,
+                        None => {
+                            return Err(Error::NotFound {
+                                key: (*image).into(),
+                                hint: "no such image or snapshot to export".into(),
+                            });
+                        }
+                    },
+                };
+                let mut chain = tx.chain(Some(top))?;
+                chain.reverse();
+                for (index, id) in chain.into_iter().enumerate() {
+                    let row = tx.row_by_id(id)?.ok_or_else(|| Error::Broken {
+                        key: format!("id {id}"),
+                        reason: format!("layer {index} of {image:?} has no metadata"),
+                    })?;
+                    if row.kind != Kind::Committed {
+                        return Err(Error::precondition(
+                            &row.key,
+                            format!("layer {index} of {image:?} is {}, not committed", row.kind),
+                        ));
+                    }
+                    if let Some(reason) = row.broken {
+                        return Err(Error::Broken {
+                            key: row.key,
+                            reason: format!("layer {index} of {image:?}: {reason}"),
+                        });
+                    }
+                    tx.lease_add(&lease, id)?;
+                    pinned.push((
+                        GuardedLayer {
+                            image: (*image).to_string(),
+                            name: row.key,
+                            index,
+                            path: None,
+                        },
+                        id,
+                    ));
+                }
+            }
+            tx.commit()
+        })?;
+        let mut guard = ExportGuard {
+            store: self,
+            lease,
+            layers: Vec::with_capacity(pinned.len()),
+            released: false,
+        };
+        // Ask the backend, not the rows: storage can be lost behind the metadata's back.
+        for (mut layer, id) in pinned {
+            let present = self
+                .backend
+                .exists(id)
+                .map_err(|e| self.backend_err(&layer.name, "check the storage", e))?;
+            if !present {
+                let reason = format!(
+                    "its storage is missing from the {} backend (layer {} of {:?})",
+                    self.backend.name(),
+                    layer.index,
+                    layer.image
+                );
+                self.mark_broken(id, &layer.name, &reason);
+                return Err(Error::Broken {
+                    key: layer.name,
+                    reason,
+                });
+            }
+            layer.path = self.backend.layer_path(id);
+            guard.layers.push(layer);
+        }
+        Ok(guard)
+    }
+}

@@ -1,0 +1,194 @@
+//! Recovery and `fsck`: what a crash, a reboot or a lost disk can leave behind, found and
+//! (where it loses no committed data) repaired.
+//!
+//! * journal entries of dead processes — rolled back or forward;
+//! * storage without a row (and no operation in flight) — reclaimed;
+//! * rows whose storage is missing — marked broken: never exported, reported, removable;
+//! * export guards (leases) of dead processes — dropped;
+//! * mounts leaked by dead processes ([`crate::mount::TempMount`] directories) — unmounted.
+//!
+//! A store runs the repair when it opens (unless [`crate::StoreOptions::recover`] is off);
+//! [`Store::fsck`] inspects without changing anything, or repairs and says what it did.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use super::tracker::GUARD_PREFIX;
+use super::{dead_owner, Store};
+use crate::backend::Backend;
+use crate::error::Result;
+
+/// What [`Store::fsck`] found, and with `repair`, what it did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FsckReport {
+    /// Ids with storage but no row and no operation in flight.
+    pub orphans: Vec<u64>,
+    /// Snapshots whose storage is missing or that were marked broken, with the reason.
+    pub broken: Vec<(String, String)>,
+    /// Interrupted operations of dead processes, as `op key`.
+    pub interrupted: Vec<String>,
+    /// Export guards whose process is gone.
+    pub stale_guards: Vec<String>,
+    /// Mounts left by dead processes.
+    pub leaked_mounts: Vec<PathBuf>,
+    /// What the repair did, one line each.
+    pub repaired: Vec<String>,
+    /// What the repair could not do, one line each.
+    pub failed: Vec<String>,
+}
+
+impl FsckReport {
+    /// True when nothing is wrong (broken snapshots count as wrong until removed).
+    pub fn is_clean(&self) -> bool {
+        self.orphans.is_empty()
+            && self.broken.is_empty()
+            && self.interrupted.is_empty()
+            && self.stale_guards.is_empty()
+            && self.leaked_mounts.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+impl<B: Backend> Store<B> {
+    /// Checks the store: journal, storage against rows, guards, mounts. With `repair`, fixes
+    /// what can be fixed without losing committed data (see the module docs) and lists it in
+    /// [`FsckReport::repaired`]; without, changes nothing.
+    pub fn fsck(&self, repair: bool) -> Result<FsckReport> {
+        let mut r = FsckReport::default();
+
+        // Interrupted operations of dead processes.
+        let entries = self.with_meta(|m| m.read("")?.journal())?;
+        for e in &entries {
+            if e.owner != self.owner.token && dead_owner(&self.root, &e.owner).is_some() {
+                r.interrupted.push(format!("{} {}", e.op.as_str(), e.key));
+            }
+        }
+        if repair && !r.interrupted.is_empty() {
+            let n = self.reconcile_journal(false)?;
+            r.repaired.push(format!(
+                "rolled back or forward {n} interrupted operation(s)"
+            ));
+        }
+
+        // Export guards of dead processes.
+        let guards = self.with_meta(|m| m.read("")?.leases_with_prefix(GUARD_PREFIX))?;
+        for lease in guards {
+            let token = lease[GUARD_PREFIX.len()..]
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if token != self.owner.token && dead_owner(&self.root, &token).is_some() {
+                if repair {
+                    match self.lease_remove(&lease) {
+                        Ok(()) => r
+                            .repaired
+                            .push(format!("dropped stale export guard {lease}")),
+                        Err(e) => r.failed.push(format!("export guard {lease}: {e}")),
+                    }
+                }
+                r.stale_guards.push(lease);
+            }
+        }
+
+        // Storage against rows: list storage first, then metadata (see cleanup_report).
+        let ids: HashSet<u64> = self
+            .backend
+            .ids()
+            .map_err(|e| self.backend_err("", "list storage", e))?
+            .into_iter()
+            .collect();
+        let (rows, known) = self.with_meta(|m| {
+            let tx = m.read("")?;
+            Ok((tx.all_rows()?, tx.known_ids()?))
+        })?;
+        r.orphans = ids
+            .iter()
+            .copied()
+            .filter(|id| !known.contains(id))
+            .collect();
+        r.orphans.sort_unstable();
+        if repair && !r.orphans.is_empty() {
+            let report = self.cleanup_report()?;
+            if !report.reclaimed.is_empty() {
+                r.repaired.push(format!(
+                    "reclaimed the storage of {} orphaned snapshot(s)",
+                    report.reclaimed.len()
+                ));
+            }
+            r.failed.extend(
+                report
+                    .failed
+                    .into_iter()
+                    .map(|(id, e)| format!("storage of id {id}: {e}")),
+            );
+        }
+        for (id, key, broken) in rows {
+            match broken {
+                Some(reason) => r.broken.push((key, reason)),
+                None if !ids.contains(&id) => {
+                    // Rows only appear after their storage, so this storage was lost.
+                    let present = self
+                        .backend
+                        .exists(id)
+                        .map_err(|e| self.backend_err(&key, "check the storage", e))?;
+                    if present {
+                        continue; // created after the listing
+                    }
+                    let reason = format!(
+                        "its storage is missing from the {} backend",
+                        self.backend.name()
+                    );
+                    if repair {
+                        self.mark_broken(id, &key, &reason);
+                        r.repaired.push(format!("marked {key:?} broken: {reason}"));
+                    }
+                    r.broken.push((key, reason));
+                }
+                None => {}
+            }
+        }
+
+        // Mounts leaked by dead processes: TempMount directories and overlay probes.
+        let snapshots = self.root.join("snapshots");
+        let mounts = crate::mount::list_mounts()
+            .map_err(|e| crate::Error::io("/proc/self/mountinfo", "read the mount table", e))?;
+        for m in mounts.iter().rev() {
+            let ours = m
+                .super_options
+                .iter()
+                .any(|o| o.contains(&*snapshots.to_string_lossy()))
+                || m.target.starts_with(&snapshots);
+            let dead = crate::mount::temp_mount_pid(&m.target).is_some_and(|pid| !pid_alive(pid))
+                || (m.target.starts_with(&snapshots)
+                    && m.target.components().any(|c| {
+                        c.as_os_str()
+                            .to_str()
+                            .and_then(|n| n.strip_prefix(".probe-"))
+                            .and_then(|p| p.parse::<u32>().ok())
+                            .is_some_and(|p| !pid_alive(p))
+                    }));
+            if !(dead && (ours || crate::mount::temp_mount_pid(&m.target).is_some())) {
+                continue;
+            }
+            if repair {
+                match rustix::mount::unmount(&m.target, rustix::mount::UnmountFlags::DETACH) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_dir(&m.target);
+                        r.repaired
+                            .push(format!("unmounted leaked mount {}", m.target.display()));
+                    }
+                    Err(e) => r
+                        .failed
+                        .push(format!("unmount {}: {e}", m.target.display())),
+                }
+            }
+            r.leaked_mounts.push(m.target.clone());
+        }
+        Ok(r)
+    }
+}
