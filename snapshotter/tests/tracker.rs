@@ -219,3 +219,137 @@ fn gc_beside_builders_in_other_threads_never_breaks_a_chain() {
     }
     assert_eq!(s.list(&[]).unwrap().len(), 12);
 }
+
+#[test]
+fn a_guard_pins_every_layer_until_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    chain(&s, "a", 3);
+    s.tag("app", "a2").unwrap();
+    chain(&s, "b", 2);
+    let guard = s.guard(&["app", "b1"]).unwrap();
+    let layers: Vec<(&str, &str, usize)> = guard
+        .layers()
+        .iter()
+        .map(|l| (l.image.as_str(), l.name.as_str(), l.index))
+        .collect();
+    assert_eq!(
+        layers,
+        vec![
+            ("app", "a0", 0),
+            ("app", "a1", 1),
+            ("app", "a2", 2),
+            ("b1", "b0", 0),
+            ("b1", "b1", 1)
+        ]
+    );
+    s.untag("app").unwrap();
+    assert!(
+        s.gc(false).unwrap().removed.is_empty(),
+        "gc cannot take guarded layers"
+    );
+    let e = s.remove("b1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(e.to_string().contains("strata.io/guard/"), "{e}");
+    guard.release().unwrap();
+    assert_eq!(
+        s.gc(false).unwrap().removed.len(),
+        5,
+        "released layers are collectable"
+    );
+}
+
+#[test]
+fn a_guard_fails_before_export_when_a_layer_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, sim) = open(tmp.path());
+    chain(&s, "a", 3);
+    s.tag("app", "a2").unwrap();
+    // The storage of the middle layer disappears behind the metadata's back.
+    std::fs::remove_dir_all(sim.dir().join("2")).unwrap();
+    let e = s.guard(&["app"]).unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::DataLoss, Some("a1")));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("layer 1 of \"app\"") && msg.contains("storage is missing"),
+        "{msg}"
+    );
+    assert!(
+        s.leases().unwrap().is_empty(),
+        "nothing stays pinned after a failed guard"
+    );
+    // It is now known broken: the next guard fails at once, from the metadata.
+    let e = s.guard(&["app"]).unwrap_err();
+    assert!(e.to_string().contains("is broken"), "{e}");
+    s.prepare("active", None, Labels::new()).unwrap();
+    let e = s.guard(&["active"]).unwrap_err();
+    assert_eq!(
+        (e.kind(), e.key()),
+        (ErrorKind::FailedPrecondition, Some("active"))
+    );
+    let e = s.guard(&["nope"]).unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("nope")));
+}
+
+#[test]
+fn fsck_finds_and_repairs_what_a_crash_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let (s, _) = open(tmp.path());
+        chain(&s, "a", 2);
+        s.close().unwrap();
+    }
+    assert!(open(tmp.path()).0.fsck(false).unwrap().is_clean());
+    // Storage without a row, a row without storage, a dead process's journal entry and
+    // export guard.
+    let sim = support::sim::Sim::new(tmp.path());
+    strata::Backend::create(&sim, 50, strata::Kind::Active, &[], &Default::default()).unwrap();
+    strata::Backend::create(&sim, 51, strata::Kind::Active, &[], &Default::default()).unwrap();
+    std::fs::remove_dir_all(sim.dir().join("2")).unwrap();
+    let db = rusqlite::Connection::open(tmp.path().join("metadata.db")).unwrap();
+    db.execute_batch(
+        "INSERT INTO journal (op, snapshot_id, key, parent_id, owner, started_ns)
+             VALUES ('create', 51, 'interrupted', NULL, 'dead-owner', 0);
+         INSERT INTO leases (name, created_ns) VALUES ('strata.io/guard/dead-owner/0', 0);
+         INSERT INTO lease_snapshots (lease, snapshot_id) VALUES ('strata.io/guard/dead-owner/0', 1);",
+    )
+    .unwrap();
+    drop(db);
+    let opts = strata::StoreOptions {
+        recover: false,
+        ..Default::default()
+    };
+    let s = strata::Store::open(tmp.path(), support::sim::Sim::new(tmp.path()), opts).unwrap();
+    let r = s.fsck(false).unwrap();
+    assert_eq!(r.orphans, vec![50]);
+    assert_eq!(r.interrupted, vec!["create interrupted"]);
+    assert_eq!(r.stale_guards, vec!["strata.io/guard/dead-owner/0"]);
+    assert_eq!(r.broken.len(), 1);
+    assert_eq!(r.broken[0].0, "a1");
+    assert!(r.repaired.is_empty() && !r.is_clean());
+    assert_eq!(
+        s.fsck(false).unwrap(),
+        r,
+        "fsck without repair changes nothing"
+    );
+
+    let r = s.fsck(true).unwrap();
+    assert_eq!(r.repaired.len(), 4, "{:?}", r.repaired);
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    let after = s.fsck(false).unwrap();
+    assert!(after.orphans.is_empty() && after.interrupted.is_empty());
+    assert!(after.stale_guards.is_empty());
+    assert_eq!(
+        after.broken.len(),
+        1,
+        "a lost layer stays reported until removed"
+    );
+    assert_eq!(
+        strata::Backend::ids(&sim).unwrap().len(),
+        1,
+        "orphan and interrupted create reclaimed; a0 kept"
+    );
+    // Broken snapshots can be removed, and then the store is clean.
+    s.remove("a1").unwrap();
+    assert!(s.fsck(false).unwrap().is_clean());
+}

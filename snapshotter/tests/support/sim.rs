@@ -25,6 +25,11 @@ pub struct Sim {
 }
 
 impl Sim {
+    /// The directory holding the snapshots.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A backend keeping its snapshots under `root/sim`.
     pub fn new(root: &Path) -> Sim {
         let dir = root.join("sim");
