@@ -164,6 +164,7 @@ impl Output {
         if self.json {
             self.print_json(&json!({
                 "dry_run": dry_run,
+                "managed": r.managed,
                 "removed": r.removed,
                 "kept": r.kept,
                 "expired_leases": r.expired_leases,

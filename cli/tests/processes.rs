@@ -237,6 +237,31 @@ fn crash_during_commit_loses_nothing() {
 }
 
 #[test]
+fn crash_during_a_synchronous_remove_finishes_it() {
+    if !can_run("crash_during_remove", true) {
+        return;
+    }
+    for backend in BACKENDS {
+        for fp in ["remove-before-backend", "remove-after-backend"] {
+            let r = Root::new(backend);
+            r.ok(&["prepare", "a"]);
+            r.ok(&["commit", "base", "a"]);
+            r.ok(&["prepare", "k", "base"]);
+            r.crash(fp, &["--sync-remove", "remove", "k"]);
+            // The row went with the journal entry; the next process removes the storage.
+            r.fails(&["stat", "k"], "not-found");
+            r.assert_consistent();
+            assert_eq!(
+                r.storage(),
+                1,
+                "{backend} {fp}: only base's storage is left"
+            );
+            r.ok(&["prepare", "k", "base"]);
+        }
+    }
+}
+
+#[test]
 fn removed_storage_is_reclaimed_by_cleanup() {
     if !can_run("removed_storage_is_reclaimed", false) {
         return;
@@ -415,4 +440,86 @@ fn bench_reports_the_documented_fields() {
         err.contains("--layers 600") && err.contains("--backend native"),
         "{err}"
     );
+}
+
+#[test]
+fn images_leases_and_gc_from_the_command_line() {
+    if !can_run("tracker_cli", false) {
+        return;
+    }
+    let r = Root::new("overlay");
+    r.ok(&["prepare", "a"]);
+    r.ok(&["commit", "base", "a"]);
+    r.ok(&["prepare", "b", "base"]);
+    r.ok(&["commit", "top", "b"]);
+    r.ok(&["tag", "app:1", "top"]);
+    assert_eq!(r.ok(&["images"])[0]["snapshot"], "top");
+    // An image name stands for its snapshot.
+    r.ok(&["prepare", "c", "app:1"]);
+    assert_eq!(r.ok(&["stat", "c"])["parent"], "top");
+    r.ok(&["remove", "c"]);
+    let e = r.fails(&["remove", "top"], "failed-precondition");
+    assert!(
+        e["message"].as_str().unwrap().contains("image \"app:1\""),
+        "{e}"
+    );
+
+    r.ok(&["prepare", "d"]);
+    r.ok(&["commit", "orphan", "d"]);
+    r.ok(&["lease", "create", "build", "--expire", "1h"]);
+    r.ok(&["lease", "add", "build", "orphan"]);
+    assert_eq!(r.ok(&["lease", "ls"])[0]["snapshots"][0], "orphan");
+    assert_eq!(
+        r.ok(&["gc", "--dry-run"])["removed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    r.ok(&["lease", "rm", "build"]);
+    assert_eq!(r.ok(&["gc", "--dry-run"])["removed"][0], "orphan");
+    r.ok(&["untag", "app:1"]);
+    let gc = r.ok(&["gc"]);
+    assert_eq!(gc["removed"], serde_json::json!(["orphan", "top", "base"]));
+    assert!(r.names().is_empty());
+    assert_eq!(r.ok(&["fsck"])["clean"], true);
+}
+
+#[test]
+fn fsck_unmounts_what_a_dead_process_left_mounted() {
+    if !can_run("fsck_leaked_mounts", false) {
+        return;
+    }
+    let r = Root::new("overlay");
+    r.ok(&["prepare", "a"]);
+    r.ok(&["commit", "base", "a"]);
+    let mounts = r.ok(&["view", "v", "base"]);
+    // A temporary mount of a process that is gone.
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let target = r.path().join(format!("strata-mount-{dead}-0"));
+    fs::create_dir(&target).unwrap();
+    let mounts: Vec<strata::Mount> = serde_json::from_value(mounts).unwrap();
+    strata::mount::mount_all(&mounts, &target).unwrap();
+
+    let out = r.run(&["fsck"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["leaked_mounts"][0], target.to_str().unwrap(), "{v}");
+    let out = r.run(&["fsck", "--repair"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["repaired"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("unmounted")),
+        "{v}"
+    );
+    assert!(strata::mount::mount_info(r.path())
+        .unwrap()
+        .is_none_or(|m| m.target != target));
+    assert!(!target.exists(), "the mount point is removed too");
+    assert_eq!(r.ok(&["fsck"])["clean"], true);
 }

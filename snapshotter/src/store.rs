@@ -690,9 +690,11 @@ impl<B: Backend> Snapshotter for Store<B> {
             Ok((row.id, seq))
         })?;
         if let Some(seq) = seq {
+            failpoint("remove-before-backend");
             self.backend
                 .remove(id)
                 .map_err(|e| self.backend_err(key, "remove", e))?;
+            failpoint("remove-after-backend");
             self.with_meta(|m| {
                 let tx = m.write(key)?;
                 tx.journal_remove(seq)?;

@@ -353,3 +353,25 @@ fn fsck_finds_and_repairs_what_a_crash_leaves() {
     s.remove("a1").unwrap();
     assert!(s.fsck(false).unwrap().is_clean());
 }
+
+#[test]
+fn a_store_managed_by_containerd_only_reclaims_orphans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, sim) = open(tmp.path());
+    chain(&s, "c", 2);
+    s.set_managed(true).unwrap();
+    assert!(s.managed().unwrap());
+    let r = s.gc(false).unwrap();
+    assert!(r.managed && r.removed.is_empty());
+    assert_eq!(
+        names(&s),
+        vec!["c0", "c1"],
+        "containerd's snapshots are never removed"
+    );
+    s.remove("c1").unwrap();
+    // A new open reclaims orphans on its own; this store sees the orphan in gc.
+    assert_eq!(s.gc(false).unwrap().reclaimed, 1);
+    assert_eq!(strata::Backend::ids(&sim).unwrap().len(), 1);
+    s.set_managed(false).unwrap();
+    assert_eq!(s.gc(false).unwrap().removed, vec!["c0"]);
+}

@@ -34,6 +34,8 @@ pub struct GcReport {
     pub expired_leases: Vec<String>,
     /// How many snapshots' storage was reclaimed.
     pub reclaimed: usize,
+    /// The store is managed by containerd: gc only reclaimed orphaned storage.
+    pub managed: bool,
     /// What could not be removed, with the error; retried by the next pass.
     pub failed: Vec<(String, String)>,
 }
@@ -64,6 +66,26 @@ impl<B: Backend> Store<B> {
             };
             tx.set_image(name, id)?;
             tx.commit()
+        })
+    }
+
+    /// Records whether the store is managed by containerd (served to it as a proxy
+    /// snapshotter): then containerd's own gc decides which snapshots live, and strata's gc
+    /// only reclaims orphaned storage, never removing a snapshot.
+    pub fn set_managed(&self, managed: bool) -> Result<()> {
+        self.with_meta(|m| {
+            let tx = m.write("")?;
+            tx.set_meta_value(MANAGED_META, if managed { "containerd" } else { "" })?;
+            tx.commit()
+        })
+    }
+
+    /// Whether the store is managed by containerd (see [`Store::set_managed`]).
+    pub fn managed(&self) -> Result<bool> {
+        self.with_meta(|m| {
+            Ok(m.read("")?
+                .meta_value(MANAGED_META)?
+                .is_some_and(|v| !v.is_empty()))
         })
     }
 
@@ -153,6 +175,22 @@ impl<B: Backend> Store<B> {
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
         let now = SystemTime::now();
         let mut report = GcReport::default();
+        if self.managed()? {
+            // containerd decides which snapshots live; strata only reclaims what no row
+            // refers to.
+            report.managed = true;
+            if !dry_run {
+                let cleanup = self.cleanup_report()?;
+                report.reclaimed = cleanup.reclaimed.len();
+                report.failed.extend(
+                    cleanup
+                        .failed
+                        .into_iter()
+                        .map(|(id, e)| (format!("storage of id {id}"), e)),
+                );
+            }
+            return Ok(report);
+        }
         let candidates = self.with_meta(|m| m.read("")?.unreachable(now))?;
         if dry_run {
             report.removed = candidates.into_iter().map(|(_, k)| k).collect();
@@ -197,6 +235,9 @@ impl<B: Backend> Store<B> {
         Ok(report)
     }
 }
+
+/// The `meta` entry that says who manages the store's snapshots.
+const MANAGED_META: &str = "managed_by";
 
 /// Lease names of export guards start with this, then the owner's token and a counter, so
 /// that the guards of a dead process can be found and dropped.
