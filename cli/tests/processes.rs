@@ -503,6 +503,16 @@ fn fsck_unmounts_what_a_dead_process_left_mounted() {
     let mounts: Vec<strata::Mount> = serde_json::from_value(mounts).unwrap();
     strata::mount::mount_all(&mounts, &target).unwrap();
 
+    // Another store's repair leaves it alone: it is not that store's mount.
+    let other = Root::new("overlay");
+    assert_eq!(
+        other.ok(&["fsck", "--repair"])["leaked_mounts"],
+        serde_json::json!([])
+    );
+    assert!(strata::mount::mount_info(&target)
+        .unwrap()
+        .is_some_and(|m| m.target == target));
+
     let out = r.run(&["fsck"]);
     assert_eq!(out.status.code(), Some(1));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

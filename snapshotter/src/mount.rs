@@ -418,6 +418,34 @@ pub struct MountInfo {
     pub fs_type: String,
     /// The super-block options (for overlay: `lowerdir=`, `upperdir=`, `workdir=`, ...).
     pub super_options: Vec<String>,
+    /// The directory of the file system that is mounted (for a bind mount, the bound path
+    /// relative to its file system's root).
+    pub root: PathBuf,
+    /// The file system's device, `major:minor`.
+    pub dev: String,
+}
+
+impl MountInfo {
+    /// Whether this mount presents something under `dir` (a directory on a mounted file
+    /// system): an overlay whose layers are there, or a bind mount of a path below it.
+    pub fn refers_to(&self, dir: &Path, mounts: &[MountInfo]) -> bool {
+        let dir_s = dir.to_string_lossy();
+        if self.super_options.iter().any(|o| o.contains(&*dir_s)) {
+            return true;
+        }
+        // The mount holding `dir`: the longest mount point above it.
+        let Some(holder) = mounts
+            .iter()
+            .filter(|m| dir.starts_with(&m.target))
+            .max_by_key(|m| m.target.as_os_str().len())
+        else {
+            return false;
+        };
+        let Ok(rel) = dir.strip_prefix(&holder.target) else {
+            return false;
+        };
+        self.dev == holder.dev && self.root.starts_with(holder.root.join(rel))
+    }
 }
 
 /// Decodes mountinfo's octal escapes (`\040` for a space, ...).
@@ -457,6 +485,8 @@ pub fn list_mounts() -> io::Result<Vec<MountInfo>> {
             target: PathBuf::from(unescape(fields[4])),
             fs_type: fields[sep + 1].to_string(),
             super_options: fields[sep + 3].split(',').map(unescape).collect(),
+            root: PathBuf::from(unescape(fields[3])),
+            dev: fields[2].to_string(),
         });
     }
     Ok(out)
@@ -485,8 +515,7 @@ pub fn temp_mount_pid(path: &Path) -> Option<u32> {
 /// mounted again with nothing lost.
 pub fn unmount(target: &Path) -> Result<()> {
     let info = mount_info(target).map_err(|e| Error::io(target, "read the mount table", e))?;
-    rustix::mount::unmount(target, UnmountFlags::empty())
-        .map_err(|e| Error::io(target, "unmount", e.into()))?;
+    unmount_retrying(target)?;
     if let Some(info) = info.filter(|i| i.fs_type == "overlay") {
         let volatile = info
             .super_options
@@ -502,6 +531,23 @@ pub fn unmount(target: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// umount(2), retried for up to a second while the mount is busy: a child process between
+/// fork and exec briefly holds copies of every open descriptor, including files inside the
+/// mount (containerd retries the same way).
+fn unmount_retrying(target: &Path) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match rustix::mount::unmount(target, UnmountFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::BUSY) if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(Error::io(target, "unmount", e.into())),
+        }
+    }
 }
 
 /// Makes a volatile overlay's upper layer durable and clears the kernel's

@@ -5,7 +5,8 @@
 //! * storage without a row (and no operation in flight) — reclaimed;
 //! * rows whose storage is missing — marked broken: never exported, reported, removable;
 //! * export guards (leases) of dead processes — dropped;
-//! * mounts leaked by dead processes ([`crate::mount::TempMount`] directories) — unmounted.
+//! * mounts of this store's snapshots leaked by dead processes ([`crate::mount::TempMount`]
+//!   directories) — unmounted.
 //!
 //! A store runs the repair when it opens (unless [`crate::StoreOptions::recover`] is off);
 //! [`Store::fsck`] inspects without changing anything, or repairs and says what it did.
@@ -153,26 +154,15 @@ impl<B: Backend> Store<B> {
             }
         }
 
-        // Mounts leaked by dead processes: TempMount directories and overlay probes.
-        let snapshots = self.root.join("snapshots");
+        // Mounts leaked by dead processes (TempMount directories) that present this
+        // store's snapshots. Mounts of other stores are theirs to repair.
+        let root = std::fs::canonicalize(&self.root)
+            .map_err(|e| crate::Error::io(&self.root, "resolve the store root", e))?;
         let mounts = crate::mount::list_mounts()
             .map_err(|e| crate::Error::io("/proc/self/mountinfo", "read the mount table", e))?;
         for m in mounts.iter().rev() {
-            let ours = m
-                .super_options
-                .iter()
-                .any(|o| o.contains(&*snapshots.to_string_lossy()))
-                || m.target.starts_with(&snapshots);
-            let dead = crate::mount::temp_mount_pid(&m.target).is_some_and(|pid| !pid_alive(pid))
-                || (m.target.starts_with(&snapshots)
-                    && m.target.components().any(|c| {
-                        c.as_os_str()
-                            .to_str()
-                            .and_then(|n| n.strip_prefix(".probe-"))
-                            .and_then(|p| p.parse::<u32>().ok())
-                            .is_some_and(|p| !pid_alive(p))
-                    }));
-            if !(dead && (ours || crate::mount::temp_mount_pid(&m.target).is_some())) {
+            let dead = crate::mount::temp_mount_pid(&m.target).is_some_and(|pid| !pid_alive(pid));
+            if !dead || !m.refers_to(&root, &mounts) {
                 continue;
             }
             if repair {
