@@ -366,6 +366,17 @@ impl Tx<'_> {
             .map_err(|e| self.e("look up", e))
     }
 
+    /// The row with this key or name, or else the top snapshot of the image with this name.
+    pub fn row_by_key_or_image(&self, key: &str) -> Result<Option<Row>> {
+        match self.row_by_key(key)? {
+            Some(row) => Ok(Some(row)),
+            None => match self.image(key)? {
+                Some(id) => self.row_by_id(id),
+                None => Ok(None),
+            },
+        }
+    }
+
     /// The row with this id.
     pub fn row_by_id(&self, id: u64) -> Result<Option<Row>> {
         self.tx

@@ -301,15 +301,8 @@ impl<B: Backend> Store<B> {
             let parent_id = match parent {
                 None => None,
                 Some(p) => {
-                    let row = match tx.row_by_key(p)? {
-                        Some(row) => Some(row),
-                        // An image name stands for its top snapshot.
-                        None => match tx.image(p)? {
-                            Some(id) => tx.row_by_id(id)?,
-                            None => None,
-                        },
-                    };
-                    let row = row.ok_or_else(|| Error::NotFound {
+                    // An image name stands for its top snapshot.
+                    let row = tx.row_by_key_or_image(p)?.ok_or_else(|| Error::NotFound {
                         key: p.into(),
                         hint: format!("parent of {key:?} is neither a snapshot nor an image"),
                     })?;
@@ -528,7 +521,9 @@ impl<B: Backend> Store<B> {
         check_key("key", key)?;
         self.with_meta(|m| {
             let tx = m.read(key)?;
-            let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
+            let row = tx
+                .row_by_key_or_image(key)?
+                .ok_or_else(|| Error::not_found(key))?;
             let parents = tx.chain(row.parent_id)?;
             Ok((row, parents))
         })
@@ -708,7 +703,9 @@ impl<B: Backend> Snapshotter for Store<B> {
         check_key("key", key)?;
         self.with_meta(|m| {
             let tx = m.read(key)?;
-            let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
+            let row = tx
+                .row_by_key_or_image(key)?
+                .ok_or_else(|| Error::not_found(key))?;
             tx.info(&row)
         })
     }

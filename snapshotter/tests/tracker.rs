@@ -375,3 +375,19 @@ fn a_store_managed_by_containerd_only_reclaims_orphans() {
     s.set_managed(false).unwrap();
     assert_eq!(s.gc(false).unwrap().removed, vec!["c0"]);
 }
+
+#[test]
+fn image_names_stand_for_their_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _) = open(tmp.path());
+    chain(&s, "c", 2);
+    s.tag("app:2", "c1").unwrap();
+    assert_eq!(s.stat("app:2").unwrap().name, "c1");
+    assert_eq!(s.usage("app:2").unwrap(), s.usage("c1").unwrap());
+    s.view("v", Some("app:2"), Labels::new()).unwrap();
+    s.tag("alias", "app:2").unwrap();
+    assert_eq!(s.stat("alias").unwrap().name, "c1");
+    s.lease_create("l", None).unwrap();
+    s.lease_add("l", &["alias"]).unwrap();
+    assert_eq!(s.leases().unwrap()[0].snapshots, vec!["c1"]);
+}

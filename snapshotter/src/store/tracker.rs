@@ -135,13 +135,13 @@ impl<B: Backend> Store<B> {
             }
             for key in keys {
                 check_key("key", key)?;
-                let id = match tx.row_by_key(key)? {
-                    Some(row) => row.id,
-                    None => tx.image(key)?.ok_or_else(|| Error::NotFound {
+                let id = tx
+                    .row_by_key_or_image(key)?
+                    .ok_or_else(|| Error::NotFound {
                         key: (*key).into(),
                         hint: format!("cannot add it to lease {name:?}"),
-                    })?,
-                };
+                    })?
+                    .id;
                 tx.lease_add(name, id)?;
             }
             tx.commit()
