@@ -88,3 +88,63 @@ pub fn list_ids(dir: &Path) -> io::Result<Vec<u64>> {
     }
     Ok(ids)
 }
+
+/// The directory layout of the directory-based backends: `snapshots/<id>/fs` (the tree) and
+/// `snapshots/<id>/` for anything else a backend keeps, built in `snapshots/.tmp-<id>` and
+/// renamed into place so that a listing never shows partial storage.
+#[derive(Debug, Clone)]
+pub struct SnapshotDirs {
+    snapshots: std::path::PathBuf,
+}
+
+impl SnapshotDirs {
+    /// The layout under the store `root`, creating `root/snapshots` if needed.
+    pub fn open(root: &Path) -> io::Result<SnapshotDirs> {
+        let snapshots = root.join("snapshots");
+        fs::create_dir_all(&snapshots)?;
+        Ok(SnapshotDirs { snapshots })
+    }
+
+    /// `root/snapshots`.
+    pub fn snapshots(&self) -> &Path {
+        &self.snapshots
+    }
+
+    /// The directory of snapshot `id`.
+    pub fn dir(&self, id: u64) -> std::path::PathBuf {
+        self.snapshots.join(id.to_string())
+    }
+
+    /// The tree of snapshot `id`.
+    pub fn fs(&self, id: u64) -> std::path::PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// Where snapshot `id` is built before it is renamed into place.
+    pub fn tmp(&self, id: u64) -> std::path::PathBuf {
+        self.snapshots.join(format!(".tmp-{id}"))
+    }
+
+    /// Removes the storage of `id`, and any temporary leftover; fine when there is none.
+    /// On failure, returns the path that could not be removed with the error.
+    pub fn remove(&self, id: u64) -> Result<(), (std::path::PathBuf, io::Error)> {
+        for dir in [self.dir(id), self.tmp(id)] {
+            remove_tree(&dir).map_err(|e| (dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the tree of `id` is there.
+    pub fn exists(&self, id: u64) -> io::Result<bool> {
+        match fs::symlink_metadata(self.fs(id)) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every id with storage in place.
+    pub fn ids(&self) -> io::Result<Vec<u64>> {
+        list_ids(&self.snapshots)
+    }
+}

@@ -59,21 +59,22 @@ fn io_err(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> Nativ
 /// The native backend.
 #[derive(Debug, Clone)]
 pub struct NativeBackend {
-    snapshots: PathBuf,
+    dirs: fsutil::SnapshotDirs,
 }
 
 impl NativeBackend {
     /// Opens the backend under the store `root`, creating `root/snapshots` if needed.
     pub fn open(root: &Path) -> Result<NativeBackend, NativeError> {
-        let snapshots = root.join("snapshots");
-        fs::create_dir_all(&snapshots)
-            .map_err(io_err(&snapshots, "create the snapshots directory"))?;
-        Ok(NativeBackend { snapshots })
+        let dirs = fsutil::SnapshotDirs::open(root).map_err(io_err(
+            &root.join("snapshots"),
+            "create the snapshots directory",
+        ))?;
+        Ok(NativeBackend { dirs })
     }
 
     /// The directory of snapshot `id`.
     pub fn dir(&self, id: u64) -> PathBuf {
-        self.snapshots.join(id.to_string())
+        self.dirs.dir(id)
     }
 
     /// The tree of snapshot `id`.
@@ -82,7 +83,7 @@ impl NativeBackend {
     }
 
     fn tmp_dir(&self, id: u64) -> PathBuf {
-        self.snapshots.join(format!(".tmp-{id}"))
+        self.dirs.tmp(id)
     }
 }
 
@@ -122,8 +123,10 @@ impl Backend for NativeBackend {
         let dir = self.dir(id);
         fs::rename(&tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
         if opts.durable {
-            fsutil::fsync_dir(&self.snapshots)
-                .map_err(io_err(&self.snapshots, "sync the snapshots directory"))?;
+            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
+                self.dirs.snapshots(),
+                "sync the snapshots directory",
+            ))?;
         }
         Ok(())
     }
@@ -145,10 +148,9 @@ impl Backend for NativeBackend {
     }
 
     fn remove(&self, id: u64) -> Result<(), NativeError> {
-        for dir in [self.dir(id), self.tmp_dir(id)] {
-            fsutil::remove_tree(&dir).map_err(io_err(&dir, "remove the snapshot"))?;
-        }
-        Ok(())
+        self.dirs
+            .remove(id)
+            .map_err(|(path, e)| io_err(&path, "remove the snapshot")(e))
     }
 
     fn usage(&self, id: u64) -> Result<Usage, NativeError> {
@@ -157,12 +159,9 @@ impl Backend for NativeBackend {
     }
 
     fn exists(&self, id: u64) -> Result<bool, NativeError> {
-        let fs_dir = self.fs_path(id);
-        match std::fs::symlink_metadata(&fs_dir) {
-            Ok(m) => Ok(m.is_dir()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err(&fs_dir, "look for the snapshot")(e)),
-        }
+        self.dirs
+            .exists(id)
+            .map_err(io_err(&self.fs_path(id), "look for the snapshot"))
     }
 
     fn layer_path(&self, id: u64) -> Option<PathBuf> {
@@ -170,7 +169,9 @@ impl Backend for NativeBackend {
     }
 
     fn ids(&self) -> Result<Vec<u64>, NativeError> {
-        fsutil::list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
+        self.dirs
+            .ids()
+            .map_err(io_err(self.dirs.snapshots(), "list snapshots"))
     }
 }
 

@@ -110,7 +110,7 @@ pub struct OverlayOptions {
 /// The overlay backend.
 #[derive(Debug, Clone)]
 pub struct OverlayBackend {
-    snapshots: PathBuf,
+    dirs: fsutil::SnapshotDirs,
     index_off: bool,
 }
 
@@ -126,14 +126,12 @@ impl OverlayBackend {
     /// Opens the backend under the store `root`: creates `root/snapshots` and checks, by
     /// mounting a tiny overlay there, that the root can hold overlay layers.
     pub fn open(root: &Path, opts: OverlayOptions) -> Result<OverlayBackend, OverlayError> {
-        let snapshots = root.join("snapshots");
-        fs::create_dir_all(&snapshots)
-            .map_err(io_err(&snapshots, "create the snapshots directory"))?;
+        let dirs = fsutil::SnapshotDirs::open(root).map_err(io_err(
+            &root.join("snapshots"),
+            "create the snapshots directory",
+        ))?;
         let index_off = Path::new("/sys/module/overlay/parameters/index").exists();
-        let backend = OverlayBackend {
-            snapshots,
-            index_off,
-        };
+        let backend = OverlayBackend { dirs, index_off };
         if !opts.skip_probe {
             backend.probe(root)?;
         }
@@ -143,7 +141,8 @@ impl OverlayBackend {
     /// Mounts and unmounts a one-layer overlay in the snapshots directory.
     fn probe(&self, root: &Path) -> Result<(), OverlayError> {
         let dir = self
-            .snapshots
+            .dirs
+            .snapshots()
             .join(format!(".probe-{}", std::process::id()));
         let unsupported = |reason: String| OverlayError::Unsupported {
             root: root.to_path_buf(),
@@ -175,7 +174,7 @@ impl OverlayBackend {
 
     /// The directory of snapshot `id`.
     pub fn dir(&self, id: u64) -> PathBuf {
-        self.snapshots.join(id.to_string())
+        self.dirs.dir(id)
     }
 
     /// The layer of snapshot `id` (its upper directory while Active).
@@ -189,7 +188,7 @@ impl OverlayBackend {
     }
 
     fn tmp_dir(&self, id: u64) -> PathBuf {
-        self.snapshots.join(format!(".tmp-{id}"))
+        self.dirs.tmp(id)
     }
 
     /// Whether snapshot `id` is mounted somewhere now (as an overlay upper layer).
@@ -282,8 +281,10 @@ impl Backend for OverlayBackend {
         let dir = self.dir(id);
         fs::rename(&tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
         if opts.durable {
-            fsutil::fsync_dir(&self.snapshots)
-                .map_err(io_err(&self.snapshots, "sync the snapshots directory"))?;
+            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
+                self.dirs.snapshots(),
+                "sync the snapshots directory",
+            ))?;
         }
         Ok(())
     }
@@ -339,10 +340,9 @@ impl Backend for OverlayBackend {
     }
 
     fn remove(&self, id: u64) -> Result<(), OverlayError> {
-        for dir in [self.dir(id), self.tmp_dir(id)] {
-            fsutil::remove_tree(&dir).map_err(io_err(&dir, "remove the snapshot"))?;
-        }
-        Ok(())
+        self.dirs
+            .remove(id)
+            .map_err(|(path, e)| io_err(&path, "remove the snapshot")(e))
     }
 
     fn usage(&self, id: u64) -> Result<Usage, OverlayError> {
@@ -351,12 +351,9 @@ impl Backend for OverlayBackend {
     }
 
     fn exists(&self, id: u64) -> Result<bool, OverlayError> {
-        let fs_dir = self.fs_path(id);
-        match std::fs::symlink_metadata(&fs_dir) {
-            Ok(m) => Ok(m.is_dir()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err(&fs_dir, "look for the snapshot")(e)),
-        }
+        self.dirs
+            .exists(id)
+            .map_err(io_err(&self.fs_path(id), "look for the snapshot"))
     }
 
     fn layer_path(&self, id: u64) -> Option<PathBuf> {
@@ -364,7 +361,9 @@ impl Backend for OverlayBackend {
     }
 
     fn ids(&self) -> Result<Vec<u64>, OverlayError> {
-        fsutil::list_ids(&self.snapshots).map_err(io_err(&self.snapshots, "list snapshots"))
+        self.dirs
+            .ids()
+            .map_err(io_err(self.dirs.snapshots(), "list snapshots"))
     }
 }
 
