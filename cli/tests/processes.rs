@@ -447,7 +447,13 @@ fn images_leases_and_gc_from_the_command_line() {
     if !can_run("tracker_cli", false) {
         return;
     }
-    let r = Root::new("overlay");
+    for backend in BACKENDS {
+        tracker_cli(backend);
+    }
+}
+
+fn tracker_cli(backend: &'static str) {
+    let r = Root::new(backend);
     r.ok(&["prepare", "a"]);
     r.ok(&["commit", "base", "a"]);
     r.ok(&["prepare", "b", "base"]);
@@ -490,7 +496,13 @@ fn fsck_unmounts_what_a_dead_process_left_mounted() {
     if !can_run("fsck_leaked_mounts", false) {
         return;
     }
-    let r = Root::new("overlay");
+    for backend in BACKENDS {
+        fsck_leaked_mount(backend);
+    }
+}
+
+fn fsck_leaked_mount(backend: &'static str) {
+    let r = Root::new(backend);
     r.ok(&["prepare", "a"]);
     r.ok(&["commit", "base", "a"]);
     let mounts = r.ok(&["view", "v", "base"]);
@@ -504,7 +516,7 @@ fn fsck_unmounts_what_a_dead_process_left_mounted() {
     strata::mount::mount_all(&mounts, &target).unwrap();
 
     // Another store's repair leaves it alone: it is not that store's mount.
-    let other = Root::new("overlay");
+    let other = Root::new(backend);
     assert_eq!(
         other.ok(&["fsck", "--repair"])["leaked_mounts"],
         serde_json::json!([])
