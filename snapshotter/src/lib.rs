@@ -22,6 +22,7 @@ pub mod backend;
 pub mod error;
 pub mod filter;
 pub mod fsutil;
+pub mod layer;
 pub mod mount;
 pub mod snapshotter;
 pub mod store;

@@ -1,0 +1,575 @@
+//! Writing a layer: the changes between a lower tree and an upper tree, as a deterministic
+//! OCI layer tar.
+//!
+//! The generic differ walks both trees side by side, one directory at a time in byte order
+//! of names, parents before children (containerd's order). A path only in the upper tree is
+//! added; only in the lower one, it becomes a whiteout `.wh.<name>`; in both, it is written
+//! when it changed. "Changed" compares type, mode, owner, device, size, modification time
+//! (nanoseconds), symlink target and `security.capability` — and, when all of those agree but
+//! the two are different inodes, the **content**: metadata alone misses a rewrite that keeps
+//! size and time (seed 000 of this project). Directories that hold a change are written too,
+//! so that an applier recreates them with their attributes.
+//!
+//! The tar is the same for the same change set, on every backend: PAX format, no user or
+//! group names, modification times truncated to seconds (and clamped to `SOURCE_DATE_EPOCH`
+//! when [`DiffOptions::source_date_epoch`] is set), whiteouts with time 0, directories named
+//! with a trailing `/`, hard links grouped by inode (later names as links to the first),
+//! sockets skipped, and only the `security.capability` extended attribute kept.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::digest::HashWriter;
+use super::{Compression, Descriptor};
+use crate::error::{Error, Result};
+
+/// The one extended attribute a layer carries (as containerd's writer).
+const CAPABILITY: &str = "security.capability";
+
+/// How to write a layer.
+#[derive(Debug, Clone, Default)]
+pub struct DiffOptions {
+    /// Compression of the blob.
+    pub compression: Compression,
+    /// Clamp modification times to this (seconds since the epoch), for reproducible builds.
+    pub source_date_epoch: Option<i64>,
+}
+
+impl DiffOptions {
+    /// Options with `source_date_epoch` taken from the `SOURCE_DATE_EPOCH` environment
+    /// variable when it is set to a number.
+    pub fn from_env(compression: Compression) -> DiffOptions {
+        DiffOptions {
+            compression,
+            source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
+        }
+    }
+}
+
+/// Counts of what a layer holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiffStats {
+    /// Entries written, whiteouts included.
+    pub entries: u64,
+    /// Whiteouts among them.
+    pub whiteouts: u64,
+    /// Bytes of file content.
+    pub content_bytes: u64,
+}
+
+/// Writes the changes from `lower` (none: everything is new) to `upper` as a layer to `out`,
+/// compressed as asked, and returns its descriptor and counts. Memory stays bounded by the
+/// largest directory, whatever the layer's size.
+pub fn write_layer<W: Write>(
+    lower: Option<&Path>,
+    upper: &Path,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<(Descriptor, DiffStats, W)> {
+    let blob = HashWriter::new(out);
+    let (diff_id, stats, blob) = match opts.compression {
+        Compression::None => {
+            let (id, stats, blob) = write_tar(lower, upper, blob, opts)?;
+            (id, stats, blob)
+        }
+        Compression::Gzip => {
+            let gz = flate2::write::GzEncoder::new(blob, flate2::Compression::default());
+            let (id, stats, gz) = write_tar(lower, upper, gz, opts)?;
+            let blob = gz
+                .finish()
+                .map_err(|e| Error::io(upper, "finish gzip", e))?;
+            (id, stats, blob)
+        }
+        Compression::Zstd => {
+            let mut z = zstd::stream::write::Encoder::new(blob, 3)
+                .map_err(|e| Error::io(upper, "start zstd", e))?;
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            z.multithread(u32::try_from(threads).unwrap_or(1))
+                .map_err(|e| Error::io(upper, "start zstd threads", e))?;
+            let (id, stats, z) = write_tar(lower, upper, z, opts)?;
+            let blob = z.finish().map_err(|e| Error::io(upper, "finish zstd", e))?;
+            (id, stats, blob)
+        }
+    };
+    let (digest, size, out) = blob.finish();
+    Ok((
+        Descriptor {
+            media_type: opts.compression.media_type().to_string(),
+            digest,
+            size,
+            diff_id,
+        },
+        stats,
+        out,
+    ))
+}
+
+fn write_tar<W: Write>(
+    lower: Option<&Path>,
+    upper: &Path,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<(super::Digest, DiffStats, W)> {
+    let mut w = Writer {
+        tar: tar::Builder::new(HashWriter::new(out)),
+        upper: upper.to_path_buf(),
+        links: HashMap::new(),
+        stats: DiffStats::default(),
+        epoch: opts.source_date_epoch,
+        written_dirs: Vec::new(),
+    };
+    let upper_meta =
+        fs::symlink_metadata(upper).map_err(|e| Error::io(upper, "read the upper tree", e))?;
+    if !upper_meta.is_dir() {
+        return Err(Error::invalid(
+            format!("upper {}", upper.display()),
+            "is not a directory",
+        ));
+    }
+    diff_dir(&mut w, lower, upper, Path::new(""))?;
+    let hashed = w
+        .tar
+        .into_inner()
+        .map_err(|e| Error::io(upper, "finish the tar", e))?;
+    let (diff_id, _, out) = hashed.finish();
+    Ok((diff_id, w.stats, out))
+}
+
+struct Writer<W: Write> {
+    tar: tar::Builder<HashWriter<W>>,
+    upper: PathBuf,
+    /// (dev, ino) of hard-linked files written so far → their name in the layer.
+    links: HashMap<(u64, u64), PathBuf>,
+    stats: DiffStats,
+    epoch: Option<i64>,
+    /// Directories of the current path already written (a stack).
+    written_dirs: Vec<PathBuf>,
+}
+
+fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(|e| Error::io(dir, "read a directory", e))? {
+        names.push(
+            e.map_err(|e| Error::io(dir, "read a directory", e))?
+                .file_name(),
+        );
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+fn lstat(p: &Path) -> Result<Option<fs::Metadata>> {
+    match fs::symlink_metadata(p) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(p, "stat", e)),
+    }
+}
+
+/// Compares `lower` and `upper` directories (`rel` below the roots).
+fn diff_dir<W: Write>(
+    w: &mut Writer<W>,
+    lower: Option<&Path>,
+    upper: &Path,
+    rel: &Path,
+) -> Result<()> {
+    let up_names = sorted_names(&upper.join(rel))?;
+    let low_names = match lower {
+        Some(l) if lstat(&l.join(rel))?.is_some_and(|m| m.is_dir()) => sorted_names(&l.join(rel))?,
+        _ => Vec::new(),
+    };
+    // Merge the two sorted lists.
+    let (mut i, mut j) = (0, 0);
+    while i < up_names.len() || j < low_names.len() {
+        let take_up = j >= low_names.len()
+            || (i < up_names.len() && up_names[i].as_bytes() <= low_names[j].as_bytes());
+        let take_low = i >= up_names.len()
+            || (j < low_names.len() && low_names[j].as_bytes() <= up_names[i].as_bytes());
+        let name = if take_up { &up_names[i] } else { &low_names[j] };
+        let path = rel.join(name);
+        match (take_up, take_low) {
+            (true, true) => {
+                let lm = lstat(&lower.map_or_else(PathBuf::new, |l| l.join(&path)))?;
+                changed_entry(w, lower, upper, &path, lm)?;
+            }
+            (true, false) => add_entry(w, lower, upper, &path)?,
+            (false, _) => whiteout(w, &path)?,
+        }
+        if take_up {
+            i += 1;
+        }
+        if take_low {
+            j += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A path present in both trees.
+fn changed_entry<W: Write>(
+    w: &mut Writer<W>,
+    lower: Option<&Path>,
+    upper: &Path,
+    path: &Path,
+    lm: Option<fs::Metadata>,
+) -> Result<()> {
+    let up = upper.join(path);
+    let um = fs::symlink_metadata(&up).map_err(|e| Error::io(&up, "stat", e))?;
+    let Some(lm) = lm else {
+        return add_entry(w, lower, upper, path);
+    };
+    let low = lower.map_or_else(PathBuf::new, |l| l.join(path));
+    let ut = um.file_type();
+    let lt = lm.file_type();
+    if ut.is_dir() && lt.is_dir() {
+        if meta_differs(&um, &lm) || capability(&up)? != capability(&low)? {
+            write_entry(w, path, &up, &um)?;
+        }
+        return diff_dir(w, lower, upper, path);
+    }
+    let same_type = ut.is_file() == lt.is_file()
+        && ut.is_symlink() == lt.is_symlink()
+        && ut.is_char_device() == lt.is_char_device()
+        && ut.is_block_device() == lt.is_block_device()
+        && ut.is_fifo() == lt.is_fifo()
+        && ut.is_socket() == lt.is_socket()
+        && !lt.is_dir();
+    let changed = !same_type
+        || meta_differs(&um, &lm)
+        || um.size() != lm.size()
+        || um.rdev() != lm.rdev()
+        || (ut.is_symlink()
+            && fs::read_link(&up).map_err(|e| Error::io(&up, "read a link", e))?
+                != fs::read_link(&low).map_err(|e| Error::io(&low, "read a link", e))?)
+        || capability(&up)? != capability(&low)?
+        || (ut.is_file()
+            && (um.dev(), um.ino()) != (lm.dev(), lm.ino())
+            && !same_content(&up, &low)?);
+    if changed {
+        add_entry(w, lower, upper, path)?;
+    }
+    Ok(())
+}
+
+fn meta_differs(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.mode() != b.mode()
+        || a.uid() != b.uid()
+        || a.gid() != b.gid()
+        || a.mtime() != b.mtime()
+        || a.mtime_nsec() != b.mtime_nsec()
+}
+
+fn same_content(a: &Path, b: &Path) -> Result<bool> {
+    let mut fa = fs::File::open(a).map_err(|e| Error::io(a, "open to compare", e))?;
+    let mut fb = fs::File::open(b).map_err(|e| Error::io(b, "open to compare", e))?;
+    let mut ba = vec![0u8; 64 * 1024];
+    let mut bb = vec![0u8; 64 * 1024];
+    loop {
+        let na = read_full(&mut fa, &mut ba).map_err(|e| Error::io(a, "read to compare", e))?;
+        let nb = read_full(&mut fb, &mut bb).map_err(|e| Error::io(b, "read to compare", e))?;
+        if na != nb || ba[..na] != bb[..nb] {
+            return Ok(false);
+        }
+        if na == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn capability(p: &Path) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 256];
+    match rustix::fs::lgetxattr(p, CAPABILITY, &mut buf[..]) {
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(e)
+            if e == rustix::io::Errno::NODATA
+                || e == rustix::io::Errno::NOTSUP
+                || e == rustix::io::Errno::NOENT =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(Error::io(p, "read security.capability", e.into())),
+    }
+}
+
+/// A path present only in the upper tree (or replacing another type): written, and for a
+/// directory everything below it.
+fn add_entry<W: Write>(
+    w: &mut Writer<W>,
+    lower: Option<&Path>,
+    upper: &Path,
+    path: &Path,
+) -> Result<()> {
+    let up = upper.join(path);
+    let um = fs::symlink_metadata(&up).map_err(|e| Error::io(&up, "stat", e))?;
+    if um.file_type().is_socket() {
+        return Ok(()); // sockets are not part of layers
+    }
+    write_entry(w, path, &up, &um)?;
+    if um.is_dir() {
+        // Whatever the lower tree had below a path that was not a directory there is gone;
+        // if it was one, compare below it.
+        diff_dir(w, lower, upper, path)?;
+    }
+    Ok(())
+}
+
+fn whiteout<W: Write>(w: &mut Writer<W>, path: &Path) -> Result<()> {
+    let name = path.file_name().map(OsStr::as_bytes).unwrap_or_default();
+    let mut wh = b".wh.".to_vec();
+    wh.extend_from_slice(name);
+    let wh_path = path.with_file_name(OsStr::from_bytes(&wh));
+    ensure_parents(w, &wh_path)?;
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(0);
+    append(w, h, &wh_path, None, &[], io::empty())?;
+    w.stats.whiteouts += 1;
+    Ok(())
+}
+
+/// Writes the directories above `path` that were not written yet (parents before children).
+fn ensure_parents<W: Write>(w: &mut Writer<W>, path: &Path) -> Result<()> {
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    // The walk is depth-first: only ancestors of the current path can matter, so the
+    // stack stays as deep as the tree.
+    w.written_dirs.retain(|d| path.starts_with(d));
+    if w.written_dirs.iter().any(|d| d == parent) {
+        return Ok(());
+    }
+    ensure_parents(w, parent)?;
+    let full = w.upper.join(parent);
+    let m = fs::symlink_metadata(&full).map_err(|e| Error::io(&full, "stat", e))?;
+    write_header_only(w, parent, &full, &m)
+}
+
+fn write_entry<W: Write>(
+    w: &mut Writer<W>,
+    path: &Path,
+    full: &Path,
+    m: &fs::Metadata,
+) -> Result<()> {
+    ensure_parents(w, path)?;
+    if m.is_dir() && w.written_dirs.iter().any(|d| d == path) {
+        return Ok(());
+    }
+    write_header_only(w, path, full, m)
+}
+
+fn write_header_only<W: Write>(
+    w: &mut Writer<W>,
+    path: &Path,
+    full: &Path,
+    m: &fs::Metadata,
+) -> Result<()> {
+    let ft = m.file_type();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(m.mode() & 0o7777);
+    h.set_uid(u64::from(m.uid()));
+    h.set_gid(u64::from(m.gid()));
+    let mut mtime = m.mtime().max(0);
+    if let Some(epoch) = w.epoch {
+        mtime = mtime.min(epoch.max(0));
+    }
+    h.set_mtime(u64::try_from(mtime).unwrap_or(0));
+    h.set_size(0);
+    let mut pax: Vec<(&str, Vec<u8>)> = Vec::new();
+    if let Some(cap) = capability(full)? {
+        pax.push(("SCHILY.xattr.security.capability", cap));
+    }
+    let mut link: Option<PathBuf> = None;
+    if ft.is_dir() {
+        h.set_entry_type(tar::EntryType::Directory);
+        // Track written directories as a stack along the current walk.
+        w.written_dirs.retain(|d| path.starts_with(d));
+        w.written_dirs.push(path.to_path_buf());
+        let mut name = path.as_os_str().as_bytes().to_vec();
+        name.push(b'/');
+        return append(
+            w,
+            h,
+            Path::new(OsStr::from_bytes(&name)),
+            None,
+            &pax,
+            io::empty(),
+        );
+    }
+    if ft.is_file() && m.nlink() > 1 {
+        let key = (m.dev(), m.ino());
+        if let Some(first) = w.links.get(&key) {
+            h.set_entry_type(tar::EntryType::Link);
+            let first = first.clone();
+            return append(w, h, path, Some(&first), &pax, io::empty());
+        }
+        w.links.insert(key, path.to_path_buf());
+    }
+    if ft.is_file() {
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(m.size());
+        let f = fs::File::open(full).map_err(|e| Error::io(full, "open", e))?;
+        w.stats.content_bytes += m.size();
+        // A file that changes while being read would corrupt the archive: read exactly
+        // the size in the header and fail if it is short.
+        return append(
+            w,
+            h,
+            path,
+            None,
+            &pax,
+            ExactReader {
+                inner: f,
+                left: m.size(),
+                path: full,
+            },
+        );
+    }
+    if ft.is_symlink() {
+        h.set_entry_type(tar::EntryType::Symlink);
+        link = Some(fs::read_link(full).map_err(|e| Error::io(full, "read a link", e))?);
+    } else if ft.is_char_device() || ft.is_block_device() {
+        h.set_entry_type(if ft.is_char_device() {
+            tar::EntryType::Char
+        } else {
+            tar::EntryType::Block
+        });
+        let dev = m.rdev();
+        h.set_device_major(rustix::fs::major(dev))
+            .map_err(|e| Error::io(full, "set the device number", e))?;
+        h.set_device_minor(rustix::fs::minor(dev))
+            .map_err(|e| Error::io(full, "set the device number", e))?;
+    } else if ft.is_fifo() {
+        h.set_entry_type(tar::EntryType::Fifo);
+    } else {
+        return Ok(());
+    }
+    append(w, h, path, link.as_deref(), &pax, io::empty())
+}
+
+struct ExactReader<'a> {
+    inner: fs::File,
+    left: u64,
+    path: &'a Path,
+}
+
+impl Read for ExactReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} shrank while it was written to the layer",
+                    self.path.display()
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// One PAX record: `"<len> <key>=<value>\n"`, where len counts the whole record.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = body + 1;
+    loop {
+        let total = body + len.to_string().len();
+        if total == len {
+            break;
+        }
+        len = total;
+    }
+    let mut r = format!("{len} {key}=").into_bytes();
+    r.extend_from_slice(value);
+    r.push(b'\n');
+    r
+}
+
+/// Appends an entry, with a PAX header first when the name or link does not fit in ustar
+/// or extended records are needed.
+fn append<W: Write, R: Read>(
+    w: &mut Writer<W>,
+    mut h: tar::Header,
+    path: &Path,
+    link: Option<&Path>,
+    pax: &[(&str, Vec<u8>)],
+    data: R,
+) -> Result<()> {
+    let mut records: Vec<u8> = Vec::new();
+    for (k, v) in pax {
+        records.extend(pax_record(k, v));
+    }
+    if h.set_path(path).is_err() {
+        records.extend(pax_record("path", path.as_os_str().as_bytes()));
+        h.set_path(truncated(path))
+            .map_err(|e| Error::io(path, "set a tar name", e))?;
+    }
+    if let Some(l) = link {
+        if h.set_link_name(l).is_err() {
+            records.extend(pax_record("linkpath", l.as_os_str().as_bytes()));
+            h.set_link_name(truncated(l))
+                .map_err(|e| Error::io(path, "set a tar link name", e))?;
+        }
+    }
+    if !records.is_empty() {
+        let mut x = tar::Header::new_ustar();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_mode(0o644);
+        x.set_mtime(0);
+        x.set_size(records.len() as u64);
+        x.set_path("PaxHeaders/entry")
+            .map_err(|e| Error::io(path, "set a PAX name", e))?;
+        x.set_cksum();
+        w.tar
+            .append(&x, records.as_slice())
+            .map_err(|e| Error::io(path, "write a PAX header", e))?;
+    }
+    h.set_cksum();
+    w.tar
+        .append(&h, data)
+        .map_err(|e| Error::io(w.upper.join(path), "write to the layer", e))?;
+    w.stats.entries += 1;
+    Ok(())
+}
+
+/// A name short enough for the ustar header (the full one is in the PAX record).
+fn truncated(p: &Path) -> PathBuf {
+    let b = p.as_os_str().as_bytes();
+    let cut = &b[b.len().saturating_sub(99)..];
+    PathBuf::from(OsStr::from_bytes(cut).to_os_string())
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect()
+}

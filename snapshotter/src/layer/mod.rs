@@ -1,0 +1,116 @@
+//! OCI image layers: the tar change sets builders and containerd exchange.
+//!
+//! A layer is a tar archive of the changes between a snapshot and its parent, optionally
+//! compressed. Its **diffID** is the sha256 of the uncompressed tar; its blob **digest** is
+//! the sha256 of the bytes as stored (compressed or not). Deletions are empty files named
+//! `.wh.<name>`; a directory whose lower contents are hidden carries `.wh..wh..opq`.
+//!
+//! This module writes layers ([`diff::write_layer`]); applying them comes with the layers
+//! issue's next part.
+
+pub mod diff;
+mod digest;
+
+use std::fmt;
+
+pub use digest::{Digest, HashWriter};
+
+/// The diffID of the empty layer: a tar of nothing (1024 zero bytes).
+pub const EMPTY_LAYER_DIFF_ID: &str =
+    "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Compression {
+    /// A plain tar.
+    #[default]
+    None,
+    /// gzip (level 6, the usual default).
+    Gzip,
+    /// zstd (level 3), on several threads.
+    Zstd,
+}
+
+impl Compression {
+    /// The OCI media type of a layer blob with this compression.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "gzip" => Ok(Compression::Gzip),
+            "zstd" => Ok(Compression::Zstd),
+            other => Err(format!(
+                "unknown compression {other:?} (expected none, gzip or zstd)"
+            )),
+        }
+    }
+}
+
+/// What identifies a layer blob.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Descriptor {
+    /// OCI media type.
+    pub media_type: String,
+    /// `sha256:<hex>` of the blob as stored.
+    pub digest: Digest,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// `sha256:<hex>` of the uncompressed tar.
+    pub diff_id: Digest,
+}
+
+/// chainID of a stack of layers given their diffIDs, bottom first (OCI image spec):
+/// `chain(L1) = diffID(L1)`, `chain(L1..n) = sha256(chain(L1..n-1) + " " + diffID(Ln))`.
+pub fn chain_id(diff_ids: &[Digest]) -> Option<Digest> {
+    let mut iter = diff_ids.iter();
+    let mut chain = iter.next()?.clone();
+    for d in iter {
+        chain = Digest::of(format!("{chain} {d}").as_bytes());
+    }
+    Some(chain)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn chain_ids_follow_the_oci_rule() {
+        let a = Digest::of(b"a");
+        let b = Digest::of(b"b");
+        assert_eq!(chain_id(&[]), None);
+        assert_eq!(chain_id(std::slice::from_ref(&a)), Some(a.clone()));
+        let ab = chain_id(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(ab, Digest::of(format!("{a} {b}").as_bytes()));
+    }
+
+    #[test]
+    fn compression_names_round_trip() {
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            assert_eq!(c.to_string().parse::<Compression>().unwrap(), c);
+        }
+        assert!("lz4".parse::<Compression>().unwrap_err().contains("lz4"));
+    }
+}
