@@ -1,7 +1,7 @@
 //! sha256 digests and a writer that computes one while passing bytes on.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use sha2::{Digest as _, Sha256};
 
@@ -97,6 +97,42 @@ impl<W: Write> Write for HashWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Passes everything read from `inner` on while hashing and counting it.
+#[derive(Debug)]
+pub struct HashReader<R> {
+    inner: R,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<R: Read> HashReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        HashReader {
+            inner,
+            hash: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    /// The digest and size of what was read.
+    pub fn finish(self) -> (Digest, u64) {
+        (
+            Digest::from_sha(self.hash.finalize().as_slice()),
+            self.count,
+        )
+    }
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
     }
 }
 

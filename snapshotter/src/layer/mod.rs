@@ -5,15 +5,17 @@
 //! the sha256 of the bytes as stored (compressed or not). Deletions are empty files named
 //! `.wh.<name>`; a directory whose lower contents are hidden carries `.wh..wh..opq`.
 //!
-//! This module writes layers ([`diff::write_layer`]); applying them comes with the layers
-//! issue's next part.
+//! [`diff::write_layer`] writes a layer from two trees; [`apply::apply_layer`] applies one to
+//! a tree, confined to it. Wiring both into the store (mounted views, overlay's upper-dir
+//! fast paths, chainIDs) is the layers issue's next part.
 
+pub mod apply;
 pub mod diff;
 mod digest;
 
 use std::fmt;
 
-pub use digest::{Digest, HashWriter};
+pub use digest::{Digest, HashReader, HashWriter};
 
 /// The diffID of the empty layer: a tar of nothing (1024 zero bytes).
 pub const EMPTY_LAYER_DIFF_ID: &str =

@@ -1,0 +1,445 @@
+//! Applying layers: round trips through the writer, a hostile corpus that must not touch
+//! anything outside the tree, atomicity, digests, and layers written by other tools.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use strata::layer::apply::{apply_layer, ApplyOutcome};
+use strata::layer::diff::{write_layer, DiffOptions};
+use strata::layer::{Compression, Digest};
+use strata_tests::{apply, check_directory_equal, require_privileged, Op};
+
+/// A base tree and a changed copy of it, built with the suite's appliers.
+fn trees(base: &Path) -> (PathBuf, PathBuf) {
+    let lower = base.join("lower");
+    let upper = base.join("upper");
+    let common = vec![
+        Op::CreateDir("/etc", 0o755),
+        Op::CreateFile("/etc/hosts", b"127.0.0.1 localhost\n".to_vec(), 0o644),
+        Op::CreateDir("/lib", 0o755),
+        Op::CreateFile("/lib/old", b"old".to_vec(), 0o644),
+        Op::CreateDir("/opaque", 0o755),
+        Op::CreateFile("/opaque/hidden", b"hidden".to_vec(), 0o644),
+        Op::CreateFile("/bin-sh", b"#!".to_vec(), 0o755),
+    ];
+    for root in [&lower, &upper] {
+        fs::create_dir_all(root).unwrap();
+        apply(root, &[Op::Base]).unwrap();
+        apply(root, &common).unwrap();
+    }
+    apply(
+        &upper,
+        &[
+            Op::CreateFile("/etc/hosts", b"10.0.0.1 other\n".to_vec(), 0o600),
+            Op::RemoveAll("/lib/old"),
+            Op::CreateFile("/lib/new", b"new".to_vec(), 0o4755),
+            Op::RemoveAll("/opaque"),
+            Op::CreateDir("/opaque", 0o700),
+            Op::CreateFile("/opaque/fresh", b"fresh".to_vec(), 0o644),
+            Op::Symlink("/does/not/exist", "/dangling"),
+            Op::CreateFile("/hard-a", b"linked".to_vec(), 0o644),
+            Op::Link("/hard-a", "/hard-b"),
+            Op::Chown("/etc/hosts", 1000, 1000),
+        ],
+    )
+    .unwrap();
+    (lower, upper)
+}
+
+fn cp_a(from: &Path, to: &Path) {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_layer_applied_to_its_lower_tree_gives_the_upper_tree() {
+    if !require_privileged("layer round trip") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, upper) = trees(tmp.path());
+    for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let opts = DiffOptions {
+            compression: c,
+            ..DiffOptions::default()
+        };
+        let (desc, _, blob) = write_layer(Some(&lower), &upper, Vec::new(), &opts).unwrap();
+        let target = tmp.path().join(format!("target-{c}"));
+        cp_a(&lower, &target);
+        let applied = apply_layer(&target, blob.as_slice(), Some(&desc.digest)).unwrap();
+        assert_eq!(
+            applied.descriptor, desc,
+            "{c}: the applier sees the same descriptor"
+        );
+        check_directory_equal(&target, &upper).unwrap_or_else(|d| panic!("{c}:\n{d}"));
+    }
+}
+
+#[test]
+fn a_wrong_digest_is_refused_and_a_fresh_tree_stays_empty() {
+    if !require_privileged("layer digests") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, upper) = trees(tmp.path());
+    let (desc, _, blob) = write_layer(None, &upper, Vec::new(), &DiffOptions::default()).unwrap();
+    let target = tmp.path().join("target");
+    fs::create_dir(&target).unwrap();
+    let wrong = Digest::of(b"something else");
+    let (e, outcome) = apply_layer(&target, blob.as_slice(), Some(&wrong)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(wrong.as_str()) && msg.contains(desc.digest.as_str()),
+        "{msg}"
+    );
+    assert_eq!(outcome, ApplyOutcome::Untouched);
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 0, "left empty");
+
+    // A truncated blob fails too, naming what it was doing, and leaves the tree empty.
+    let (e, outcome) = apply_layer(&target, &blob[..blob.len() / 2], None).unwrap_err();
+    assert_eq!(outcome, ApplyOutcome::Untouched, "{e}");
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+    // Garbage is not a layer.
+    let (e, _) = apply_layer(&target, &[7u8; 4096][..], None).unwrap_err();
+    assert!(e.to_string().contains("layer"), "{e}");
+}
+
+/// A tar built from raw headers, so that names the tar crate would refuse can be written.
+struct Hostile {
+    b: tar::Builder<Vec<u8>>,
+}
+
+impl Hostile {
+    fn new() -> Self {
+        Hostile {
+            b: tar::Builder::new(Vec::new()),
+        }
+    }
+
+    fn raw(&mut self, kind: tar::EntryType, name: &str, link: &str, data: &[u8]) -> &mut Self {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(if kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_size(data.len() as u64);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_000_000_000);
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_cksum();
+        self.b.append(&h, data).unwrap();
+        self
+    }
+
+    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+        self.raw(tar::EntryType::Regular, name, "", data)
+    }
+
+    fn dir(&mut self, name: &str) -> &mut Self {
+        self.raw(tar::EntryType::Directory, name, "", b"")
+    }
+
+    fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+        self.raw(tar::EntryType::Symlink, name, target, b"")
+    }
+
+    fn link(&mut self, name: &str, target: &str) -> &mut Self {
+        self.raw(tar::EntryType::Link, name, target, b"")
+    }
+
+    fn bytes(&mut self) -> Vec<u8> {
+        self.b.finish().unwrap();
+        self.b.get_ref().clone()
+    }
+}
+
+/// Everything under `dir`: path, and content or link target.
+fn snapshot_of(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let m = fs::symlink_metadata(&path).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {:?}", fs::read_link(&path).unwrap())
+            } else if m.is_dir() {
+                stack.push(path.clone());
+                "dir".into()
+            } else {
+                format!(
+                    "{:?} {:o}",
+                    fs::read(&path).unwrap(),
+                    m.permissions().mode()
+                )
+            };
+            out.push((path, what));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_hostile_layer_never_touches_anything_outside_the_tree() {
+    if !require_privileged("hostile layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("victim"), "precious").unwrap();
+    let out_abs = outside.to_str().unwrap().to_string();
+    let victim = format!("{out_abs}/victim");
+
+    // (what, layer, None = accepted and kept inside / Some(part of the refusal))
+    let corpus: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        (
+            "dotdot",
+            Hostile::new().file("../outside/evil", b"x").bytes(),
+            Some("'..'"),
+        ),
+        (
+            "dotdot in the middle",
+            Hostile::new().file("a/../../outside/evil", b"x").bytes(),
+            Some("'..'"),
+        ),
+        (
+            "symlink to outside, then write through it",
+            Hostile::new()
+                .symlink("link", &out_abs)
+                .file("link/evil", b"x")
+                .bytes(),
+            Some("symlink that leads to no directory inside"),
+        ),
+        (
+            "relative symlink climbing out (resolves to the root)",
+            Hostile::new()
+                .symlink("up", "../../../../..")
+                .file("up/evil", b"x")
+                .bytes(),
+            None,
+        ),
+        (
+            "symlink replacing a directory mid-archive",
+            Hostile::new()
+                .dir("d/")
+                .symlink("d", &out_abs)
+                .file("d/evil", b"x")
+                .bytes(),
+            Some("symlink that leads to no directory inside"),
+        ),
+        (
+            "hard link to outside by ..",
+            Hostile::new().link("hl", "../outside/victim").bytes(),
+            Some("link target leaves the layer"),
+        ),
+        (
+            "hard link to an absolute path (resolves inside, where it is missing)",
+            Hostile::new().link("hl", &victim).bytes(),
+            Some("create the hard link"),
+        ),
+        (
+            "hard link to a symlink, then a write to it",
+            Hostile::new()
+                .symlink("s", &victim)
+                .link("h", "s")
+                .file("h", b"overwritten")
+                .bytes(),
+            None,
+        ),
+        (
+            "whiteout through a symlink",
+            Hostile::new()
+                .symlink("w", &out_abs)
+                .file("w/.wh.victim", b"")
+                .bytes(),
+            Some("symlink that leads to no directory inside"),
+        ),
+        (
+            "opaque marker through a symlink",
+            Hostile::new()
+                .symlink("w", &out_abs)
+                .file("w/.wh..wh..opq", b"")
+                .bytes(),
+            Some("symlink that leads to no directory inside"),
+        ),
+        (
+            "whiteout of ..",
+            Hostile::new()
+                .file(".wh..", b"")
+                .file("x/.wh..", b"")
+                .bytes(),
+            Some("whiteout of nothing"),
+        ),
+        (
+            "reserved .wh..wh. name",
+            Hostile::new().file(".wh..wh.plnk", b"").bytes(),
+            Some("reserved"),
+        ),
+        (
+            "overwrite of a symlink that points outside",
+            Hostile::new()
+                .symlink("x", &victim)
+                .file("x", b"overwritten")
+                .bytes(),
+            None,
+        ),
+    ];
+    for (what, layer, refusal) in corpus {
+        let root = tmp.path().join("root");
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir(&root).unwrap();
+        let before = snapshot_of(&outside);
+        let result = apply_layer(&root, layer.as_slice(), None);
+        assert_eq!(
+            snapshot_of(&outside),
+            before,
+            "{what}: something outside the tree changed"
+        );
+        assert_eq!(
+            fs::read_to_string(outside.join("victim")).unwrap(),
+            "precious",
+            "{what}"
+        );
+        match (result, refusal) {
+            (Err((e, outcome)), Some(why)) => {
+                assert!(
+                    e.to_string().contains(why),
+                    "{what}: refused for another reason: {e}"
+                );
+                assert_eq!(outcome, ApplyOutcome::Untouched, "{what}: {e}");
+                assert_eq!(
+                    fs::read_dir(&root).unwrap().count(),
+                    0,
+                    "{what}: a failed apply leaves the fresh tree empty"
+                );
+            }
+            (Ok(_), None) => {
+                for (p, _) in snapshot_of(&root) {
+                    assert!(p.starts_with(&root), "{what}: {}", p.display());
+                }
+            }
+            (Err((e, _)), None) => panic!("{what}: should be accepted (and kept inside), got {e}"),
+            (Ok(_), Some(why)) => panic!("{what}: should be refused ({why})"),
+        }
+    }
+    // The refusals say what they refuse.
+    let root = tmp.path().join("root2");
+    fs::create_dir(&root).unwrap();
+    let (e, _) = apply_layer(
+        &root,
+        Hostile::new()
+            .file("../outside/evil", b"x")
+            .bytes()
+            .as_slice(),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("\"../outside/evil\"") && e.to_string().contains(".."),
+        "{e}"
+    );
+    let (e, _) = apply_layer(
+        &root,
+        Hostile::new().file(".wh..wh.plnk", b"").bytes().as_slice(),
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("reserved"), "{e}");
+}
+
+#[test]
+fn layers_written_by_gnu_tar_and_python_apply() {
+    if !require_privileged("foreign layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("dir/sub")).unwrap();
+    fs::write(src.join("dir/sub/file"), "from gnu tar").unwrap();
+    std::os::unix::fs::symlink("sub/file", src.join("dir/link")).unwrap();
+    fs::write(src.join("dir/.wh.gone"), "").unwrap();
+    let gnu = tmp.path().join("gnu.tar");
+    let out = Command::new("tar")
+        .args(["--numeric-owner", "-C"])
+        .arg(&src)
+        .arg("-cf")
+        .arg(&gnu)
+        .arg("dir")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let root = tmp.path().join("root");
+    fs::create_dir_all(root.join("dir")).unwrap();
+    fs::write(root.join("dir/gone"), "from a lower layer").unwrap();
+    apply_layer(&root, fs::File::open(&gnu).unwrap(), None).unwrap();
+    assert_eq!(
+        fs::read_to_string(root.join("dir/sub/file")).unwrap(),
+        "from gnu tar"
+    );
+    assert_eq!(
+        fs::read_link(root.join("dir/link")).unwrap(),
+        Path::new("sub/file")
+    );
+    assert!(
+        !root.join("dir/gone").exists(),
+        "the whiteout deleted the lower file"
+    );
+    assert!(
+        !root.join("dir/.wh.gone").exists(),
+        "whiteouts are not files"
+    );
+
+    let py = tmp.path().join("py.tar.gz");
+    let script = format!(
+        "import tarfile, io\nt = tarfile.open({:?}, 'w:gz', format=tarfile.PAX_FORMAT)\ni = tarfile.TarInfo('{}/file')\ni.size = 6\nt.addfile(i, io.BytesIO(b'python'))\nt.close()\n",
+        py.to_str().unwrap(),
+        "p".repeat(150)
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied = apply_layer(&root, fs::File::open(&py).unwrap(), None).unwrap();
+    assert_eq!(
+        applied.descriptor.media_type,
+        Compression::Gzip.media_type()
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("p".repeat(150)).join("file")).unwrap(),
+        "python"
+    );
+    let _ = std::io::stdout().flush();
+}
