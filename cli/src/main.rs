@@ -166,6 +166,27 @@ enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Write a committed snapshot's changes against its parent as an OCI layer
+    Diff {
+        /// Committed snapshot or image
+        name: String,
+        /// Compression: none, gzip or zstd
+        #[arg(long, default_value = "none")]
+        compression: strata::layer::Compression,
+        /// Where to write the layer
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Apply an OCI layer (plain, gzip or zstd) to an active snapshot
+    Apply {
+        /// Active snapshot
+        key: String,
+        /// The layer file
+        file: PathBuf,
+        /// The blob digest the layer must have (sha256:...)
+        #[arg(long)]
+        digest: Option<String>,
+    },
     /// Check the store: interrupted operations, orphaned storage, broken snapshots, stale
     /// export guards, leaked mounts. Exit status 1 when anything is wrong
     Fsck {
@@ -263,6 +284,13 @@ impl AnyStore {
         }
     }
 
+    fn layers(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
+        match self {
+            AnyStore::Native(s) => layers(s, cmd, out),
+            AnyStore::Overlay(s) => layers(s, cmd, out),
+        }
+    }
+
     fn fsck(&self, repair: bool) -> strata::Result<strata::FsckReport> {
         match self {
             AnyStore::Native(s) => s.fsck(repair),
@@ -349,6 +377,39 @@ fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnySto
         ))
         .into()),
     }
+}
+
+/// `diff` and `apply`.
+fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
+    match cmd {
+        Command::Diff {
+            name,
+            compression,
+            output,
+        } => {
+            let file = std::fs::File::create(output)
+                .map_err(|e| Error::io(output, "create the layer file", e))?;
+            let opts = strata::layer::diff::DiffOptions::from_env(*compression);
+            let (desc, stats, file) = s.diff(name, &opts, std::io::BufWriter::new(file))?;
+            file.into_inner()
+                .map_err(|e| Error::io(output, "write the layer file", e.into_error()))?
+                .sync_all()
+                .map_err(|e| Error::io(output, "sync the layer file", e))?;
+            out.descriptor(&desc, stats.entries);
+        }
+        Command::Apply { key, file, digest } => {
+            let expected = digest
+                .as_deref()
+                .map(strata::layer::Digest::parse)
+                .transpose()
+                .map_err(CliError)?;
+            let f = std::fs::File::open(file).map_err(|e| Error::io(file, "open the layer", e))?;
+            let applied = s.apply(key, std::io::BufReader::new(f), expected.as_ref())?;
+            out.descriptor(&applied.descriptor, applied.entries);
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The tracker's subcommands (images, leases, gc).
@@ -491,6 +552,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             }
             return Ok(());
         }
+        cmd @ (Command::Diff { .. } | Command::Apply { .. }) => store.layers(&cmd, out)?,
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }
         | Command::Images

@@ -227,6 +227,25 @@ impl Output {
         }
     }
 
+    /// A layer's descriptor.
+    pub(crate) fn descriptor(&self, d: &strata::layer::Descriptor, entries: u64) {
+        if self.json {
+            self.print_json(&json!({
+                "mediaType": d.media_type,
+                "digest": d.digest.as_str(),
+                "size": d.size,
+                "diffID": d.diff_id.as_str(),
+                "entries": entries,
+            }));
+        } else {
+            println!("mediaType: {}", d.media_type);
+            println!("digest:    {}", d.digest);
+            println!("size:      {}", d.size);
+            println!("diffID:    {}", d.diff_id);
+            println!("entries:   {entries}");
+        }
+    }
+
     /// A plain confirmation.
     pub(crate) fn done(&self, msg: &str) {
         if self.json {

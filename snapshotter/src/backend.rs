@@ -90,6 +90,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The mounts that present snapshot `id` of `kind` with its `parents`.
     fn mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Result<Vec<Mount>, Self::Error>;
 
+    /// Read-only mounts presenting the committed `chain` (top first) as one tree, without
+    /// creating any storage: what a diff reads.
+    fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, Self::Error>;
+
     /// Deletes the storage of `id`, including temporary leftovers of an interrupted create.
     /// Succeeds when there is nothing to delete.
     fn remove(&self, id: u64) -> Result<(), Self::Error>;

@@ -370,6 +370,9 @@ fn the_recorded_backend_must_match() {
         fn mounts(&self, i: u64, k: Kind, p: &[u64]) -> Result<Vec<Mount>, SimError> {
             self.0.mounts(i, k, p)
         }
+        fn view_mounts(&self, c: &[u64]) -> Result<Vec<Mount>, SimError> {
+            self.0.view_mounts(c)
+        }
         fn remove(&self, i: u64) -> Result<(), SimError> {
             self.0.remove(i)
         }

@@ -36,6 +36,9 @@ pub enum NativeError {
         /// The snapshot id.
         id: u64,
     },
+    /// A view of no snapshot was asked for.
+    #[error("a view needs at least one committed snapshot")]
+    EmptyChain,
 }
 
 impl BackendError for NativeError {
@@ -43,6 +46,7 @@ impl BackendError for NativeError {
         match self {
             NativeError::Io { .. } => ErrorKind::Internal,
             NativeError::Committed { .. } => ErrorKind::FailedPrecondition,
+            NativeError::EmptyChain => ErrorKind::InvalidArgument,
         }
     }
 }
@@ -85,6 +89,42 @@ impl NativeBackend {
     fn tmp_dir(&self, id: u64) -> PathBuf {
         self.dirs.tmp(id)
     }
+
+    /// Builds snapshot `id` in `tmp` and renames it into place.
+    fn build(
+        &self,
+        id: u64,
+        tmp: &Path,
+        parents: &[u64],
+        opts: &CreateOptions,
+    ) -> Result<(), NativeError> {
+        fs::create_dir(tmp).map_err(io_err(tmp, "create the temporary directory"))?;
+        let fs_dir = tmp.join("fs");
+        match parents.first() {
+            None => {
+                fs::create_dir(&fs_dir).map_err(io_err(&fs_dir, "create the root directory"))?;
+                // Exactly 0755 whatever the umask.
+                fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))
+                    .map_err(io_err(&fs_dir, "set the root directory's mode"))?;
+            }
+            Some(&parent) => {
+                let src = self.fs_path(parent);
+                copy_tree(&src, &fs_dir).map_err(io_err(&src, "copy the parent's tree"))?;
+            }
+        }
+        if opts.durable {
+            fsutil::sync_filesystem(tmp).map_err(io_err(tmp, "sync the new snapshot"))?;
+        }
+        let dir = self.dir(id);
+        fs::rename(tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
+        if opts.durable {
+            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
+                self.dirs.snapshots(),
+                "sync the snapshots directory",
+            ))?;
+        }
+        Ok(())
+    }
 }
 
 impl Backend for NativeBackend {
@@ -103,32 +143,14 @@ impl Backend for NativeBackend {
     ) -> Result<(), NativeError> {
         let tmp = self.tmp_dir(id);
         fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
-        fs::create_dir(&tmp).map_err(io_err(&tmp, "create the temporary directory"))?;
-        let fs_dir = tmp.join("fs");
-        match parents.first() {
-            None => {
-                fs::create_dir(&fs_dir).map_err(io_err(&fs_dir, "create the root directory"))?;
-                // Exactly 0755 whatever the umask.
-                fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))
-                    .map_err(io_err(&fs_dir, "set the root directory's mode"))?;
-            }
-            Some(&parent) => {
-                let src = self.fs_path(parent);
-                copy_tree(&src, &fs_dir).map_err(io_err(&src, "copy the parent's tree"))?;
+        let result = self.build(id, &tmp, parents, opts);
+        if result.is_err() {
+            // Best effort: `remove` clears it later anyway, and `ids` never lists it.
+            if let Err(e) = fsutil::remove_tree(&tmp) {
+                tracing::warn!(path = %tmp.display(), error = %e, "could not remove the temporary directory of a failed create");
             }
         }
-        if opts.durable {
-            fsutil::sync_filesystem(&tmp).map_err(io_err(&tmp, "sync the new snapshot"))?;
-        }
-        let dir = self.dir(id);
-        fs::rename(&tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
-        if opts.durable {
-            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
-                self.dirs.snapshots(),
-                "sync the snapshots directory",
-            ))?;
-        }
-        Ok(())
+        result
     }
 
     fn commit(&self, id: u64, _parents: &[u64], durable: bool) -> Result<Usage, NativeError> {
@@ -144,6 +166,14 @@ impl Backend for NativeBackend {
             Kind::Active => Ok(vec![Mount::bind(&self.fs_path(id), false)]),
             Kind::View => Ok(vec![Mount::bind(&self.fs_path(id), true)]),
             Kind::Committed => Err(NativeError::Committed { id }),
+        }
+    }
+
+    fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, NativeError> {
+        // Every native snapshot holds its whole tree: the top one is the view.
+        match chain.first() {
+            Some(&top) => Ok(vec![Mount::bind(&self.fs_path(top), true)]),
+            None => Err(NativeError::EmptyChain),
         }
     }
 

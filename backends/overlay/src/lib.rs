@@ -77,6 +77,9 @@ pub enum OverlayError {
         /// The snapshot id.
         id: u64,
     },
+    /// A view of no snapshot was asked for.
+    #[error("a view needs at least one committed snapshot")]
+    EmptyChain,
 }
 
 impl BackendError for OverlayError {
@@ -87,6 +90,7 @@ impl BackendError for OverlayError {
                 ErrorKind::FailedPrecondition
             }
             OverlayError::VolatileLost { .. } => ErrorKind::DataLoss,
+            OverlayError::EmptyChain => ErrorKind::InvalidArgument,
         }
     }
 }
@@ -330,6 +334,28 @@ impl Backend for OverlayBackend {
                 options.push(format!("workdir={}", self.work_path(id).display()));
                 options.push(format!("upperdir={}", self.fs_path(id).display()));
                 options.push(self.lowerdir(parents));
+                Ok(vec![Mount {
+                    fs_type: "overlay".into(),
+                    source: "overlay".into(),
+                    options,
+                }])
+            }
+        }
+    }
+
+    fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, OverlayError> {
+        match chain {
+            [] => Err(OverlayError::EmptyChain),
+            [top] => Ok(vec![Mount::bind(&self.fs_path(*top), true)]),
+            _ if chain.len() > OVERLAY_MAX_LAYERS => {
+                Err(OverlayError::TooDeep { depth: chain.len() })
+            }
+            _ => {
+                let mut options = Vec::new();
+                if self.index_off {
+                    options.push("index=off".to_string());
+                }
+                options.push(self.lowerdir(chain));
                 Ok(vec![Mount {
                     fs_type: "overlay".into(),
                     source: "overlay".into(),

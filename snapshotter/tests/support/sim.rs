@@ -74,6 +74,13 @@ impl Backend for Sim {
         )])
     }
 
+    fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, SimError> {
+        let top = chain
+            .first()
+            .ok_or_else(|| SimError("empty chain".into()))?;
+        Ok(vec![Mount::bind(&self.dir.join(top.to_string()), true)])
+    }
+
     fn remove(&self, id: u64) -> Result<(), SimError> {
         if self.fail_remove.lock().unwrap().contains(&id) {
             return Err(SimError(format!("injected remove failure for {id}")));

@@ -1,0 +1,185 @@
+//! Layers through the store, on every backend: diff a committed snapshot, apply the layer
+//! onto its parent, and get the same tree; the same change set gives the same diffID on
+//! every backend; a layer that fails half-way marks the snapshot broken.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::Path;
+
+use strata::layer::diff::DiffOptions;
+use strata::layer::{Compression, Descriptor};
+use strata::{Backend, ErrorKind, Labels, Snapshotter, Store, StoreOptions};
+use strata_tests::{apply, check_directory_equal, require_privileged, Mounted, Op};
+
+fn base_ops() -> Vec<Op> {
+    vec![
+        Op::CreateDir("/etc", 0o755),
+        Op::CreateFile("/etc/hosts", b"127.0.0.1 localhost\n".to_vec(), 0o644),
+        Op::CreateDir("/var", 0o755),
+        Op::CreateDir("/var/cache", 0o755),
+        Op::CreateFile("/var/cache/a", b"a".to_vec(), 0o644),
+        Op::CreateFile("/var/cache/b", b"b".to_vec(), 0o644),
+        Op::CreateFile("/tool", b"#!/bin/sh\n".to_vec(), 0o755),
+    ]
+}
+
+fn top_ops() -> Vec<Op> {
+    vec![
+        Op::CreateFile("/etc/hosts", b"10.1.1.1 other\n".to_vec(), 0o644),
+        Op::RemoveAll("/var/cache"),
+        Op::CreateDir("/var/cache", 0o700),
+        Op::CreateFile("/var/cache/c", b"c".to_vec(), 0o600),
+        Op::RemoveAll("/tool"),
+        Op::CreateFile("/suid", b"s".to_vec(), 0o4755),
+        Op::Chown("/suid", 12, 34),
+        Op::Symlink("/nowhere", "/dangling"),
+        Op::CreateFile("/h1", b"linked".to_vec(), 0o644),
+        Op::Link("/h1", "/h2"),
+    ]
+}
+
+/// Builds base (committed) and top (committed on base) with the given changes.
+fn build<B: Backend>(s: &Store<B>, work: &Path) {
+    let m = Mounted::new(
+        &s.prepare("base-a", None, Labels::new()).unwrap(),
+        &work.join("m1"),
+    );
+    apply(m.path(), &base_ops()).unwrap();
+    m.unmount();
+    s.commit("base", "base-a", Labels::new()).unwrap();
+    let m = Mounted::new(
+        &s.prepare("top-a", Some("base"), Labels::new()).unwrap(),
+        &work.join("m2"),
+    );
+    apply(m.path(), &top_ops()).unwrap();
+    m.unmount();
+    s.commit("top", "top-a", Labels::new()).unwrap();
+}
+
+fn round_trip<B: Backend>(s: &Store<B>, work: &Path) -> Descriptor {
+    build(s, work);
+    let opts = DiffOptions {
+        compression: Compression::Gzip,
+        source_date_epoch: Some(1_000),
+    };
+    let (desc, stats, blob) = s.diff("top", &opts, Vec::new()).unwrap();
+    assert!(stats.whiteouts >= 1, "the removed tool is a whiteout");
+    assert!(
+        stats.entries >= 8,
+        "every change is in the layer: {stats:?}"
+    );
+    assert_ne!(desc.diff_id.as_str(), strata::layer::EMPTY_LAYER_DIFF_ID);
+    // Apply it to a fresh snapshot of the parent: the result is the top again.
+    s.prepare("copy-a", Some("base"), Labels::new()).unwrap();
+    let applied = s
+        .apply("copy-a", blob.as_slice(), Some(&desc.digest))
+        .unwrap();
+    assert_eq!(applied.descriptor, desc);
+    s.commit("copy", "copy-a", Labels::new()).unwrap();
+    let a = Mounted::new(
+        &s.view("va", Some("top"), Labels::new()).unwrap(),
+        &work.join("va"),
+    );
+    let b = Mounted::new(
+        &s.view("vb", Some("copy"), Labels::new()).unwrap(),
+        &work.join("vb"),
+    );
+    check_directory_equal(a.path(), b.path()).unwrap();
+    // And diffing the copy gives the very same layer.
+    let (again, _, _) = s.diff("copy", &opts, Vec::new()).unwrap();
+    assert_eq!(again.diff_id, desc.diff_id);
+    desc
+}
+
+#[test]
+fn the_same_change_set_is_the_same_layer_on_every_backend() {
+    if !require_privileged("layers through the store") {
+        return;
+    }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    let t1 = tempfile::tempdir().unwrap();
+    let native = Store::open(
+        &t1.path().join("root"),
+        strata_native::NativeBackend::open(&t1.path().join("root")).unwrap(),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let d_native = round_trip(&native, t1.path());
+    let t2 = tempfile::tempdir().unwrap();
+    let overlay = Store::open(
+        &t2.path().join("root"),
+        strata_overlay::OverlayBackend::open(&t2.path().join("root"), Default::default()).unwrap(),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let d_overlay = round_trip(&overlay, t2.path());
+    assert_eq!(
+        d_native.diff_id, d_overlay.diff_id,
+        "same changes, same diffID"
+    );
+}
+
+#[test]
+fn a_layer_that_fails_half_way_marks_the_snapshot_broken() {
+    if !require_privileged("half-applied layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = Store::open(
+        &root,
+        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    build(&s, tmp.path());
+    // A valid entry, then a hostile one: the first is applied before the second is refused.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("ok").unwrap();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, &b"ok"[..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.as_old_mut().name[..6].copy_from_slice(b"../bad");
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, &b""[..]).unwrap();
+    let layer = b.into_inner().unwrap();
+
+    s.prepare("target", Some("base"), Labels::new()).unwrap();
+    let e = s.apply("target", layer.as_slice(), None).unwrap_err();
+    assert_eq!(
+        (e.kind(), e.key()),
+        (ErrorKind::DataLoss, Some("target")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("../bad"), "{e}");
+    let e = s.mounts("target").unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::DataLoss,
+        "a broken snapshot is not mounted again: {e}"
+    );
+    let report = s.fsck(false).unwrap();
+    assert_eq!(report.broken.len(), 1);
+    s.remove("target").unwrap();
+
+    // Applying to something that is not active is refused up front.
+    let e = s.apply("base", &b""[..], None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    let e = s
+        .diff("missing", &DiffOptions::default(), Vec::new())
+        .unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("missing")));
+    let _ = fs::remove_dir_all(tmp.path().join("m1"));
+}
