@@ -187,6 +187,21 @@ enum Command {
         #[arg(long)]
         digest: Option<String>,
     },
+    /// Apply a layer on a parent and commit it under its chainID (prints the name); with
+    /// --diff-id, an already committed chain is returned without reading the file
+    ApplyLayer {
+        /// The layer file
+        file: PathBuf,
+        /// Parent layer (made by apply-layer) or image
+        #[arg(long)]
+        parent: Option<String>,
+        /// The layer's diffID, when known (sha256 of the uncompressed tar)
+        #[arg(long)]
+        diff_id: Option<String>,
+        /// The blob digest the layer must have
+        #[arg(long)]
+        digest: Option<String>,
+    },
     /// Check the store: interrupted operations, orphaned storage, broken snapshots, stale
     /// export guards, leaked mounts. Exit status 1 when anything is wrong
     Fsck {
@@ -397,6 +412,28 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
                 .map_err(|e| Error::io(output, "sync the layer file", e))?;
             out.descriptor(&desc, stats.entries);
         }
+        Command::ApplyLayer {
+            file,
+            parent,
+            diff_id,
+            digest,
+        } => {
+            let parse = |d: &Option<String>| {
+                d.as_deref()
+                    .map(strata::layer::Digest::parse)
+                    .transpose()
+                    .map_err(CliError)
+            };
+            let (diff_id, digest) = (parse(diff_id)?, parse(digest)?);
+            let f = std::fs::File::open(file).map_err(|e| Error::io(file, "open the layer", e))?;
+            let l = s.apply_layer(
+                parent.as_deref(),
+                digest.as_ref(),
+                diff_id.as_ref(),
+                std::io::BufReader::new(f),
+            )?;
+            out.applied_layer(&l);
+        }
         Command::Apply { key, file, digest } => {
             let expected = digest
                 .as_deref()
@@ -552,7 +589,9 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             }
             return Ok(());
         }
-        cmd @ (Command::Diff { .. } | Command::Apply { .. }) => store.layers(&cmd, out)?,
+        cmd @ (Command::Diff { .. } | Command::Apply { .. } | Command::ApplyLayer { .. }) => {
+            store.layers(&cmd, out)?
+        }
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }
         | Command::Images

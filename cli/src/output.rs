@@ -246,6 +246,20 @@ impl Output {
         }
     }
 
+    /// What apply-layer produced.
+    pub(crate) fn applied_layer(&self, l: &strata::AppliedLayer) {
+        if self.json {
+            self.print_json(&json!({
+                "name": l.name,
+                "diffID": l.diff_id.as_str(),
+                "cached": l.cached,
+                "digest": l.descriptor.as_ref().map(|d| d.digest.as_str()),
+            }));
+        } else {
+            println!("{}", l.name);
+        }
+    }
+
     /// A plain confirmation.
     pub(crate) fn done(&self, msg: &str) {
         if self.json {

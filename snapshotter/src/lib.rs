@@ -34,7 +34,9 @@ mod sys;
 pub use backend::{Backend, CreateOptions, JournalOp};
 pub use error::{BackendError, Error, ErrorKind, Result};
 pub use snapshotter::Snapshotter;
-pub use store::{ExportGuard, FsckReport, GcReport, GuardedLayer, LeaseInfo, Store, StoreOptions};
+pub use store::{
+    AppliedLayer, ExportGuard, FsckReport, GcReport, GuardedLayer, LeaseInfo, Store, StoreOptions,
+};
 pub use types::{Info, Kind, Labels, Mount, Usage};
 
 /// Label that asks the overlay backend to mount an Active snapshot `volatile` (value `true`).

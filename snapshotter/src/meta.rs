@@ -10,6 +10,8 @@
 //! * `meta` — the recorded backend and the id counter (ids are never reused).
 //! * `images` — image name → top committed snapshot (version 2).
 //! * `leases`, `lease_snapshots` — named holders with an optional expiry (version 2).
+//! * `snapshots.diff_id`, `snapshots.chain_id` — for layers applied by `apply_layer`
+//!   (version 3).
 //!
 //! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
 //! to date inside one transaction.
@@ -87,6 +89,10 @@ CREATE TABLE lease_snapshots (
     PRIMARY KEY (lease, snapshot_id)
 ) WITHOUT ROWID;
 CREATE INDEX lease_snapshots_snapshot ON lease_snapshots(snapshot_id);
+"#,
+    r#"
+ALTER TABLE snapshots ADD COLUMN diff_id TEXT;
+ALTER TABLE snapshots ADD COLUMN chain_id TEXT;
 "#,
 ];
 
@@ -838,6 +844,23 @@ impl Tx<'_> {
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.e("find unreachable snapshots", e))?;
         Ok(rows)
+    }
+
+    /// Records the layer identity of snapshot `id`.
+    pub fn set_layer_ids(&self, id: u64, diff_id: &str, chain_id: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE snapshots SET diff_id = ?2, chain_id = ?3 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![db_id(id), diff_id, chain_id]))
+            .map(|_| ())
+            .map_err(|e| self.e("record the layer's digests", e))
+    }
+
+    /// The (diffID, chainID) recorded for snapshot `id`.
+    pub fn layer_ids(&self, id: u64) -> Result<(Option<String>, Option<String>)> {
+        self.tx
+            .prepare_cached("SELECT diff_id, chain_id FROM snapshots WHERE id = ?1")
+            .and_then(|mut s| s.query_row([db_id(id)], |r| Ok((r.get(0)?, r.get(1)?))))
+            .map_err(|e| self.e("read the layer's digests", e))
     }
 
     /// Names of the leases whose name starts with `prefix`.

@@ -40,6 +40,7 @@ mod tracker;
 
 pub use recovery::FsckReport;
 
+pub use layers::AppliedLayer;
 pub use tracker::{ExportGuard, GcReport, GuardedLayer, LeaseInfo};
 
 /// How a store behaves.

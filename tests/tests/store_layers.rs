@@ -183,3 +183,103 @@ fn a_layer_that_fails_half_way_marks_the_snapshot_broken() {
     assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("missing")));
     let _ = fs::remove_dir_all(tmp.path().join("m1"));
 }
+
+/// A reader that fails the test if anything reads it.
+struct MustNotRead;
+
+impl std::io::Read for MustNotRead {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        panic!("a cache hit must not read the layer");
+    }
+}
+
+#[test]
+fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
+    if !require_privileged("apply-layer") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = Store::open(
+        &root,
+        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    build(&s, tmp.path());
+    let opts = DiffOptions::default();
+    let (d1, _, l1) = s.diff("base", &opts, Vec::new()).unwrap();
+    let (d2, _, l2) = s.diff("top", &opts, Vec::new()).unwrap();
+
+    let a = s
+        .apply_layer(None, Some(&d1.digest), None, l1.as_slice())
+        .unwrap();
+    assert_eq!(
+        a.name,
+        d1.diff_id.as_str(),
+        "the bottom layer's chainID is its diffID"
+    );
+    assert!(!a.cached);
+    let b = s
+        .apply_layer(Some(&a.name), None, Some(&d2.diff_id), l2.as_slice())
+        .unwrap();
+    let want = strata::layer::chain_id(&[d1.diff_id.clone(), d2.diff_id.clone()]).unwrap();
+    assert_eq!(b.name, want.as_str());
+    assert_eq!(
+        s.stat(&b.name).unwrap().parent.as_deref(),
+        Some(a.name.as_str())
+    );
+
+    // Known diffID and chain already there: returned without reading the stream.
+    let hit = s
+        .apply_layer(Some(&a.name), None, Some(&d2.diff_id), MustNotRead)
+        .unwrap();
+    assert!(hit.cached && hit.name == b.name);
+    // Unknown diffID: read, found to be there already, nothing new is kept.
+    let again = s
+        .apply_layer(Some(&a.name), None, None, l2.as_slice())
+        .unwrap();
+    assert_eq!(again.name, b.name);
+    let names: Vec<String> = s.list(&[]).unwrap().into_iter().map(|i| i.name).collect();
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("strata.io/apply/"))
+            .count(),
+        0,
+        "{names:?}"
+    );
+
+    // The result presents the same tree as the original.
+    let x = Mounted::new(
+        &s.view("vx", Some("top"), Labels::new()).unwrap(),
+        &tmp.path().join("vx"),
+    );
+    let y = Mounted::new(
+        &s.view("vy", Some(&b.name), Labels::new()).unwrap(),
+        &tmp.path().join("vy"),
+    );
+    check_directory_equal(x.path(), y.path()).unwrap();
+    drop((x, y));
+
+    // A wrong diffID, a wrong digest, a bad parent: errors, and nothing left behind.
+    let before = s.list(&[]).unwrap().len();
+    let wrong = strata::layer::Digest::of(b"not it");
+    let e = s
+        .apply_layer(None, None, Some(&wrong), l1.as_slice())
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(wrong.as_str()) && msg.contains(d1.diff_id.as_str()),
+        "{msg}"
+    );
+    let e = s
+        .apply_layer(Some(&a.name), Some(&wrong), None, l2.as_slice())
+        .unwrap_err();
+    assert!(e.to_string().contains(wrong.as_str()), "{e}");
+    let e = s
+        .apply_layer(Some("top"), None, None, l2.as_slice())
+        .unwrap_err();
+    assert!(e.to_string().contains("no chainID"), "{e}");
+    assert_eq!(s.list(&[]).unwrap().len(), before);
+}

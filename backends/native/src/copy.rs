@@ -285,7 +285,7 @@ fn open_source(path: &Path, flags: OFlags) -> io::Result<OwnedFd> {
 }
 
 /// The names in directory `path`, sorted, without `.` and `..`.
-fn list_dir(path: &Path) -> io::Result<Vec<OsString>> {
+pub(crate) fn list_dir(path: &Path) -> io::Result<Vec<OsString>> {
     let fd = open_source(path, OFlags::RDONLY | OFlags::DIRECTORY)?;
     let mut dir = rustix::fs::Dir::new(fd)?;
     let mut names = Vec::new();

@@ -96,3 +96,123 @@ impl<B: Backend> Store<B> {
         }
     }
 }
+
+/// What [`Store::apply_layer`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedLayer {
+    /// The committed snapshot: its name is the layer's chainID.
+    pub name: String,
+    /// The layer's diffID.
+    pub diff_id: Digest,
+    /// The blob's descriptor, when the blob was read (`None` on a cache hit).
+    pub descriptor: Option<Descriptor>,
+    /// True when the layer was already there and the stream was not read.
+    pub cached: bool,
+}
+
+impl<B: Backend> Store<B> {
+    /// The chainID of committed snapshot `name` when it was made by
+    /// [`Store::apply_layer`].
+    fn chain_id_of(&self, name: &str) -> Result<Digest> {
+        let (row, _) = self.row(name)?;
+        let (_, chain) = self.with_meta(|m| m.read(name)?.layer_ids(row.id))?;
+        let chain = chain.ok_or_else(|| {
+            Error::precondition(
+                name,
+                "has no chainID: only layers made by apply-layer can be parents of apply-layer",
+            )
+        })?;
+        Digest::parse(&chain).map_err(|e| Error::precondition(name, e))
+    }
+
+    /// Applies a layer on top of `parent` (a snapshot made by `apply_layer`, or none) and
+    /// commits it under its chainID. When `diff_id` is given and that chain is already
+    /// committed, returns it without reading `input` (the cache hit). `digest` checks the
+    /// blob. A failure leaves nothing behind.
+    pub fn apply_layer<R: Read>(
+        &self,
+        parent: Option<&str>,
+        digest: Option<&Digest>,
+        diff_id: Option<&Digest>,
+        input: R,
+    ) -> Result<AppliedLayer> {
+        let parent_chain = parent.map(|p| self.chain_id_of(p)).transpose()?;
+        let chain_for = |d: &Digest| match &parent_chain {
+            Some(p) => crate::layer::chain_id(&[p.clone(), d.clone()]),
+            None => Some(d.clone()),
+        };
+        let exists = |name: &str| -> Result<bool> {
+            match crate::snapshotter::Snapshotter::stat(self, name) {
+                Ok(info) => Ok(info.kind == Kind::Committed),
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        if let Some(known) = diff_id {
+            if let Some(chain) = chain_for(known).filter(|c| exists(c.as_str()).unwrap_or(false)) {
+                return Ok(AppliedLayer {
+                    name: chain.to_string(),
+                    diff_id: known.clone(),
+                    descriptor: None,
+                    cached: true,
+                });
+            }
+        }
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let key = format!(
+            "strata.io/apply/{}/{}",
+            self.owner.token,
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        crate::snapshotter::Snapshotter::prepare(self, &key, parent, crate::Labels::new())?;
+        let result = (|| {
+            let applied = self.apply(&key, input, digest)?;
+            let got = applied.descriptor.diff_id.clone();
+            if let Some(want) = diff_id {
+                if want != &got {
+                    return Err(Error::invalid(
+                        format!("diffID {want}"),
+                        format!("the layer's uncompressed tar has diffID {got}"),
+                    ));
+                }
+            }
+            let chain = chain_for(&got).unwrap_or_else(|| got.clone());
+            if exists(chain.as_str())? {
+                // Committed meanwhile (or the diffID was not known): keep the existing one.
+                return Ok((chain, got, applied.descriptor, true));
+            }
+            crate::snapshotter::Snapshotter::commit(
+                self,
+                chain.as_str(),
+                &key,
+                crate::Labels::new(),
+            )?;
+            let (row, _) = self.row(chain.as_str())?;
+            self.with_meta(|m| {
+                let tx = m.write(chain.as_str())?;
+                tx.set_layer_ids(row.id, got.as_str(), chain.as_str())?;
+                tx.commit()
+            })?;
+            Ok((chain, got, applied.descriptor, false))
+        })();
+        match result {
+            Ok((chain, got, descriptor, existed)) => {
+                if existed {
+                    crate::snapshotter::Snapshotter::remove(self, &key)?;
+                }
+                Ok(AppliedLayer {
+                    name: chain.to_string(),
+                    diff_id: got,
+                    descriptor: Some(descriptor),
+                    cached: false,
+                })
+            }
+            Err(e) => {
+                if let Err(rm) = crate::snapshotter::Snapshotter::remove(self, &key) {
+                    tracing::warn!(key, error = %rm, "could not remove the snapshot of a failed apply-layer; gc or cleanup will");
+                }
+                Err(e)
+            }
+        }
+    }
+}
