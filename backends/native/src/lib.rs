@@ -8,7 +8,7 @@ mod copy;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use strata::fsutil;
@@ -98,7 +98,11 @@ impl NativeBackend {
         parents: &[u64],
         opts: &CreateOptions,
     ) -> Result<(), NativeError> {
-        fs::create_dir(tmp).map_err(io_err(tmp, "create the temporary directory"))?;
+        // Private to the owner whatever the umask: only `fs` inside is shown to containers.
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(tmp)
+            .map_err(io_err(tmp, "create the temporary directory"))?;
         let fs_dir = tmp.join("fs");
         match parents.first() {
             None => {

@@ -482,6 +482,15 @@ fn backend_creates_copies_lists_and_removes() {
         b.mounts(1, Kind::Committed, &[]).unwrap_err().kind(),
         ErrorKind::FailedPrecondition
     );
+    // A read-only view of a committed chain is its top's tree.
+    assert_eq!(
+        b.view_mounts(&[1]).unwrap(),
+        vec![Mount::bind(&b.fs_path(1), true)]
+    );
+    assert_eq!(
+        b.view_mounts(&[]).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
 
     // A child of a chain copies only its immediate parent, which holds the whole tree.
     fs::write(b.fs_path(2).join("only-in-2"), b"x").unwrap();
@@ -564,6 +573,8 @@ fn backend_root_mode_ignores_the_umask() {
         r.unwrap();
         let mode = fs::metadata(b.fs_path(id)).unwrap().mode() & 0o7777;
         assert_eq!(mode, 0o755, "umask {mask:o}");
+        let mode = fs::metadata(b.dir(id)).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "umask {mask:o}");
     }
 }
 
