@@ -90,6 +90,14 @@ pub trait Backend: Send + Sync + 'static {
     /// The mounts that present snapshot `id` of `kind` with its `parents`.
     fn mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Result<Vec<Mount>, Self::Error>;
 
+    /// The overlayfs upper directory of `id`, when the backend stores layers that way: a diff
+    /// then reads only that directory (its char 0/0 entries are deletions, an opaque
+    /// directory hides its lower entries) instead of walking both whole trees.
+    fn overlay_upper(&self, id: u64) -> Option<std::path::PathBuf> {
+        let _ = id;
+        None
+    }
+
     /// Read-only mounts presenting the committed `chain` (top first) as one tree, without
     /// creating any storage: what a diff reads.
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, Self::Error>;

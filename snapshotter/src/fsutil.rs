@@ -102,6 +102,11 @@ impl SnapshotDirs {
     pub fn open(root: &Path) -> io::Result<SnapshotDirs> {
         let snapshots = root.join("snapshots");
         fs::create_dir_all(&snapshots)?;
+        // Snapshot storage is root's alone, whatever the umask.
+        fs::set_permissions(
+            &snapshots,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         Ok(SnapshotDirs { snapshots })
     }
 

@@ -62,6 +62,7 @@ fn round_trip<B: Backend>(s: &Store<B>, work: &Path) -> Descriptor {
     let opts = DiffOptions {
         compression: Compression::Gzip,
         source_date_epoch: Some(1_000),
+        ..DiffOptions::default()
     };
     let (desc, stats, blob) = s.diff("top", &opts, Vec::new()).unwrap();
     assert!(stats.whiteouts >= 1, "the removed tool is a whiteout");
@@ -282,4 +283,52 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
         .unwrap_err();
     assert!(e.to_string().contains("no chainID"), "{e}");
     assert_eq!(s.list(&[]).unwrap().len(), before);
+}
+
+#[test]
+fn the_overlay_fast_path_runs_and_writes_the_generic_differs_bytes() {
+    if !require_privileged("the overlay fast path") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = Store::open(
+        &root,
+        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    build(&s, tmp.path());
+    for name in ["base", "top"] {
+        let fast = DiffOptions::default();
+        let generic = DiffOptions {
+            force_generic: true,
+            ..DiffOptions::default()
+        };
+        let (d1, st1, b1) = s.diff(name, &fast, Vec::new()).unwrap();
+        let (d2, st2, b2) = s.diff(name, &generic, Vec::new()).unwrap();
+        assert!(
+            st1.fast_path && !st2.fast_path,
+            "{name}: the fast path ran only when allowed"
+        );
+        assert_eq!(d1, d2, "{name}");
+        assert_eq!(b1, b2, "{name}: byte for byte the same layer");
+    }
+    // An upper directory that uses redirect_dir is not read by the fast path.
+    let upper = {
+        let guard = s.guard(&["top"]).unwrap();
+        guard.layers().last().unwrap().path.clone().unwrap()
+    };
+    rustix::fs::lsetxattr(
+        upper.join("var"),
+        "trusted.overlay.redirect",
+        b"/elsewhere",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let (_, st, _) = s.diff("top", &DiffOptions::default(), Vec::new()).unwrap();
+    assert!(
+        !st.fast_path,
+        "redirect_dir makes the generic differ take over"
+    );
 }

@@ -269,6 +269,9 @@ impl Backend for OverlayBackend {
         let tmp = self.tmp_dir(id);
         fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
         fs::create_dir(&tmp).map_err(io_err(&tmp, "create the temporary directory"))?;
+        // Only root reaches into a snapshot's storage, whatever the umask.
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&tmp, "set the snapshot directory's mode"))?;
         for d in ["fs", "work"] {
             let p = tmp.join(d);
             fs::create_dir(&p).map_err(io_err(&p, "create a snapshot directory"))?;
@@ -383,6 +386,10 @@ impl Backend for OverlayBackend {
     }
 
     fn layer_path(&self, id: u64) -> Option<PathBuf> {
+        Some(self.fs_path(id))
+    }
+
+    fn overlay_upper(&self, id: u64) -> Option<PathBuf> {
         Some(self.fs_path(id))
     }
 

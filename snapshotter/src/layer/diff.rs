@@ -38,6 +38,8 @@ pub struct DiffOptions {
     pub compression: Compression,
     /// Clamp modification times to this (seconds since the epoch), for reproducible builds.
     pub source_date_epoch: Option<i64>,
+    /// Never take the overlay fast path (to compare it with the generic differ).
+    pub force_generic: bool,
 }
 
 impl DiffOptions {
@@ -49,6 +51,7 @@ impl DiffOptions {
             source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
                 .ok()
                 .and_then(|v| v.trim().parse().ok()),
+            force_generic: false,
         }
     }
 }
@@ -62,6 +65,8 @@ pub struct DiffStats {
     pub whiteouts: u64,
     /// Bytes of file content.
     pub content_bytes: u64,
+    /// Whether the overlay fast path wrote the layer (from the upper directory alone).
+    pub fast_path: bool,
 }
 
 /// Writes the changes from `lower` (none: everything is new) to `upper` as a layer to `out`,
@@ -73,15 +78,101 @@ pub fn write_layer<W: Write>(
     out: W,
     opts: &DiffOptions,
 ) -> Result<(Descriptor, DiffStats, W)> {
+    write_layer_from(lower, Source::Tree(upper), out, opts)
+}
+
+/// Whether [`write_overlay_layer`] can write the layer of `upper_dir`: not when the
+/// directory uses `redirect_dir` or `metacopy` (whose meaning needs the generic differ), nor
+/// when the options force the generic differ.
+pub fn overlay_fast_path_applies(upper_dir: &Path, opts: &DiffOptions) -> Result<bool> {
+    Ok(!opts.force_generic && !uses_redirect_or_metacopy(upper_dir)?)
+}
+
+/// Like [`write_layer`], from an overlayfs upper directory (`upper_dir`) instead of a mounted
+/// upper tree: only the directory's own entries are read (char 0/0 = deletion, an opaque
+/// directory = its lower entries deleted), never the unchanged lower layers. The output is
+/// byte for byte the generic differ's. Check [`overlay_fast_path_applies`] first.
+pub fn write_overlay_layer<W: Write>(
+    lower: Option<&Path>,
+    upper_dir: &Path,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<(Descriptor, DiffStats, W)> {
+    write_layer_from(lower, Source::OverlayUpper(upper_dir), out, opts)
+}
+
+/// Where the upper side of a diff comes from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// A mounted tree: compare everything with the lower tree.
+    Tree(&'a Path),
+    /// An overlayfs upper directory: only what it holds changed.
+    OverlayUpper(&'a Path),
+}
+
+impl Source<'_> {
+    fn path(&self) -> &Path {
+        match self {
+            Source::Tree(p) | Source::OverlayUpper(p) => p,
+        }
+    }
+}
+
+fn uses_redirect_or_metacopy(dir: &Path) -> Result<bool> {
+    for name in ["trusted.overlay.redirect", "trusted.overlay.metacopy"] {
+        if has_xattr(dir, name)? {
+            return Ok(true);
+        }
+    }
+    for name in sorted_names(dir)? {
+        let p = dir.join(&name);
+        let m = fs::symlink_metadata(&p).map_err(|e| Error::io(&p, "stat", e))?;
+        if m.is_dir() {
+            if uses_redirect_or_metacopy(&p)? {
+                return Ok(true);
+            }
+        } else if m.is_file() && has_xattr(&p, "trusted.overlay.metacopy")? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn has_xattr(p: &Path, name: &str) -> Result<bool> {
+    let mut buf = [0u8; 256];
+    match rustix::fs::lgetxattr(p, name, &mut buf[..]) {
+        Ok(_) => Ok(true),
+        Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => Ok(false),
+        Err(rustix::io::Errno::RANGE) => Ok(true),
+        Err(e) => Err(Error::io(p, "read an overlay attribute", e.into())),
+    }
+}
+
+fn is_opaque(p: &Path) -> Result<bool> {
+    let mut buf = [0u8; 8];
+    match rustix::fs::lgetxattr(p, "trusted.overlay.opaque", &mut buf[..]) {
+        Ok(n) => Ok(&buf[..n] == b"y"),
+        Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => Ok(false),
+        Err(e) => Err(Error::io(p, "read the opaque attribute", e.into())),
+    }
+}
+
+fn write_layer_from<W: Write>(
+    lower: Option<&Path>,
+    source: Source<'_>,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<(Descriptor, DiffStats, W)> {
+    let upper = source.path();
     let blob = HashWriter::new(out);
     let (diff_id, stats, blob) = match opts.compression {
         Compression::None => {
-            let (id, stats, blob) = write_tar(lower, upper, blob, opts)?;
+            let (id, stats, blob) = write_tar(lower, source, blob, opts)?;
             (id, stats, blob)
         }
         Compression::Gzip => {
             let gz = flate2::write::GzEncoder::new(blob, flate2::Compression::default());
-            let (id, stats, gz) = write_tar(lower, upper, gz, opts)?;
+            let (id, stats, gz) = write_tar(lower, source, gz, opts)?;
             let blob = gz
                 .finish()
                 .map_err(|e| Error::io(upper, "finish gzip", e))?;
@@ -93,7 +184,7 @@ pub fn write_layer<W: Write>(
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             z.multithread(u32::try_from(threads).unwrap_or(1))
                 .map_err(|e| Error::io(upper, "start zstd threads", e))?;
-            let (id, stats, z) = write_tar(lower, upper, z, opts)?;
+            let (id, stats, z) = write_tar(lower, source, z, opts)?;
             let blob = z.finish().map_err(|e| Error::io(upper, "finish zstd", e))?;
             (id, stats, blob)
         }
@@ -113,10 +204,11 @@ pub fn write_layer<W: Write>(
 
 fn write_tar<W: Write>(
     lower: Option<&Path>,
-    upper: &Path,
+    source: Source<'_>,
     out: W,
     opts: &DiffOptions,
 ) -> Result<(super::Digest, DiffStats, W)> {
+    let upper = source.path();
     let mut w = Writer {
         tar: tar::Builder::new(HashWriter::new(out)),
         upper: upper.to_path_buf(),
@@ -133,7 +225,13 @@ fn write_tar<W: Write>(
             "is not a directory",
         ));
     }
-    diff_dir(&mut w, lower, upper, Path::new(""))?;
+    match source {
+        Source::Tree(_) => diff_dir(&mut w, lower, upper, Path::new(""))?,
+        Source::OverlayUpper(_) => {
+            w.stats.fast_path = true;
+            diff_upper_dir(&mut w, lower, upper, Path::new(""))?;
+        }
+    }
     let hashed = w
         .tar
         .into_inner()
@@ -201,6 +299,80 @@ fn diff_dir<W: Write>(
             }
             (true, false) => add_entry(w, lower, upper, &path)?,
             (false, _) => whiteout(w, &path)?,
+        }
+        if take_up {
+            i += 1;
+        }
+        if take_low {
+            j += 1;
+        }
+    }
+    Ok(())
+}
+
+/// The overlay fast path: like [`diff_dir`], but `upper` is an overlayfs upper directory, so
+/// only its entries can have changed; lower entries are listed only below opaque directories.
+fn diff_upper_dir<W: Write>(
+    w: &mut Writer<W>,
+    lower: Option<&Path>,
+    upper: &Path,
+    rel: &Path,
+) -> Result<()> {
+    let dir = upper.join(rel);
+    let up_names = sorted_names(&dir)?;
+    let low_names = match lower {
+        Some(l) if is_opaque(&dir)? && lstat(&l.join(rel))?.is_some_and(|m| m.is_dir()) => {
+            sorted_names(&l.join(rel))?
+        }
+        _ => Vec::new(),
+    };
+    let (mut i, mut j) = (0, 0);
+    while i < up_names.len() || j < low_names.len() {
+        let take_up = j >= low_names.len()
+            || (i < up_names.len() && up_names[i].as_bytes() <= low_names[j].as_bytes());
+        let take_low = i >= up_names.len()
+            || (j < low_names.len() && low_names[j].as_bytes() <= up_names[i].as_bytes());
+        let name = if take_up { &up_names[i] } else { &low_names[j] };
+        let path = rel.join(name);
+        if take_up {
+            let full = upper.join(&path);
+            let um = fs::symlink_metadata(&full).map_err(|e| Error::io(&full, "stat", e))?;
+            let lm = match lower {
+                Some(l) => lstat(&l.join(&path))?,
+                None => None,
+            };
+            if um.file_type().is_char_device() && um.rdev() == 0 {
+                // An overlay whiteout: a deletion, when there was something to delete.
+                if lm.is_some() {
+                    whiteout(w, &path)?;
+                }
+            } else if um.is_dir() {
+                let low_dir = lm.as_ref().is_some_and(|m| m.is_dir());
+                let low = lower.map_or_else(PathBuf::new, |l| l.join(&path));
+                let changed = !low_dir
+                    || lm.as_ref().is_some_and(|lm| meta_differs(&um, lm))
+                    || capability(&full)? != capability(&low)?;
+                if changed {
+                    write_entry(w, &path, &full, &um)?;
+                }
+                diff_upper_dir(
+                    w,
+                    if low_dir || is_opaque(&full)? {
+                        lower
+                    } else {
+                        None
+                    },
+                    upper,
+                    &path,
+                )?;
+            } else {
+                match lm {
+                    Some(lm) => changed_entry(w, lower, upper, &path, Some(lm))?,
+                    None => add_entry(w, None, upper, &path)?,
+                }
+            }
+        } else {
+            whiteout(w, &path)?;
         }
         if take_up {
             i += 1;

@@ -7,7 +7,9 @@ use super::Store;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::layer::apply::{apply_layer, Applied, ApplyOutcome};
-use crate::layer::diff::{write_layer, DiffOptions, DiffStats};
+use crate::layer::diff::{
+    overlay_fast_path_applies, write_layer, write_overlay_layer, DiffOptions, DiffStats,
+};
 use crate::layer::{Descriptor, Digest};
 use crate::mount::TempMount;
 use crate::types::Kind;
@@ -34,11 +36,6 @@ impl<B: Backend> Store<B> {
         chain.extend(&parents);
         let tmp = self.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        let upper_mounts = self
-            .backend
-            .view_mounts(&chain)
-            .map_err(|e| self.backend_err(name, "view for a diff", e))?;
-        let upper = TempMount::new_in(&tmp, &upper_mounts)?;
         let lower = match parents.is_empty() {
             true => None,
             false => {
@@ -49,11 +46,28 @@ impl<B: Backend> Store<B> {
                 Some(TempMount::new_in(&tmp, &m)?)
             }
         };
-        let written = write_layer(lower.as_ref().map(|l| l.path()), upper.path(), out, opts)?;
+        let lower_path = lower.as_ref().map(|l| l.path());
+        // The overlay fast path reads only the layer's upper directory.
+        let fast_dir = match self.backend.overlay_upper(row.id) {
+            Some(dir) if overlay_fast_path_applies(&dir, opts)? => Some(dir),
+            _ => None,
+        };
+        let written = match fast_dir {
+            Some(dir) => write_overlay_layer(lower_path, &dir, out, opts)?,
+            None => {
+                let upper_mounts = self
+                    .backend
+                    .view_mounts(&chain)
+                    .map_err(|e| self.backend_err(name, "view for a diff", e))?;
+                let upper = TempMount::new_in(&tmp, &upper_mounts)?;
+                let written = write_layer(lower_path, upper.path(), out, opts)?;
+                upper.unmount()?;
+                written
+            }
+        };
         if let Some(l) = lower {
             l.unmount()?;
         }
-        upper.unmount()?;
         Ok(written)
     }
 
