@@ -443,3 +443,92 @@ fn layers_written_by_gnu_tar_and_python_apply() {
     );
     let _ = std::io::stdout().flush();
 }
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn umoci_available() -> bool {
+    let ok = Command::new("umoci")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("STRATA_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("the umoci interop test needs umoci (scripts/deps installs it), and STRATA_REQUIRE_PRIVILEGED=1 forbids skipping it");
+    }
+    if !ok {
+        eprintln!("SKIPPED: umoci is not installed");
+    }
+    ok
+}
+
+#[test]
+fn umoci_unpacks_strata_layers_and_strata_applies_umoci_layers() {
+    if !require_privileged("umoci interop") || !umoci_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // Two strata layers: a base, then a change with a whiteout and an opaque directory.
+    let (lower, upper) = trees(t);
+    let (_, _, l1) = write_layer(None, &lower, Vec::new(), &DiffOptions::default()).unwrap();
+    let (_, _, l2) =
+        write_layer(Some(&lower), &upper, Vec::new(), &DiffOptions::default()).unwrap();
+    fs::write(t.join("l1.tar"), &l1).unwrap();
+    fs::write(t.join("l2.tar"), &l2).unwrap();
+    let img = t.join("img");
+    run_ok(Command::new("umoci").args(["init", "--layout"]).arg(&img));
+    let tag = format!("{}:t", img.display());
+    run_ok(Command::new("umoci").args(["new", "--image", &tag]));
+    for l in ["l1.tar", "l2.tar"] {
+        run_ok(
+            Command::new("umoci")
+                .args(["raw", "add-layer", "--image", &tag])
+                .arg(t.join(l)),
+        );
+    }
+    let bundle = t.join("bundle");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image", &tag])
+            .arg(&bundle),
+    );
+    check_directory_equal(&bundle.join("rootfs"), &upper)
+        .unwrap_or_else(|d| panic!("umoci's unpack of strata's layers:\n{d}"));
+
+    // umoci writes a layer; strata applies it onto the same base and gets umoci's tree.
+    fs::write(bundle.join("rootfs/etc/added-by-umoci"), "u").unwrap();
+    fs::remove_file(bundle.join("rootfs/bin-sh")).unwrap();
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &tag])
+            .arg(&bundle),
+    );
+    let script = format!(
+        "import json\nimg = {:?}\nidx = json.load(open(img + '/index.json'))\nm = [d for d in idx['manifests'] if d.get('annotations', {{}}).get('org.opencontainers.image.ref.name') == 't'][0]\nman = json.load(open(img + '/blobs/sha256/' + m['digest'].split(':')[1]))\nprint(man['layers'][-1]['digest'])\n",
+        img.to_str().unwrap()
+    );
+    let digest = run_ok(Command::new("python3").arg("-c").arg(script))
+        .trim()
+        .to_string();
+    let blob = img
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let target = t.join("target");
+    cp_a(&upper, &target);
+    let expected = Digest::parse(&digest).unwrap();
+    let applied = apply_layer(&target, fs::File::open(&blob).unwrap(), Some(&expected)).unwrap();
+    assert_eq!(
+        applied.descriptor.media_type,
+        Compression::Gzip.media_type()
+    );
+    check_directory_equal(&target, &bundle.join("rootfs"))
+        .unwrap_or_else(|d| panic!("strata's apply of umoci's layer:\n{d}"));
+}
