@@ -1,6 +1,10 @@
-//! The conformance suite: a port of the 21 cases of containerd's snapshotter test suite,
-//! run against every backend (overlay mounts through fsconfig and `lowerdir+` here; see
-//! `conformance_legacy.rs` for the mount(2) path).
+//! The conformance suite: a port of the 21 cases of containerd's snapshotter test suite
+//! (`conformance/cases.rs`), run against every backend, one `#[test]` per case and backend
+//! (`native::basic`, `overlay::basic`, ...), each in a fresh root. Overlay mounts go through
+//! fsconfig and `lowerdir+` here; `conformance_legacy.rs` runs the same cases through mount(2).
+//!
+//! The cases mount, so they need root (and overlayfs for `overlay::*`); without it they print
+//! a skip note, or fail under `STRATA_REQUIRE_PRIVILEGED=1`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,13 +19,12 @@ use cases::*;
 use strata::Snapshotter;
 
 conformance!(native, |root| {
-    let backend = strata_native::NativeBackend::open(root).unwrap();
-    Box::new(strata::Store::open(root, backend, strata::StoreOptions::default()).unwrap())
+    let backend = strata_native::NativeBackend::open(root)?;
+    strata::Store::open(root, backend, strata::StoreOptions::default())
 });
 
 conformance!(overlay, |root| {
     let backend =
-        strata_overlay::OverlayBackend::open(root, strata_overlay::OverlayOptions::default())
-            .unwrap();
-    Box::new(strata::Store::open(root, backend, strata::StoreOptions::default()).unwrap())
+        strata_overlay::OverlayBackend::open(root, strata_overlay::OverlayOptions::default())?;
+    strata::Store::open(root, backend, strata::StoreOptions::default())
 });
