@@ -4,8 +4,19 @@
 //! lower layer as its own `lowerdir+` parameter (Linux ≥ 6.8), so that no option string limits
 //! the depth of a chain. Where that is not available, or when forced with
 //! [`set_overlay_mount_mode`] / `STRATA_OVERLAY_MOUNT=legacy`, they go through mount(2): as is
-//! when the option string fits in a page, else with every path made relative to the layers'
-//! common parent directory, in a thread that has its own working directory.
+//! when the option string fits in a page, else with the lower layers made relative to their
+//! common parent directory (as containerd does), in a short-lived thread that has its own
+//! working directory (`unshare(CLONE_FS)`), so that no other thread's moves. Either way at most
+//! [`overlay_max_layers`] lower layers fit in one overlay.
+//!
+//! What `/proc/self/mountinfo` then shows (Linux 6.18): one `lowerdir+=` per layer and the
+//! source given for the fsconfig path; `lowerdir=` as given (relative, when compacted) for
+//! mount(2). `upperdir=` and `workdir=` are always absolute, which [`unmount`] relies on.
+//!
+//! An overlay mounted `volatile` (mountinfo: `fsync=volatile`) leaves
+//! `<workdir>/work/incompat/volatile/` (holding a file `dirty`) behind when unmounted, and the
+//! kernel refuses to mount that work directory again until it is removed: [`unmount`] syncs
+//! the upper layer's file system and removes it.
 
 use std::ffi::CString;
 use std::fs;
@@ -22,6 +33,12 @@ use crate::types::Mount;
 
 /// overlayfs's limit on lower layers in one mount (the kernel's `OVL_MAX_STACK`).
 pub const OVERLAY_MAX_LAYERS: usize = 500;
+
+/// overlayfs's limit on lower layers in one mount (the kernel's `OVL_MAX_STACK`, 500): a
+/// snapshot whose chain is deeper cannot be presented as one overlay.
+pub fn overlay_max_layers() -> usize {
+    OVERLAY_MAX_LAYERS
+}
 
 /// The longest option string mount(2) accepts: one page, with its terminating NUL.
 const PAGE_LIMIT: usize = 4095;
@@ -40,8 +57,11 @@ const MODE_AUTO: u8 = 1;
 const MODE_LEGACY: u8 = 2;
 static MODE: AtomicU8 = AtomicU8::new(MODE_UNSET);
 
-/// Whether the kernel accepts `lowerdir+` (0 = not probed yet, 1 = yes, 2 = no).
-static LOWERDIR_PLUS: AtomicU8 = AtomicU8::new(0);
+/// Whether the kernel accepts `lowerdir+` through fsconfig: not known yet, yes, or no.
+static LOWERDIR_PLUS: AtomicU8 = AtomicU8::new(LOWERDIR_PLUS_UNKNOWN);
+const LOWERDIR_PLUS_UNKNOWN: u8 = 0;
+const LOWERDIR_PLUS_YES: u8 = 1;
+const LOWERDIR_PLUS_NO: u8 = 2;
 
 /// Sets how this process mounts overlays. The default is [`OverlayMountMode::Auto`], or
 /// [`OverlayMountMode::Legacy`] when the environment has `STRATA_OVERLAY_MOUNT=legacy`.
@@ -71,14 +91,50 @@ pub fn overlay_mount_mode() -> OverlayMountMode {
     }
 }
 
-/// Mounts `mounts` on `target`, in order.
+/// Whether the kernel takes overlay layers one by one (`lowerdir+` through fsconfig), as
+/// far as this process found out: `None` until the first overlay mount in
+/// [`OverlayMountMode::Auto`].
+pub fn overlay_lowerdir_plus() -> Option<bool> {
+    match LOWERDIR_PLUS.load(Ordering::Relaxed) {
+        LOWERDIR_PLUS_YES => Some(true),
+        LOWERDIR_PLUS_NO => Some(false),
+        _ => None,
+    }
+}
+
+/// Mounts `mounts` on `target`, in order, each on top of the previous one.
+///
+/// `bind` mounts take `bind`/`rbind` and `ro`/`rw`; a read-only bind is remounted read-only
+/// (a bind mount ignores `MS_RDONLY` on its first mount). `overlay` mounts take overlayfs's
+/// options (`lowerdir=a:b`, `upperdir=`, `workdir=`, `index=off`, `volatile`, `userxattr`,
+/// `redirect_dir=`, `metacopy=`, `ro`, ...) and are mounted as [`overlay_mount_mode`] says.
+/// Other types go to mount(2) as they are.
+///
+/// When a mount fails, the ones this call already made on `target` are taken off again, and
+/// the error ([`Error::Mount`]) names the target, the mount (long `lowerdir=` lists cut
+/// short, see [`Mount::summary`]) and the kernel's reason.
 pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
-    for m in mounts {
-        mount_one(m, target).map_err(|source| Error::Mount {
-            target: target.to_path_buf(),
-            mount: m.summary(),
-            source,
-        })?;
+    mount_all_with(mounts, target, overlay_mount_mode())
+}
+
+/// [`mount_all`] with an explicit overlay mount mode for this call only, whatever
+/// [`set_overlay_mount_mode`] says.
+pub fn mount_all_with(mounts: &[Mount], target: &Path, mode: OverlayMountMode) -> Result<()> {
+    for (done, m) in mounts.iter().enumerate() {
+        if let Err(source) = mount_one(m, target, mode) {
+            // Take off what this call stacked on the target, newest first.
+            for _ in 0..done {
+                if let Err(e) = rustix::mount::unmount(target, UnmountFlags::DETACH) {
+                    tracing::warn!(target = %target.display(), error = %e, "could not take off a mount after a later one failed");
+                    break;
+                }
+            }
+            return Err(Error::Mount {
+                target: target.to_path_buf(),
+                mount: m.summary(),
+                source,
+            });
+        }
     }
     Ok(())
 }
@@ -106,7 +162,7 @@ fn split_options(options: &[String]) -> (MountFlags, bool, Vec<String>) {
     (flags, readonly, data)
 }
 
-fn mount_one(m: &Mount, target: &Path) -> io::Result<()> {
+fn mount_one(m: &Mount, target: &Path, mode: OverlayMountMode) -> io::Result<()> {
     let (mut flags, readonly, data) = split_options(&m.options);
     match m.fs_type.as_str() {
         "bind" | "rbind" => {
@@ -131,7 +187,7 @@ fn mount_one(m: &Mount, target: &Path) -> io::Result<()> {
             }
             Ok(())
         }
-        "overlay" => mount_overlay(target, flags, readonly, data),
+        "overlay" => mount_overlay(&m.source, target, flags, readonly, data, mode),
         other => {
             if readonly {
                 flags |= MountFlags::RDONLY;
@@ -180,10 +236,12 @@ fn parse_overlay(data: Vec<String>) -> OverlayOptions {
 }
 
 fn mount_overlay(
+    source: &str,
     target: &Path,
     flags: MountFlags,
     readonly: bool,
     data: Vec<String>,
+    mode: OverlayMountMode,
 ) -> io::Result<()> {
     let o = parse_overlay(data);
     if o.lower.is_empty() {
@@ -201,21 +259,23 @@ fn mount_overlay(
             ),
         ));
     }
-    if overlay_mount_mode() == OverlayMountMode::Auto && LOWERDIR_PLUS.load(Ordering::Relaxed) != 2
-    {
-        match mount_overlay_fsconfig(&o, target, flags, readonly) {
+    let source = if source.is_empty() { "overlay" } else { source };
+    if mode == OverlayMountMode::Auto && LOWERDIR_PLUS.load(Ordering::Relaxed) != LOWERDIR_PLUS_NO {
+        match mount_overlay_fsconfig(&o, source, target, flags, readonly) {
             Ok(()) => {
-                LOWERDIR_PLUS.store(1, Ordering::Relaxed);
+                LOWERDIR_PLUS.store(LOWERDIR_PLUS_YES, Ordering::Relaxed);
                 return Ok(());
             }
             Err(FsconfigError::Unsupported) => {
-                tracing::debug!("the kernel has no lowerdir+; using mount(2)");
-                LOWERDIR_PLUS.store(2, Ordering::Relaxed);
+                tracing::debug!(
+                    "the kernel has no fsconfig lowerdir+; overlays go through mount(2)"
+                );
+                LOWERDIR_PLUS.store(LOWERDIR_PLUS_NO, Ordering::Relaxed);
             }
             Err(FsconfigError::Failed(e)) => return Err(e),
         }
     }
-    mount_overlay_legacy(&o, target, flags, readonly)
+    mount_overlay_legacy(&o, source, target, flags, readonly, mode)
 }
 
 enum FsconfigError {
@@ -248,8 +308,10 @@ fn with_messages(fd: &rustix::fd::OwnedFd, e: rustix::io::Errno, what: &str) -> 
     }
 }
 
+/// The new mount API: one `lowerdir+` per layer, so no option string limits the chain.
 fn mount_overlay_fsconfig(
     o: &OverlayOptions,
+    source: &str,
     target: &Path,
     flags: MountFlags,
     readonly: bool,
@@ -260,6 +322,9 @@ fn mount_overlay_fsconfig(
         Err(Errno::NOSYS) | Err(Errno::PERM) => return Err(FsconfigError::Unsupported),
         Err(e) => return Err(FsconfigError::Failed(e.into())),
     };
+    // What mountinfo shows as the source (mount(2) passes it as the device name).
+    rustix::mount::fsconfig_set_string(&fd, "source", source)
+        .map_err(|e| FsconfigError::Failed(with_messages(&fd, e, "source")))?;
     for (i, l) in o.lower.iter().enumerate() {
         if let Err(e) = rustix::mount::fsconfig_set_string(&fd, "lowerdir+", l.as_str()) {
             if i == 0 && e == Errno::INVAL && fs_context_messages(&fd).contains("lowerdir+") {
@@ -285,6 +350,10 @@ fn mount_overlay_fsconfig(
             None => params.push((opt, None)),
         }
     }
+    if readonly {
+        // A read-only super block, as MS_RDONLY gives mount(2): the work directory is unused.
+        params.push(("ro", None));
+    }
     for (k, v) in params {
         let r = match v {
             Some(v) => rustix::mount::fsconfig_set_string(&fd, k, v),
@@ -306,6 +375,9 @@ fn mount_overlay_fsconfig(
     }
     if flags.contains(MountFlags::NOEXEC) {
         attrs |= MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    }
+    if flags.contains(MountFlags::NOATIME) {
+        attrs |= MountAttrFlags::MOUNT_ATTR_NOATIME;
     }
     let mnt = rustix::mount::fsmount(&fd, FsMountFlags::FSMOUNT_CLOEXEC, attrs)
         .map_err(|e| FsconfigError::Failed(with_messages(&fd, e, "fsmount")))?;
@@ -340,9 +412,14 @@ fn common_dir(paths: &[&str]) -> Option<String> {
     Some(dir.to_string())
 }
 
+/// The mount(2) option string, in containerd's order (the other options, `workdir=`,
+/// `upperdir=`, `lowerdir=`), with `strip` cut off the front of every lower layer.
+///
+/// Only the lower layers are made relative, as containerd does: the upper and work
+/// directories stay absolute, so that `/proc/self/mountinfo` keeps naming them (the kernel
+/// shows paths as they were given), which [`unmount`]'s volatile clean-up and the backends'
+/// "is it mounted" checks rely on.
 fn overlay_data(o: &OverlayOptions, strip: &str) -> String {
-    // Only the lower layers are made relative (as containerd does): upper and work stay
-    // absolute, so they do not depend on the working directory.
     let mut parts: Vec<String> = o.other.clone();
     if let Some(w) = &o.work {
         parts.push(format!("workdir={w}"));
@@ -350,20 +427,25 @@ fn overlay_data(o: &OverlayOptions, strip: &str) -> String {
     if let Some(u) = &o.upper {
         parts.push(format!("upperdir={u}"));
     }
-    let lower: Vec<String> = o
+    let lower: Vec<&str> = o
         .lower
         .iter()
-        .map(|l| l.strip_prefix(strip).unwrap_or(l).to_string())
+        .map(|l| l.strip_prefix(strip).unwrap_or(l))
         .collect();
     parts.push(format!("lowerdir={}", lower.join(":")));
     parts.join(",")
 }
 
+/// mount(2): the options as they are when they fit in a page, else with the lower layers
+/// relative to their common parent directory, mounted from a thread whose working directory
+/// is that directory (and no other thread's).
 fn mount_overlay_legacy(
     o: &OverlayOptions,
+    source: &str,
     target: &Path,
     mut flags: MountFlags,
     readonly: bool,
+    mode: OverlayMountMode,
 ) -> io::Result<()> {
     if readonly {
         flags |= MountFlags::RDONLY;
@@ -371,16 +453,25 @@ fn mount_overlay_legacy(
     let full = overlay_data(o, "");
     if full.len() <= PAGE_LIMIT {
         let data = CString::new(full).map_err(io::Error::other)?;
-        rustix::mount::mount("overlay", target, "overlay", flags, Some(data.as_c_str()))?;
+        rustix::mount::mount(source, target, "overlay", flags, Some(data.as_c_str()))?;
         return Ok(());
     }
+    let remedy = match mode {
+        OverlayMountMode::Legacy => {
+            "unset STRATA_OVERLAY_MOUNT=legacy so that the layers go one by one through fsconfig"
+        }
+        OverlayMountMode::Auto => {
+            "this kernel has no fsconfig lowerdir+ (Linux 6.8 or later has it); use shorter store paths or fewer layers"
+        }
+    };
     let paths: Vec<&str> = o.lower.iter().map(String::as_str).collect();
     let dir = common_dir(&paths).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "the options of {} lower layers do not fit in a page and the layers share no parent directory to shorten them",
-                o.lower.len()
+                "the options of {} lower layers take {} bytes, more than mount(2)'s page of {PAGE_LIMIT}, and the layers share no parent directory to shorten them; {remedy}",
+                o.lower.len(),
+                full.len()
             ),
         )
     })?;
@@ -389,7 +480,7 @@ fn mount_overlay_legacy(
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "the options of {} lower layers take {} bytes even relative to {dir}, more than mount(2)'s page of {PAGE_LIMIT}; use a kernel with lowerdir+ (≥ 6.8)",
+                "the options of {} lower layers take {} bytes even relative to {dir}, more than mount(2)'s page of {PAGE_LIMIT}; {remedy}",
                 o.lower.len(),
                 short.len()
             ),
@@ -398,12 +489,22 @@ fn mount_overlay_legacy(
     // The target must not depend on the working directory we are about to change.
     let target = std::path::absolute(target)?;
     let data = CString::new(short).map_err(io::Error::other)?;
-    let handle = std::thread::spawn(move || -> io::Result<()> {
-        crate::sys::unshare_fs()?;
-        rustix::process::chdir(dir.as_str())?;
-        rustix::mount::mount("overlay", &target, "overlay", flags, Some(data.as_c_str()))?;
-        Ok(())
-    });
+    let source = source.to_string();
+    let handle = std::thread::Builder::new()
+        .name("strata-mount".into())
+        .spawn(move || -> io::Result<()> {
+            // chdir is per process unless the thread has its own fs_struct.
+            crate::sys::unshare_fs()?;
+            rustix::process::chdir(dir.as_str())?;
+            rustix::mount::mount(
+                source.as_str(),
+                &target,
+                "overlay",
+                flags,
+                Some(data.as_c_str()),
+            )?;
+            Ok(())
+        })?;
     handle
         .join()
         .map_err(|_| io::Error::other("the mount thread panicked"))?
@@ -631,8 +732,279 @@ impl Drop for TempMount {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// Whether this process may mount; with `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot
+    /// run fails instead of being skipped.
+    fn can_mount() -> bool {
+        let root = rustix::process::geteuid().is_root();
+        let overlay = fs::read_to_string("/proc/filesystems")
+            .unwrap_or_default()
+            .contains("overlay");
+        if root && overlay {
+            return true;
+        }
+        if std::env::var("STRATA_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+            panic!("this test needs root and overlayfs, and STRATA_REQUIRE_PRIVILEGED=1 forbids skipping it");
+        }
+        eprintln!("SKIPPED: needs root and overlayfs");
+        false
+    }
+
+    /// `n` lower layers `base/<i>/fs` (the store's layout), each with `f<i>` and `top`;
+    /// top-most first.
+    fn layers(base: &Path, n: usize) -> Vec<String> {
+        let mut dirs = Vec::new();
+        for i in 0..n {
+            let d = base.join(i.to_string()).join("fs");
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join(format!("f{i}")), i.to_string()).unwrap();
+            fs::write(d.join("top"), i.to_string()).unwrap();
+            dirs.push(d.to_string_lossy().into_owned());
+        }
+        dirs.reverse();
+        dirs
+    }
+
+    /// An overlay of `lowers`, writable into `base/upper` (work `base/work`) when `upper`.
+    fn overlay(base: &Path, lowers: &[String], upper: bool, extra: &[&str]) -> Mount {
+        let mut options: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if upper {
+            for d in ["upper", "work"] {
+                fs::create_dir_all(base.join(d)).unwrap();
+            }
+            options.push(format!("workdir={}", base.join("work").display()));
+            options.push(format!("upperdir={}", base.join("upper").display()));
+        }
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        Mount {
+            fs_type: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }
+    }
+
+    fn target(base: &Path) -> PathBuf {
+        let t = base.join("mnt");
+        fs::create_dir_all(&t).unwrap();
+        t
+    }
+
+    #[test]
+    fn both_overlay_paths_mount_and_mountinfo_shows_which() {
+        if !can_mount() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let lowers = layers(&tmp.path().join("s"), 3);
+        let m = overlay(tmp.path(), &lowers, true, &["index=off"]);
+        let t = target(tmp.path());
+
+        mount_all_with(std::slice::from_ref(&m), &t, OverlayMountMode::Auto).unwrap();
+        let info = mount_info(&t).unwrap().unwrap();
+        assert_eq!(fs::read_to_string(t.join("top")).unwrap(), "2");
+        assert_eq!(fs::read_to_string(t.join("f0")).unwrap(), "0");
+        if overlay_lowerdir_plus() == Some(true) {
+            // fsconfig: one lowerdir+ per layer, and the source we gave.
+            let plus: Vec<&String> = info
+                .super_options
+                .iter()
+                .filter(|o| o.starts_with("lowerdir+="))
+                .collect();
+            assert_eq!(plus.len(), 3, "{info:?}");
+            assert_eq!(plus[0], &format!("lowerdir+={}", lowers[0]));
+        } else {
+            eprintln!("NOTE: this kernel has no lowerdir+; Auto used mount(2)");
+        }
+        unmount(&t).unwrap();
+
+        mount_all_with(std::slice::from_ref(&m), &t, OverlayMountMode::Legacy).unwrap();
+        let info = mount_info(&t).unwrap().unwrap();
+        assert!(
+            info.super_options
+                .contains(&format!("lowerdir={}", lowers.join(":"))),
+            "a short list goes to mount(2) as it is: {info:?}"
+        );
+        fs::write(t.join("w"), "x").unwrap();
+        unmount(&t).unwrap();
+        assert_eq!(fs::read_to_string(tmp.path().join("upper/w")).unwrap(), "x");
+    }
+
+    #[test]
+    fn two_hundred_long_layers_take_the_compact_legacy_path() {
+        if !can_mount() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp
+            .path()
+            .join(format!("a-store-root-with-a-long-name-{}", "z".repeat(40)))
+            .join("snapshots");
+        let lowers = layers(&base, 200);
+        let m = overlay(tmp.path(), &lowers, true, &["index=off"]);
+        let full = m.options.join(",");
+        assert!(
+            full.len() > 4096,
+            "the test needs more than a page: {}",
+            full.len()
+        );
+        let t = target(tmp.path());
+        let cwd = std::env::current_dir().unwrap();
+
+        mount_all_with(std::slice::from_ref(&m), &t, OverlayMountMode::Legacy).unwrap();
+        assert_eq!(
+            std::env::current_dir().unwrap(),
+            cwd,
+            "our cwd did not move"
+        );
+        let info = mount_info(&t).unwrap().unwrap();
+        let lower = info
+            .super_options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .unwrap();
+        assert!(
+            lower.starts_with("199/fs:198/fs:"),
+            "relative layers: {lower:.40}"
+        );
+        // Upper and work stay absolute, so the mount table still names them.
+        assert!(info
+            .super_options
+            .contains(&format!("upperdir={}", tmp.path().join("upper").display())));
+        assert_eq!(fs::read_to_string(t.join("top")).unwrap(), "199");
+        assert_eq!(fs::read_to_string(t.join("f0")).unwrap(), "0");
+        assert_eq!(fs::read_to_string(t.join("f123")).unwrap(), "123");
+        unmount(&t).unwrap();
+
+        // The same chain in Auto mode: whatever path the kernel allows.
+        mount_all_with(std::slice::from_ref(&m), &t, OverlayMountMode::Auto).unwrap();
+        assert_eq!(fs::read_to_string(t.join("f199")).unwrap(), "199");
+        unmount(&t).unwrap();
+    }
+
+    #[test]
+    fn a_list_too_long_even_compacted_fails_naming_the_layer_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Distinct long names directly under one directory: nothing to shorten.
+        let lowers: Vec<String> = (0..60)
+            .map(|i| {
+                tmp.path()
+                    .join(format!("{i:03}-{}", "q".repeat(80)))
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let m = overlay(tmp.path(), &lowers, false, &[]);
+        let t = target(tmp.path());
+        let e = mount_all_with(&[m], &t, OverlayMountMode::Legacy).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("60 lower layers") && msg.contains("STRATA_OVERLAY_MOUNT"),
+            "{msg}"
+        );
+        assert!(matches!(e, Error::Mount { .. }));
+    }
+
+    #[test]
+    fn volatile_leaves_work_incompat_volatile_and_unmount_clears_it() {
+        if !can_mount() {
+            return;
+        }
+        for mode in [OverlayMountMode::Auto, OverlayMountMode::Legacy] {
+            let tmp = tempfile::tempdir().unwrap();
+            let lowers = layers(&tmp.path().join("s"), 2);
+            let m = overlay(tmp.path(), &lowers, true, &["index=off", "volatile"]);
+            let t = target(tmp.path());
+            let work = tmp.path().join("work");
+
+            // A plain umount(2) leaves the kernel's marker, and the kernel then refuses the
+            // work directory.
+            mount_all_with(std::slice::from_ref(&m), &t, mode).unwrap();
+            fs::write(t.join("a"), "1").unwrap();
+            rustix::mount::unmount(&t, UnmountFlags::empty()).unwrap();
+            let marker = volatile_marker(&work);
+            assert_eq!(marker, work.join("work/incompat/volatile"));
+            assert!(
+                marker.is_dir(),
+                "{mode:?}: the kernel left {}",
+                marker.display()
+            );
+            let e = mount_all_with(std::slice::from_ref(&m), &t, mode).unwrap_err();
+            assert!(matches!(e, Error::Mount { .. }), "{e}");
+            clear_volatile(&tmp.path().join("upper"), &work).unwrap();
+
+            // strata's unmount clears it, so the snapshot mounts again and again.
+            for round in 0..3 {
+                mount_all_with(std::slice::from_ref(&m), &t, mode).unwrap();
+                fs::write(t.join(format!("r{round}")), "v").unwrap();
+                unmount(&t).unwrap();
+                assert!(!marker.exists(), "{mode:?} round {round}");
+            }
+            assert_eq!(
+                fs::read_to_string(tmp.path().join("upper/r2")).unwrap(),
+                "v"
+            );
+        }
+    }
+
+    #[test]
+    fn read_only_overlays_refuse_writes_on_both_paths() {
+        if !can_mount() {
+            return;
+        }
+        for mode in [OverlayMountMode::Auto, OverlayMountMode::Legacy] {
+            let tmp = tempfile::tempdir().unwrap();
+            let lowers = layers(&tmp.path().join("s"), 2);
+            let m = overlay(tmp.path(), &lowers, true, &["ro"]);
+            let target = target(tmp.path());
+            mount_all_with(std::slice::from_ref(&m), &target, mode).unwrap();
+            let e = fs::write(target.join("x"), "y").unwrap_err();
+            assert_eq!(
+                e.raw_os_error(),
+                Some(rustix::io::Errno::ROFS.raw_os_error())
+            );
+            assert_eq!(fs::read_to_string(target.join("top")).unwrap(), "1");
+            unmount(&target).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_failed_stack_takes_off_what_it_mounted_and_temp_dirs_go() {
+        if !can_mount() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let bad = overlay(
+            tmp.path(),
+            &[tmp.path().join("missing").to_string_lossy().into_owned()],
+            false,
+            &[],
+        );
+        let t = target(tmp.path());
+        let e = mount_all(&[Mount::bind(&src, false), bad.clone()], &t).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        assert!(mount_info(&t).unwrap().is_none(), "the bind was taken off");
+
+        // A TempMount whose mount fails leaves no directory behind.
+        let before = fs::read_dir(tmp.path()).unwrap().count();
+        TempMount::new_in(tmp.path(), &[bad]).unwrap_err();
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), before);
+
+        // Drop unmounts and removes the directory.
+        let tm = TempMount::new_in(tmp.path(), &[Mount::bind(&src, true)]).unwrap();
+        let p = tm.path().to_path_buf();
+        assert!(mount_info(&p).unwrap().is_some());
+        drop(tm);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn the_layer_limit_is_the_kernels() {
+        assert_eq!(overlay_max_layers(), 500);
+    }
 
     #[test]
     fn common_dir_stops_at_a_directory_boundary() {

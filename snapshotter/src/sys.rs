@@ -6,9 +6,11 @@ use std::io;
 /// Gives the calling thread its own working directory, root and umask (`unshare(CLONE_FS)`),
 /// so that a `chdir` in it does not move the other threads of the process.
 pub(crate) fn unshare_fs() -> io::Result<()> {
-    // SAFETY: `unshare_unsafe` is unsafe because `CLONE_FILES` can leave a thread with a file
-    // descriptor table other threads' descriptors are not in. We pass only `CLONE_FS`, which
-    // copies the current directory, root and umask and shares nothing a descriptor depends on.
+    // SAFETY: `unshare_unsafe` is unsafe because `CLONE_FILES` would give this thread its own
+    // file descriptor table, so that descriptors opened by other threads (which Rust code may
+    // hand across threads as `OwnedFd`/`BorrowedFd`) would not be valid in it. We pass only
+    // `CLONE_FS`: the thread gets a private copy of its current directory, root and umask,
+    // while the descriptor table stays shared, so every descriptor stays valid everywhere.
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }?;
     Ok(())
 }

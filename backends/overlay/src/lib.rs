@@ -2,7 +2,15 @@
 //!
 //! Layout under the store root: `snapshots/<id>/fs` (the layer: an upper directory while
 //! Active, a lower one once Committed) and `snapshots/<id>/work` (overlayfs's work
-//! directory). A snapshot is built in `snapshots/.tmp-<id>` and renamed into place.
+//! directory). A snapshot is built in `snapshots/.tmp-<id>` and renamed into place. A
+//! parentless snapshot's `fs` is exactly 0755 whatever the umask; a child's starts with the
+//! owner and mode of its parent's `fs`, because an overlay's root directory shows the upper
+//! directory's attributes (containerd copies the owner only).
+//!
+//! [`OverlayBackend::open`] mounts a tiny overlay under the root first, so that a root that
+//! cannot hold upper layers (another overlay, a file system without trusted xattrs) is
+//! refused with a clear error instead of failing at the first mount; it also finds out
+//! whether the kernel takes `index=off`.
 //!
 //! Mounts follow containerd: a parentless Active snapshot is a read-write `bind` of its `fs`;
 //! a View of one parent is a read-only `bind` of the parent's `fs`; an Active snapshot with
@@ -26,8 +34,9 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata::fsutil;
 use strata::mount::{volatile_marker, OVERLAY_MAX_LAYERS};
@@ -62,7 +71,7 @@ pub enum OverlayError {
         depth: usize,
     },
     /// The machine stopped while the snapshot was mounted volatile.
-    #[error("snapshot {id} was mounted volatile when the machine stopped (boot {recorded}, now {current}); its contents may be incomplete")]
+    #[error("snapshot {id} was mounted volatile when the machine stopped (mounted in boot {recorded}, now boot {current}); its contents may be incomplete: remove it and recreate it")]
     VolatileLost {
         /// The snapshot id.
         id: u64,
@@ -120,10 +129,10 @@ pub struct OverlayBackend {
 
 const VOLATILE_FILE: &str = "volatile";
 
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
 fn boot_id() -> io::Result<String> {
-    Ok(fs::read_to_string("/proc/sys/kernel/random/boot_id")?
-        .trim()
-        .to_string())
+    Ok(fs::read_to_string(BOOT_ID)?.trim().to_string())
 }
 
 impl OverlayBackend {
@@ -134,27 +143,48 @@ impl OverlayBackend {
             &root.join("snapshots"),
             "create the snapshots directory",
         ))?;
+        // containerd adds index=off whenever the kernel has the parameter.
         let index_off = Path::new("/sys/module/overlay/parameters/index").exists();
-        let backend = OverlayBackend { dirs, index_off };
+        let mut backend = OverlayBackend { dirs, index_off };
         if !opts.skip_probe {
-            backend.probe(root)?;
+            if let Err(e) = backend.probe(root) {
+                if !backend.index_off {
+                    return Err(e);
+                }
+                // A kernel that lists the parameter but refuses the option: mount without.
+                backend.index_off = false;
+                backend.probe(root).map_err(|_| e)?;
+                tracing::info!(root = %root.display(), "overlayfs refuses index=off here; mounting without it");
+            }
         }
         Ok(backend)
     }
 
-    /// Mounts and unmounts a one-layer overlay in the snapshots directory.
+    /// Whether mounts carry `index=off` (the kernel has the parameter and the probe took it).
+    pub fn index_off(&self) -> bool {
+        self.index_off
+    }
+
+    /// Mounts and unmounts a one-layer overlay (lower, upper, work) in the snapshots
+    /// directory, with the options snapshots will get.
     fn probe(&self, root: &Path) -> Result<(), OverlayError> {
-        let dir = self
-            .dirs
-            .snapshots()
-            .join(format!(".probe-{}", std::process::id()));
+        static PROBES: AtomicU64 = AtomicU64::new(0);
+        let dir = self.dirs.snapshots().join(format!(
+            ".probe-{}-{}",
+            std::process::id(),
+            PROBES.fetch_add(1, Ordering::Relaxed)
+        ));
         let unsupported = |reason: String| OverlayError::Unsupported {
             root: root.to_path_buf(),
             reason,
         };
         let _ = fsutil::remove_tree(&dir);
         for d in ["lower", "upper", "work", "merged"] {
-            fs::create_dir_all(dir.join(d)).map_err(io_err(&dir, "create the overlay probe"))?;
+            let p = dir.join(d);
+            if let Err(e) = fs::create_dir_all(&p) {
+                let _ = fsutil::remove_tree(&dir);
+                return Err(io_err(&p, "create the overlay probe")(e));
+            }
         }
         let mut options = Vec::new();
         if self.index_off {
@@ -195,13 +225,13 @@ impl OverlayBackend {
         self.dirs.tmp(id)
     }
 
-    /// Whether snapshot `id` is mounted somewhere now (as an overlay upper layer).
+    /// Whether snapshot `id` is mounted somewhere in this mount namespace now (as an
+    /// overlay upper layer).
     fn is_mounted(&self, id: u64) -> io::Result<bool> {
         let upper = format!("upperdir={}", self.fs_path(id).display());
-        let text = fs::read_to_string("/proc/self/mountinfo")?;
-        Ok(text
-            .lines()
-            .any(|l| l.contains(" - overlay ") && l.split([' ', ',']).any(|o| o == upper)))
+        Ok(strata::mount::list_mounts()?
+            .iter()
+            .any(|m| m.fs_type == "overlay" && m.super_options.contains(&upper)))
     }
 
     /// Applies the volatile rule (see the crate docs) before the snapshot is used.
@@ -220,10 +250,7 @@ impl OverlayBackend {
         {
             return Ok(());
         }
-        let current = boot_id().map_err(io_err(
-            Path::new("/proc/sys/kernel/random/boot_id"),
-            "read the boot id",
-        ))?;
+        let current = boot_id().map_err(io_err(Path::new(BOOT_ID), "read the boot id"))?;
         if recorded != current {
             return Err(OverlayError::VolatileLost {
                 id,
@@ -236,6 +263,53 @@ impl OverlayBackend {
             context: "clear the volatile marker",
             source: io::Error::other(e.to_string()),
         })
+    }
+
+    /// Fills the temporary directory of a new snapshot: `fs`, `work` and, for a volatile
+    /// Active snapshot, the boot id it was created in.
+    fn build(
+        &self,
+        tmp: &Path,
+        kind: Kind,
+        parent: Option<u64>,
+        opts: &CreateOptions,
+    ) -> Result<(), OverlayError> {
+        fs::create_dir(tmp).map_err(io_err(tmp, "create the temporary directory"))?;
+        // Only root reaches into a snapshot's storage, whatever the umask.
+        fs::set_permissions(tmp, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(tmp, "set the snapshot directory's mode"))?;
+        // An overlay's root directory shows the upper root's owner and mode, not the
+        // lower one's: a child starts with its parent's (containerd copies the owner).
+        // Without a parent, fs is exactly 0755 whatever the umask. work is 0711, as
+        // containerd makes it.
+        let (fs_mode, owner) = match parent {
+            Some(p) => {
+                let pfs = self.fs_path(p);
+                let m = fs::metadata(&pfs).map_err(io_err(&pfs, "stat the parent's layer"))?;
+                (m.mode() & 0o7777, Some((m.uid(), m.gid())))
+            }
+            None => (0o755, None),
+        };
+        for (d, mode) in [("fs", fs_mode), ("work", 0o711)] {
+            let p = tmp.join(d);
+            fs::create_dir(&p).map_err(io_err(&p, "create a snapshot directory"))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .map_err(io_err(&p, "set a snapshot directory's mode"))?;
+        }
+        if let Some((uid, gid)) = owner.filter(|o| *o != (0, 0)) {
+            let p = tmp.join("fs");
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))
+                .map_err(io_err(&p, "give the layer its parent's owner"))?;
+            // chown clears set-id bits.
+            fs::set_permissions(&p, fs::Permissions::from_mode(fs_mode))
+                .map_err(io_err(&p, "set a snapshot directory's mode"))?;
+        }
+        if opts.volatile && kind == Kind::Active {
+            let f = tmp.join(VOLATILE_FILE);
+            let id = boot_id().map_err(io_err(Path::new(BOOT_ID), "read the boot id"))?;
+            fs::write(&f, id).map_err(io_err(&f, "write the volatile marker"))?;
+        }
+        Ok(())
     }
 
     fn lowerdir(&self, parents: &[u64]) -> String {
@@ -268,26 +342,20 @@ impl Backend for OverlayBackend {
         }
         let tmp = self.tmp_dir(id);
         fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
-        fs::create_dir(&tmp).map_err(io_err(&tmp, "create the temporary directory"))?;
-        // Only root reaches into a snapshot's storage, whatever the umask.
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
-            .map_err(io_err(&tmp, "set the snapshot directory's mode"))?;
-        for d in ["fs", "work"] {
-            let p = tmp.join(d);
-            fs::create_dir(&p).map_err(io_err(&p, "create a snapshot directory"))?;
-        }
-        // Exactly 0755 whatever the umask: it is the root directory of a parentless mount.
-        let fs_dir = tmp.join("fs");
-        fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))
-            .map_err(io_err(&fs_dir, "set the root directory's mode"))?;
-        if opts.volatile && kind == Kind::Active {
-            let f = tmp.join(VOLATILE_FILE);
-            let id = boot_id().map_err(io_err(&f, "read the boot id"))?;
-            fs::write(&f, id).map_err(io_err(&f, "write the volatile marker"))?;
+        if let Err(e) = self.build(&tmp, kind, parents.first().copied(), opts) {
+            // Best effort: remove() clears it too.
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(e);
         }
         let dir = self.dir(id);
-        fs::rename(&tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
+        if let Err(e) = fs::rename(&tmp, &dir) {
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(io_err(&dir, "rename the new snapshot into place")(e));
+        }
         if opts.durable {
+            // After the rename: on a journaling file system the first sync commits
+            // everything at once and the second finds nothing left to do.
+            fsutil::fsync_dir(&dir).map_err(io_err(&dir, "sync the snapshot directory"))?;
             fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
                 self.dirs.snapshots(),
                 "sync the snapshots directory",

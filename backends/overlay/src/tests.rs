@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use strata::mount::{mount_all, unmount, TempMount};
 
@@ -196,4 +197,221 @@ fn a_root_that_cannot_hold_overlay_layers_is_refused_at_open() {
     let e =
         OverlayBackend::open(&merged.path().join("store"), OverlayOptions::default()).unwrap_err();
     assert!(e.to_string().contains("overlayfs cannot use"), "{e}");
+}
+
+fn overlay_of(options: Vec<String>) -> Mount {
+    Mount {
+        fs_type: "overlay".into(),
+        source: "overlay".into(),
+        options,
+    }
+}
+
+#[test]
+fn every_kind_and_parent_count_has_its_shape() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    assert_eq!(
+        b.index_off(),
+        Path::new("/sys/module/overlay/parameters/index").exists()
+    );
+    let idx: Vec<String> = if b.index_off() {
+        vec!["index=off".into()]
+    } else {
+        vec![]
+    };
+    chain(&b, 3);
+    let s = |id: u64| b.fs_path(id).to_string_lossy().into_owned();
+
+    // View without a parent: its own (empty) fs, read-only.
+    b.create(20, Kind::View, &[], &opts()).unwrap();
+    assert_eq!(
+        b.mounts(20, Kind::View, &[]).unwrap(),
+        vec![Mount::bind(&b.fs_path(20), true)]
+    );
+    assert_eq!(
+        Mount::bind(&b.fs_path(20), true).options,
+        vec!["ro", "rbind"],
+        "containerd's options for a read-only bind"
+    );
+    // View of three: lowerdir only, no upper, no work, no ro.
+    b.create(21, Kind::View, &[3, 2, 1], &opts()).unwrap();
+    let mut want = idx.clone();
+    want.push(format!("lowerdir={}:{}:{}", s(3), s(2), s(1)));
+    assert_eq!(
+        b.mounts(21, Kind::View, &[3, 2, 1]).unwrap(),
+        vec![overlay_of(want)]
+    );
+    // view_mounts: the same shapes without storage.
+    assert_eq!(
+        b.view_mounts(&[3]).unwrap(),
+        vec![Mount::bind(&b.fs_path(3), true)]
+    );
+    assert_eq!(
+        b.view_mounts(&[3, 2, 1]).unwrap(),
+        b.mounts(21, Kind::View, &[3, 2, 1]).unwrap()
+    );
+    assert_eq!(
+        b.view_mounts(&[]).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    // A volatile Active of one parent: index=off, volatile, workdir, upperdir, lowerdir.
+    let vopts = CreateOptions {
+        volatile: true,
+        durable: false,
+    };
+    b.create(22, Kind::Active, &[1], &vopts).unwrap();
+    let mut want = idx.clone();
+    want.push("volatile".into());
+    want.push(format!("workdir={}", b.work_path(22).display()));
+    want.push(format!("upperdir={}", s(22)));
+    want.push(format!("lowerdir={}", s(1)));
+    assert_eq!(
+        b.mounts(22, Kind::Active, &[1]).unwrap(),
+        vec![overlay_of(want)]
+    );
+    // volatile means nothing for a View or a parentless Active's bind mount.
+    b.create(23, Kind::View, &[2, 1], &vopts).unwrap();
+    assert!(!b.dir(23).join(VOLATILE_FILE).exists());
+    assert!(b.mounts(23, Kind::View, &[2, 1]).unwrap()[0]
+        .options
+        .iter()
+        .all(|o| o != "volatile"));
+
+    // Every path is absolute and under ROOT/snapshots/.
+    let snapshots = tmp.path().join("snapshots");
+    for o in &b.mounts(22, Kind::Active, &[1]).unwrap()[0].options {
+        if let Some((_, v)) = o.split_once('=').filter(|(k, _)| k.ends_with("dir")) {
+            assert!(Path::new(v).starts_with(&snapshots), "{o}");
+        }
+    }
+}
+
+#[test]
+fn new_layers_have_exact_modes_whatever_the_umask() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    let r = b.create(1, Kind::Active, &[], &opts());
+    rustix::process::umask(old);
+    r.unwrap();
+    let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(b.fs_path(1)), 0o755);
+    assert_eq!(mode(b.work_path(1)), 0o711);
+    assert_eq!(mode(b.dir(1)), 0o700);
+
+    // A child's layer starts with its parent's root owner and mode: an overlay's root
+    // shows the upper directory's.
+    std::os::unix::fs::chown(b.fs_path(1), Some(1000), Some(1001)).unwrap();
+    fs::set_permissions(b.fs_path(1), fs::Permissions::from_mode(0o750)).unwrap();
+    b.commit(1, &[], false).unwrap();
+    b.create(2, Kind::Active, &[1], &opts()).unwrap();
+    let m = fs::metadata(b.fs_path(2)).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o750));
+    let t = TempMount::new_in(tmp.path(), &b.mounts(2, Kind::Active, &[1]).unwrap()).unwrap();
+    let m = fs::metadata(t.path()).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o750));
+}
+
+#[test]
+fn five_hundred_layers_mount_and_five_hundred_and_one_do_not() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    let fast = CreateOptions::default();
+    for id in 1..=500u64 {
+        b.create(id, Kind::Active, &[], &fast).unwrap();
+        fs::write(b.fs_path(id).join(format!("f{id}")), "").unwrap();
+        b.commit(id, &[], false).unwrap();
+    }
+    let parents: Vec<u64> = (1..=500).rev().collect();
+    b.create(1000, Kind::Active, &parents, &fast).unwrap();
+    let t =
+        TempMount::new_in(tmp.path(), &b.mounts(1000, Kind::Active, &parents).unwrap()).unwrap();
+    assert!(t.path().join("f1").exists() && t.path().join("f500").exists());
+    t.unmount().unwrap();
+
+    let mut deeper = parents.clone();
+    deeper.push(1000);
+    for kind in [Kind::Active, Kind::View] {
+        let e = b.create(1001, kind, &deeper, &fast).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{kind}");
+        assert!(
+            e.to_string()
+                .contains("chain of 501 layers exceeds overlayfs's limit of 500"),
+            "{e}"
+        );
+    }
+    assert!(!b.ids().unwrap().contains(&1001));
+    assert_eq!(
+        b.view_mounts(&deeper).unwrap_err().kind(),
+        ErrorKind::FailedPrecondition
+    );
+}
+
+#[test]
+fn commit_reports_the_usage_of_the_upper_layer_only() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    chain(&b, 1);
+    fs::write(b.fs_path(1).join("big"), vec![7u8; 64 * 1024]).unwrap();
+    b.create(2, Kind::Active, &[1], &opts()).unwrap();
+    let t = TempMount::new_in(tmp.path(), &b.mounts(2, Kind::Active, &[1]).unwrap()).unwrap();
+    fs::write(t.path().join("small"), "s").unwrap();
+    t.unmount().unwrap();
+    let u = b.commit(2, &[1], true).unwrap();
+    assert_eq!(u, strata::fsutil::disk_usage(&b.fs_path(2)).unwrap());
+    assert_eq!(u.inodes, 2, "the root and `small`");
+    assert!(u.size < 64 * 1024);
+    assert_eq!(b.usage(2).unwrap(), u);
+}
+
+#[test]
+fn a_volatile_marker_from_another_boot_is_data_loss_even_without_a_mount() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    chain(&b, 1);
+    let vopts = CreateOptions {
+        volatile: true,
+        durable: false,
+    };
+    b.create(2, Kind::Active, &[1], &vopts).unwrap();
+    // Not mounted volatile yet: no kernel marker, so nothing to lose.
+    fs::write(b.dir(2).join(VOLATILE_FILE), "00000000-old-boot").unwrap();
+    b.mounts(2, Kind::Active, &[1]).unwrap();
+    // The kernel's marker as a crash leaves it (faked: the directory with `dirty`).
+    let marker = volatile_marker(&b.work_path(2));
+    fs::create_dir_all(&marker).unwrap();
+    fs::write(marker.join("dirty"), "").unwrap();
+    let e = b.mounts(2, Kind::Active, &[1]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DataLoss);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("snapshot 2") && msg.contains("may be incomplete"),
+        "{msg}"
+    );
+    // The same boot: synced and cleared, then mountable.
+    fs::write(b.dir(2).join(VOLATILE_FILE), boot_id().unwrap()).unwrap();
+    let m = b.mounts(2, Kind::Active, &[1]).unwrap();
+    assert!(!marker.exists());
+    let t = TempMount::new_in(tmp.path(), &m).unwrap();
+    t.unmount().unwrap();
+    // Commit drops the volatile marker: a parent is never volatile.
+    b.commit(2, &[1], true).unwrap();
+    assert!(!b.dir(2).join(VOLATILE_FILE).exists());
 }
