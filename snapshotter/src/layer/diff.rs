@@ -271,6 +271,24 @@ fn lstat(p: &Path) -> Result<Option<fs::Metadata>> {
     }
 }
 
+/// The union of two sorted name lists, in order, each with whether it is in the first
+/// and in the second.
+fn merge_sorted<'a>(
+    up: &'a [std::ffi::OsString],
+    low: &'a [std::ffi::OsString],
+) -> Vec<(&'a std::ffi::OsString, bool, bool)> {
+    let mut out = Vec::with_capacity(up.len().max(low.len()));
+    let (mut i, mut j) = (0, 0);
+    while i < up.len() || j < low.len() {
+        let in_up = j >= low.len() || (i < up.len() && up[i].as_bytes() <= low[j].as_bytes());
+        let in_low = i >= up.len() || (j < low.len() && low[j].as_bytes() <= up[i].as_bytes());
+        out.push((if in_up { &up[i] } else { &low[j] }, in_up, in_low));
+        i += usize::from(in_up);
+        j += usize::from(in_low);
+    }
+    out
+}
+
 /// Compares `lower` and `upper` directories (`rel` below the roots).
 fn diff_dir<W: Write>(
     w: &mut Writer<W>,
@@ -283,28 +301,15 @@ fn diff_dir<W: Write>(
         Some(l) if lstat(&l.join(rel))?.is_some_and(|m| m.is_dir()) => sorted_names(&l.join(rel))?,
         _ => Vec::new(),
     };
-    // Merge the two sorted lists.
-    let (mut i, mut j) = (0, 0);
-    while i < up_names.len() || j < low_names.len() {
-        let take_up = j >= low_names.len()
-            || (i < up_names.len() && up_names[i].as_bytes() <= low_names[j].as_bytes());
-        let take_low = i >= up_names.len()
-            || (j < low_names.len() && low_names[j].as_bytes() <= up_names[i].as_bytes());
-        let name = if take_up { &up_names[i] } else { &low_names[j] };
+    for (name, in_up, in_low) in merge_sorted(&up_names, &low_names) {
         let path = rel.join(name);
-        match (take_up, take_low) {
+        match (in_up, in_low) {
             (true, true) => {
                 let lm = lstat(&lower.map_or_else(PathBuf::new, |l| l.join(&path)))?;
                 changed_entry(w, lower, upper, &path, lm)?;
             }
             (true, false) => add_entry(w, lower, upper, &path)?,
             (false, _) => whiteout(w, &path)?,
-        }
-        if take_up {
-            i += 1;
-        }
-        if take_low {
-            j += 1;
         }
     }
     Ok(())
@@ -326,15 +331,9 @@ fn diff_upper_dir<W: Write>(
         }
         _ => Vec::new(),
     };
-    let (mut i, mut j) = (0, 0);
-    while i < up_names.len() || j < low_names.len() {
-        let take_up = j >= low_names.len()
-            || (i < up_names.len() && up_names[i].as_bytes() <= low_names[j].as_bytes());
-        let take_low = i >= up_names.len()
-            || (j < low_names.len() && low_names[j].as_bytes() <= up_names[i].as_bytes());
-        let name = if take_up { &up_names[i] } else { &low_names[j] };
+    for (name, in_up, _) in merge_sorted(&up_names, &low_names) {
         let path = rel.join(name);
-        if take_up {
+        if in_up {
             let full = upper.join(&path);
             let um = fs::symlink_metadata(&full).map_err(|e| Error::io(&full, "stat", e))?;
             let lm = match lower {
@@ -373,12 +372,6 @@ fn diff_upper_dir<W: Write>(
             }
         } else {
             whiteout(w, &path)?;
-        }
-        if take_up {
-            i += 1;
-        }
-        if take_low {
-            j += 1;
         }
     }
     Ok(())
