@@ -58,7 +58,12 @@ struct Result {
     commit: Vec<Duration>,
 }
 
-fn empty_chain(s: &dyn Snapshotter, layers: usize, tag: &str) -> strata::Result<Result> {
+fn empty_chain(
+    s: &dyn Snapshotter,
+    layers: usize,
+    tag: &str,
+    bar: Option<&indicatif::ProgressBar>,
+) -> strata::Result<Result> {
     let mut per_layer = Vec::with_capacity(layers);
     let mut prepare = Vec::with_capacity(layers);
     let mut commit = Vec::with_capacity(layers);
@@ -76,6 +81,9 @@ fn empty_chain(s: &dyn Snapshotter, layers: usize, tag: &str) -> strata::Result<
         commit.push(t2 - t1);
         per_layer.push(t2 - t0);
         parent = Some(name);
+        if let Some(b) = bar {
+            b.inc(1);
+        }
     }
     Ok(Result {
         workload: Workload::EmptyChain,
@@ -91,6 +99,7 @@ fn run_in(
     root: &Path,
     global: &Global,
     args: &BenchArgs,
+    json: bool,
 ) -> std::result::Result<Vec<Result>, Failure> {
     let store = open_store(root, global)?;
     let max = strata::mount::OVERLAY_MAX_LAYERS + 1;
@@ -110,9 +119,13 @@ fn run_in(
     let mut results = Vec::new();
     for (n, w) in args.workloads.iter().enumerate() {
         let tag = format!("{tag}-{n}");
+        let bar = crate::progress::items(w.name(), args.layers as u64, json);
         results.push(match w {
-            Workload::EmptyChain => empty_chain(s, args.layers, &tag)?,
+            Workload::EmptyChain => empty_chain(s, args.layers, &tag, bar.as_ref())?,
         });
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
     }
     s.close()?;
     Ok(results)
@@ -126,7 +139,7 @@ pub(crate) fn run(
 ) -> std::result::Result<(), Failure> {
     let (results, backend, root_desc) = match &global.root {
         Some(root) => {
-            let r = run_in(root, global, &args)?;
+            let r = run_in(root, global, &args, out.is_json())?;
             (r, global.backend.clone(), root.display().to_string())
         }
         None => {
@@ -136,7 +149,7 @@ pub(crate) fn run(
                 .map_err(|e| {
                     strata::Error::io(std::env::temp_dir(), "create a temporary root", e)
                 })?;
-            let r = run_in(tmp.path(), global, &args)?;
+            let r = run_in(tmp.path(), global, &args, out.is_json())?;
             (
                 r,
                 global.backend.clone(),

@@ -6,6 +6,7 @@
 
 mod bench;
 mod output;
+mod progress;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -394,6 +395,20 @@ fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnySto
     }
 }
 
+/// Opens a layer file for reading, with a progress bar on a terminal.
+fn open_with_progress(
+    file: &Path,
+    what: &str,
+    out: &Output,
+) -> Result<progress::Reading<std::io::BufReader<std::fs::File>>, Failure> {
+    let f = std::fs::File::open(file).map_err(|e| Error::io(file, "open the layer", e))?;
+    let size = f.metadata().ok().map(|m| m.len());
+    Ok(progress::Reading {
+        inner: std::io::BufReader::new(f),
+        bar: progress::bytes(what, size, out.is_json()),
+    })
+}
+
 /// `diff` and `apply`.
 fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
     match cmd {
@@ -405,8 +420,18 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
             let file = std::fs::File::create(output)
                 .map_err(|e| Error::io(output, "create the layer file", e))?;
             let opts = strata::layer::diff::DiffOptions::from_env(*compression);
-            let (desc, stats, file) = s.diff(name, &opts, std::io::BufWriter::new(file))?;
-            file.into_inner()
+            let bar = progress::bytes(&format!("diff {name}"), None, out.is_json());
+            let writing = progress::Writing {
+                inner: std::io::BufWriter::new(file),
+                bar: bar.clone(),
+            };
+            let (desc, stats, writing) = s.diff(name, &opts, writing)?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            writing
+                .inner
+                .into_inner()
                 .map_err(|e| Error::io(output, "write the layer file", e.into_error()))?
                 .sync_all()
                 .map_err(|e| Error::io(output, "sync the layer file", e))?;
@@ -425,13 +450,17 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
                     .map_err(CliError)
             };
             let (diff_id, digest) = (parse(diff_id)?, parse(digest)?);
-            let f = std::fs::File::open(file).map_err(|e| Error::io(file, "open the layer", e))?;
+            let reading = open_with_progress(file, "apply-layer", out)?;
+            let bar = reading.bar.clone();
             let l = s.apply_layer(
                 parent.as_deref(),
                 digest.as_ref(),
                 diff_id.as_ref(),
-                std::io::BufReader::new(f),
+                reading,
             )?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             out.applied_layer(&l);
         }
         Command::Apply { key, file, digest } => {
@@ -440,8 +469,12 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
                 .map(strata::layer::Digest::parse)
                 .transpose()
                 .map_err(CliError)?;
-            let f = std::fs::File::open(file).map_err(|e| Error::io(file, "open the layer", e))?;
-            let applied = s.apply(key, std::io::BufReader::new(f), expected.as_ref())?;
+            let reading = open_with_progress(file, &format!("apply {key}"), out)?;
+            let bar = reading.bar.clone();
+            let applied = s.apply(key, reading, expected.as_ref())?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
             out.descriptor(&applied.descriptor, applied.entries);
         }
         _ => {}

@@ -423,6 +423,17 @@ fn bench_reports_the_documented_fields() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let r = &v["results"][0];
     assert_eq!(r["workload"], "empty-chain");
+    // Not a terminal (and --json): no progress bar on stderr.
+    let plain = Command::new(BIN)
+        .args(["bench", "--layers", "20"])
+        .output()
+        .unwrap();
+    assert!(plain.status.success());
+    assert!(
+        plain.stderr.is_empty(),
+        "no progress bar unless stderr is a terminal: {}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
     assert_eq!(r["layers"], 50);
     for field in ["layers_per_s", "p50_ms", "p99_ms"] {
         assert!(r[field].as_f64().unwrap() > 0.0, "{field}: {r}");
