@@ -168,9 +168,47 @@ fn check(base: &[Spec], change: &[Spec]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Found by the property test: a new hard link to an unchanged file of a lower layer was
+/// written as a separate file, and the link was lost.
+#[test]
+fn a_new_hard_link_to_a_lower_file_stays_a_link() {
+    if !require_privileged("layer property tests") {
+        return;
+    }
+    check(&[Spec::File(1, vec![], 0o644)], &[Spec::HardLink(1, 7)]).unwrap();
+    check(
+        &[Spec::File(7, b"x".to_vec(), 0o644)],
+        &[Spec::HardLink(7, 0)],
+    )
+    .unwrap();
+}
+
+/// Found by the property test: a lower file replaced by a directory with children made the
+/// differ fail looking the children up below the lower file (ENOTDIR).
+#[test]
+fn a_file_replaced_by_a_directory_with_children() {
+    if !require_privileged("layer property tests") {
+        return;
+    }
+    check(
+        &[Spec::File(2, vec![], 0o644)],
+        &[
+            Spec::Remove(2),
+            Spec::Dir(2, 0o755),
+            Spec::File(3, vec![], 0o644),
+        ],
+    )
+    .unwrap();
+}
+
 proptest! {
-    // Each case mounts and builds real snapshots: a few dozen cases keep CI short.
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    // Each case mounts and builds real snapshots: a few dozen cases keep CI short;
+    // STRATA_PROPTEST_CASES=1000 explores further.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("STRATA_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn diff_then_apply_reproduces_the_upper_tree(

@@ -5,7 +5,7 @@
 //! of names, parents before children (containerd's order). A path only in the upper tree is
 //! added; only in the lower one, it becomes a whiteout `.wh.<name>`; in both, it is written
 //! when it changed. "Changed" compares type, mode, owner, device, size, modification time
-//! (nanoseconds), symlink target and `security.capability` — and, when all of those agree but
+//! (nanoseconds), link count, symlink target and `security.capability` — and, when all of those agree but
 //! the two are different inodes, the **content**: metadata alone misses a rewrite that keeps
 //! size and time (seed 000 of this project). Directories that hold a change are written too,
 //! so that an applier recreates them with their attributes.
@@ -263,10 +263,13 @@ fn sorted_names(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
     Ok(names)
 }
 
+/// The metadata of `p`, `None` when it does not exist in that tree — including when one of
+/// its parents is not a directory there (ENOTDIR: a file replaced by a directory).
 fn lstat(p: &Path) -> Result<Option<fs::Metadata>> {
     match fs::symlink_metadata(p) {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) => Ok(None),
         Err(e) => Err(Error::io(p, "stat", e)),
     }
 }
@@ -414,6 +417,9 @@ fn changed_entry<W: Write>(
             && fs::read_link(&up).map_err(|e| Error::io(&up, "read a link", e))?
                 != fs::read_link(&low).map_err(|e| Error::io(&low, "read a link", e))?)
         || capability(&up)? != capability(&low)?
+        // A new (or removed) hard link to an unchanged file: the file must be written so
+        // that the other name can be written as a link to it.
+        || (ut.is_file() && um.nlink() != lm.nlink())
         || (ut.is_file()
             && (um.dev(), um.ino()) != (lm.dev(), lm.ino())
             && !same_content(&up, &low)?);
