@@ -57,6 +57,13 @@ fn build<B: Backend>(s: &Store<B>, work: &Path) {
     s.commit("top", "top-a", Labels::new()).unwrap();
 }
 
+/// An overlay store rooted at `base/root`.
+fn overlay_store(base: &Path) -> Store<strata_overlay::OverlayBackend> {
+    let root = base.join("root");
+    let backend = strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap();
+    Store::open(&root, backend, StoreOptions::default()).unwrap()
+}
+
 fn round_trip<B: Backend>(s: &Store<B>, work: &Path) -> Descriptor {
     build(s, work);
     let opts = DiffOptions {
@@ -127,13 +134,7 @@ fn a_layer_that_fails_half_way_marks_the_snapshot_broken() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let s = Store::open(
-        &root,
-        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
-        StoreOptions::default(),
-    )
-    .unwrap();
+    let s = overlay_store(tmp.path());
     build(&s, tmp.path());
     // A valid entry, then a hostile one: the first is applied before the second is refused.
     let mut b = tar::Builder::new(Vec::new());
@@ -200,13 +201,7 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let s = Store::open(
-        &root,
-        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
-        StoreOptions::default(),
-    )
-    .unwrap();
+    let s = overlay_store(tmp.path());
     build(&s, tmp.path());
     let opts = DiffOptions::default();
     let (d1, _, l1) = s.diff("base", &opts, Vec::new()).unwrap();
@@ -291,13 +286,7 @@ fn the_overlay_fast_path_runs_and_writes_the_generic_differs_bytes() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let s = Store::open(
-        &root,
-        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
-        StoreOptions::default(),
-    )
-    .unwrap();
+    let s = overlay_store(tmp.path());
     build(&s, tmp.path());
     for name in ["base", "top"] {
         let fast = DiffOptions::default();
