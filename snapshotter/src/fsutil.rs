@@ -153,3 +153,49 @@ impl SnapshotDirs {
         list_ids(&self.snapshots)
     }
 }
+
+/// The value of extended attribute `name` of the open file `fd`, or `None` when it has none.
+pub fn xattr<Fd: rustix::fd::AsFd>(fd: Fd, name: &std::ffi::OsStr) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match rustix::fs::fgetxattr(&fd, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(rustix::io::Errno::NODATA) => return Ok(None),
+            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => {
+                let len = buf.len() * 4;
+                buf.resize(len, 0);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Every extended attribute of the open file `fd` that can be read, sorted by name.
+pub fn xattrs<Fd: rustix::fd::AsFd>(fd: Fd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut names = vec![0u8; 1024];
+    loop {
+        match rustix::fs::flistxattr(&fd, &mut names[..]) {
+            Ok(n) => {
+                names.truncate(n);
+                break;
+            }
+            Err(rustix::io::Errno::RANGE) if names.len() < 1 << 20 => {
+                let len = names.len() * 4;
+                names.resize(len, 0);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let os = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
+        if let Some(v) = xattr(&fd, os)? {
+            out.push((name.to_vec(), v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -15,7 +15,7 @@ impl Digest {
         Digest::from_sha(Sha256::digest(bytes).as_slice())
     }
 
-    fn from_sha(hash: &[u8]) -> Digest {
+    pub(crate) fn from_sha(hash: &[u8]) -> Digest {
         let mut s = String::with_capacity(7 + 64);
         s.push_str("sha256:");
         for b in hash {
