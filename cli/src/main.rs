@@ -375,6 +375,8 @@ fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnySto
         durable: !global.no_sync,
         sync_remove: global.sync_remove,
         recover,
+        // The overlay applier writes the upper directory itself; `mounted` forces a mount.
+        apply_mounted: std::env::var("STRATA_APPLY").is_ok_and(|v| v == "mounted"),
     };
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
     match name.as_str() {
@@ -475,7 +477,7 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
-            out.descriptor(&applied.descriptor, applied.entries);
+            out.applied(&applied);
         }
         _ => {}
     }

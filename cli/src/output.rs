@@ -246,6 +246,24 @@ impl Output {
         }
     }
 
+    /// What an apply did.
+    pub(crate) fn applied(&self, a: &strata::layer::apply::Applied) {
+        if self.json {
+            self.print_json(&json!({
+                "mediaType": a.descriptor.media_type,
+                "digest": a.descriptor.digest.as_str(),
+                "size": a.descriptor.size,
+                "diffID": a.descriptor.diff_id.as_str(),
+                "entries": a.entries,
+                "content": a.content.as_str(),
+                "viaMount": a.via_mount,
+            }));
+        } else {
+            self.descriptor(&a.descriptor, a.entries);
+            println!("content:   {}", a.content);
+        }
+    }
+
     /// What apply-layer produced.
     pub(crate) fn applied_layer(&self, l: &strata::AppliedLayer) {
         if self.json {
@@ -253,6 +271,7 @@ impl Output {
                 "name": l.name,
                 "diffID": l.diff_id.as_str(),
                 "cached": l.cached,
+                "content": l.content,
                 "digest": l.descriptor.as_ref().map(|d| d.digest.as_str()),
             }));
         } else {

@@ -33,6 +33,7 @@ mod sys;
 
 pub use backend::{Backend, CreateOptions, JournalOp};
 pub use error::{BackendError, Error, ErrorKind, Result};
+pub use meta::LayerRecord;
 pub use snapshotter::Snapshotter;
 pub use store::{
     AppliedLayer, ExportGuard, FsckReport, GcReport, GuardedLayer, LeaseInfo, Store, StoreOptions,

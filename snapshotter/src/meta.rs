@@ -11,7 +11,8 @@
 //! * `images` — image name → top committed snapshot (version 2).
 //! * `leases`, `lease_snapshots` — named holders with an optional expiry (version 2).
 //! * `snapshots.diff_id`, `snapshots.chain_id` — for layers applied by `apply_layer`
-//!   (version 3).
+//!   (version 3); `snapshots.content_digest`, `snapshots.tar_size` — the layer's content
+//!   checksum and uncompressed size (version 4).
 //!
 //! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
 //! to date inside one transaction.
@@ -94,7 +95,24 @@ CREATE INDEX lease_snapshots_snapshot ON lease_snapshots(snapshot_id);
 ALTER TABLE snapshots ADD COLUMN diff_id TEXT;
 ALTER TABLE snapshots ADD COLUMN chain_id TEXT;
 "#,
+    r#"
+ALTER TABLE snapshots ADD COLUMN content_digest TEXT;
+ALTER TABLE snapshots ADD COLUMN tar_size INTEGER;
+"#,
 ];
+
+/// What is recorded of a layer applied by `apply_layer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRecord {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: String,
+    /// The chainID: the layer's identity with everything below it.
+    pub chain_id: String,
+    /// The content checksum of the change set (`strata::layer::content`).
+    pub content: String,
+    /// Bytes of the uncompressed tar.
+    pub tar_size: u64,
+}
 
 /// One row of `snapshots`, with what the store needs besides the Info.
 #[derive(Debug, Clone)]
@@ -847,19 +865,47 @@ impl Tx<'_> {
     }
 
     /// Records the layer identity of snapshot `id`.
-    pub fn set_layer_ids(&self, id: u64, diff_id: &str, chain_id: &str) -> Result<()> {
+    pub fn set_layer(&self, id: u64, layer: &LayerRecord) -> Result<()> {
         self.tx
-            .prepare_cached("UPDATE snapshots SET diff_id = ?2, chain_id = ?3 WHERE id = ?1")
-            .and_then(|mut s| s.execute(params![db_id(id), diff_id, chain_id]))
+            .prepare_cached(
+                "UPDATE snapshots SET diff_id = ?2, chain_id = ?3, content_digest = ?4, tar_size = ?5 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    db_id(id),
+                    layer.diff_id,
+                    layer.chain_id,
+                    layer.content,
+                    i64::try_from(layer.tar_size).unwrap_or(i64::MAX)
+                ])
+            })
             .map(|_| ())
             .map_err(|e| self.e("record the layer's digests", e))
     }
 
-    /// The (diffID, chainID) recorded for snapshot `id`.
-    pub fn layer_ids(&self, id: u64) -> Result<(Option<String>, Option<String>)> {
+    /// What is recorded of snapshot `id` as a layer, when it was made by `apply_layer`.
+    pub fn layer(&self, id: u64) -> Result<Option<LayerRecord>> {
         self.tx
-            .prepare_cached("SELECT diff_id, chain_id FROM snapshots WHERE id = ?1")
-            .and_then(|mut s| s.query_row([db_id(id)], |r| Ok((r.get(0)?, r.get(1)?))))
+            .prepare_cached(
+                "SELECT diff_id, chain_id, content_digest, tar_size FROM snapshots WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([db_id(id)], |r| {
+                    let diff_id: Option<String> = r.get(0)?;
+                    let chain_id: Option<String> = r.get(1)?;
+                    let content: Option<String> = r.get(2)?;
+                    let size: Option<i64> = r.get(3)?;
+                    Ok(match (diff_id, chain_id) {
+                        (Some(diff_id), Some(chain_id)) => Some(LayerRecord {
+                            diff_id,
+                            chain_id,
+                            content: content.unwrap_or_default(),
+                            tar_size: size.map_or(0, |s| u64::try_from(s).unwrap_or(0)),
+                        }),
+                        _ => None,
+                    })
+                })
+            })
             .map_err(|e| self.e("read the layer's digests", e))
     }
 

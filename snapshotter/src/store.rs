@@ -58,6 +58,10 @@ pub struct StoreOptions {
     /// Repair what dead processes and lost storage left behind when opening (see
     /// [`Store::fsck`]). Default: on; `fsck` turns it off to look before it repairs.
     pub recover: bool,
+    /// Apply layers through a mount of the snapshot even where the backend lets them be
+    /// written straight into its storage (overlay's upper directory). Default: off; the tests
+    /// use it to compare the two.
+    pub apply_mounted: bool,
 }
 
 impl Default for StoreOptions {
@@ -67,6 +71,7 @@ impl Default for StoreOptions {
             durable: true,
             sync_remove: false,
             recover: true,
+            apply_mounted: false,
         }
     }
 }

@@ -148,23 +148,65 @@ fn check(base: &[Spec], change: &[Spec]) -> Result<(), TestCaseError> {
         "the two differs wrote different bytes"
     );
 
+    // Applied straight into the upper directory (the overlay default)...
     s.prepare("copy-a", Some("base"), Labels::new()).unwrap();
-    s.apply("copy-a", fast_bytes.as_slice(), Some(&fast.digest))
+    let direct = s
+        .apply("copy-a", fast_bytes.as_slice(), Some(&fast.digest))
         .unwrap();
+    prop_assert!(!direct.via_mount, "a layer of plain paths needs no mount");
     s.commit("copy", "copy-a", Labels::new()).unwrap();
+    // ...and through a mount, by a second handle on the same store.
+    let mounted_store = Store::open(
+        &root,
+        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
+        StoreOptions {
+            durable: false,
+            apply_mounted: true,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    mounted_store
+        .prepare("copy-m-a", Some("base"), Labels::new())
+        .unwrap();
+    let through_mount = mounted_store
+        .apply("copy-m-a", fast_bytes.as_slice(), Some(&fast.digest))
+        .unwrap();
+    mounted_store
+        .commit("copy-m", "copy-m-a", Labels::new())
+        .unwrap();
+    prop_assert_eq!(
+        &direct.content,
+        &through_mount.content,
+        "the content checksum does not depend on how the layer was applied"
+    );
     let a = Mounted::new(
         &s.view("va", Some("top"), Labels::new()).unwrap(),
         &tmp.path().join("va"),
     );
-    let b = Mounted::new(
-        &s.view("vb", Some("copy"), Labels::new()).unwrap(),
-        &tmp.path().join("vb"),
-    );
-    if let Err(d) = check_directory_equal(a.path(), b.path()) {
-        return Err(TestCaseError::fail(format!(
-            "apply(diff) differs from the upper tree:\n{d}"
-        )));
+    for (name, view) in [("copy", "vb"), ("copy-m", "vc")] {
+        let b = Mounted::new(
+            &s.view(view, Some(name), Labels::new()).unwrap(),
+            &tmp.path().join(view),
+        );
+        if let Err(d) = check_directory_equal(a.path(), b.path()) {
+            return Err(TestCaseError::fail(format!(
+                "apply(diff) into {name} differs from the upper tree:\n{d}"
+            )));
+        }
+        b.unmount();
     }
+    // The upper directory written by the applier diffs back to the very same layer.
+    let (again, again_stats, again_bytes) =
+        s.diff("copy", &DiffOptions::default(), Vec::new()).unwrap();
+    prop_assert!(again_stats.fast_path);
+    prop_assert!(
+        again_bytes == fast_bytes,
+        "diff(apply(layer)) is not the layer: {} vs {}",
+        again.diff_id,
+        fast.diff_id
+    );
+    drop(mounted_store);
     Ok(())
 }
 

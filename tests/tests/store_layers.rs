@@ -158,7 +158,23 @@ fn a_layer_that_fails_half_way_marks_the_snapshot_broken() {
     b.append(&h, &b""[..]).unwrap();
     let layer = b.into_inner().unwrap();
 
+    // Into a fresh snapshot the overlay applier writes only the (empty) upper directory,
+    // so a failure leaves it empty and usable.
+    s.prepare("fresh", Some("base"), Labels::new()).unwrap();
+    let e = s.apply("fresh", layer.as_slice(), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("../bad"), "{e}");
+    let view = strata::mount::TempMount::new(&s.mounts("fresh").unwrap()).unwrap();
+    assert!(
+        !view.path().join("ok").exists(),
+        "the entry applied before the failure is gone"
+    );
+    view.unmount().unwrap();
+    s.remove("fresh").unwrap();
+
+    // A snapshot that already holds changes cannot be put back: it is marked broken.
     s.prepare("target", Some("base"), Labels::new()).unwrap();
+    s.apply("target", first_layer().as_slice(), None).unwrap();
     let e = s.apply("target", layer.as_slice(), None).unwrap_err();
     assert_eq!(
         (e.kind(), e.key()),
@@ -184,6 +200,21 @@ fn a_layer_that_fails_half_way_marks_the_snapshot_broken() {
         .unwrap_err();
     assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("missing")));
     let _ = fs::remove_dir_all(tmp.path().join("m1"));
+}
+
+/// A one-file layer.
+fn first_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("first").unwrap();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, &b"1"[..]).unwrap();
+    b.into_inner().unwrap()
 }
 
 /// A reader that fails the test if anything reads it.
@@ -231,6 +262,26 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
         .apply_layer(Some(&a.name), None, Some(&d2.diff_id), MustNotRead)
         .unwrap();
     assert!(hit.cached && hit.name == b.name);
+    // What is recorded of the layer: its identity, its content checksum, its size.
+    let rec = s
+        .layer(&b.name)
+        .unwrap()
+        .expect("apply-layer records the layer");
+    assert_eq!(
+        (rec.diff_id.as_str(), rec.chain_id.as_str()),
+        (d2.diff_id.as_str(), b.name.as_str())
+    );
+    assert_eq!(rec.content, b.content);
+    assert!(rec.content.starts_with("sha256:") && rec.tar_size == l2.len() as u64);
+    assert_eq!(
+        hit.content, b.content,
+        "a cache hit reports the recorded checksum"
+    );
+    assert_eq!(
+        s.layer("top").unwrap(),
+        None,
+        "a committed build is no layer record"
+    );
     // Unknown diffID: read, found to be there already, nothing new is kept.
     let again = s
         .apply_layer(Some(&a.name), None, None, l2.as_slice())

@@ -10,6 +10,7 @@
 //! fast paths, chainIDs) is the layers issue's next part.
 
 pub mod apply;
+pub mod content;
 pub mod diff;
 mod digest;
 

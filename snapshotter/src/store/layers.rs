@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use super::Store;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::layer::apply::{apply_layer, Applied, ApplyOutcome};
+use crate::layer::apply::{apply_layer, apply_overlay_layer, Applied, ApplyOutcome};
 use crate::layer::diff::{
     overlay_fast_path_applies, write_layer, write_overlay_layer, DiffOptions, DiffStats,
 };
@@ -80,19 +80,35 @@ impl<B: Backend> Store<B> {
         input: R,
         expected: Option<&Digest>,
     ) -> Result<Applied> {
-        let (row, _) = self.row(key)?;
+        let (row, parents) = self.row(key)?;
         if row.kind != Kind::Active {
             return Err(Error::precondition(
                 key,
                 format!("layers are applied to active snapshots; it is {}", row.kind),
             ));
         }
-        let mounts = crate::snapshotter::Snapshotter::mounts(self, key)?;
         let tmp = self.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        let target = TempMount::new_in(&tmp, &mounts)?;
-        let result = apply_layer(target.path(), input, expected);
-        target.unmount()?;
+        let mount = || {
+            let mounts = crate::snapshotter::Snapshotter::mounts(self, key)?;
+            TempMount::new_in(&tmp, &mounts)
+        };
+        // On overlay, straight into the upper directory (mounting only if an entry needs it).
+        let lowers: Option<Vec<_>> = parents
+            .iter()
+            .map(|p| self.backend.layer_path(*p))
+            .collect();
+        let result = match (self.backend.overlay_upper(row.id), lowers) {
+            (Some(upper), Some(lowers)) if !self.opts.apply_mounted => {
+                apply_overlay_layer(&upper, &lowers, mount, input, expected)
+            }
+            _ => {
+                let target = mount()?;
+                let result = apply_layer(target.path(), input, expected);
+                target.unmount()?;
+                result
+            }
+        };
         match result {
             Ok(applied) => Ok(applied),
             Err((e, ApplyOutcome::Untouched)) => Err(e),
@@ -118,6 +134,8 @@ pub struct AppliedLayer {
     pub name: String,
     /// The layer's diffID.
     pub diff_id: Digest,
+    /// The layer's [content checksum](crate::layer::content), as recorded.
+    pub content: String,
     /// The blob's descriptor, when the blob was read (`None` on a cache hit).
     pub descriptor: Option<Descriptor>,
     /// True when the layer was already there and the stream was not read.
@@ -125,12 +143,19 @@ pub struct AppliedLayer {
 }
 
 impl<B: Backend> Store<B> {
+    /// What is recorded of committed snapshot `name` (or image) as a layer: its diffID,
+    /// chainID, content checksum and size, when [`Store::apply_layer`] made it.
+    pub fn layer(&self, name: &str) -> Result<Option<crate::LayerRecord>> {
+        let (row, _) = self.row(name)?;
+        self.with_meta(|m| m.read(name)?.layer(row.id))
+    }
+
     /// The chainID of committed snapshot `name` when it was made by
     /// [`Store::apply_layer`].
     fn chain_id_of(&self, name: &str) -> Result<Digest> {
         let (row, _) = self.row(name)?;
-        let (_, chain) = self.with_meta(|m| m.read(name)?.layer_ids(row.id))?;
-        let chain = chain.ok_or_else(|| {
+        let layer = self.with_meta(|m| m.read(name)?.layer(row.id))?;
+        let chain = layer.map(|l| l.chain_id).ok_or_else(|| {
             Error::precondition(
                 name,
                 "has no chainID: only layers made by apply-layer can be parents of apply-layer",
@@ -164,9 +189,14 @@ impl<B: Backend> Store<B> {
         };
         if let Some(known) = diff_id {
             if let Some(chain) = chain_for(known).filter(|c| exists(c.as_str()).unwrap_or(false)) {
+                let content = self
+                    .layer(chain.as_str())?
+                    .map(|l| l.content)
+                    .unwrap_or_default();
                 return Ok(AppliedLayer {
                     name: chain.to_string(),
                     diff_id: known.clone(),
+                    content,
                     descriptor: None,
                     cached: true,
                 });
@@ -193,30 +223,42 @@ impl<B: Backend> Store<B> {
             let chain = chain_for(&got).unwrap_or_else(|| got.clone());
             if exists(chain.as_str())? {
                 // Committed meanwhile (or the diffID was not known): keep the existing one.
-                return Ok((chain, got, applied.descriptor, true));
+                return Ok((chain, got, applied.descriptor, applied.content, true));
             }
+            // Recorded on the active row, which the commit keeps: the committed layer never
+            // exists without its record, whenever the process dies.
+            let (row, _) = self.row(&key)?;
+            let content = applied.content.to_string();
+            self.with_meta(|m| {
+                let tx = m.write(&key)?;
+                tx.set_layer(
+                    row.id,
+                    &crate::LayerRecord {
+                        diff_id: got.to_string(),
+                        chain_id: chain.to_string(),
+                        content: content.clone(),
+                        tar_size: applied.tar_size,
+                    },
+                )?;
+                tx.commit()
+            })?;
             crate::snapshotter::Snapshotter::commit(
                 self,
                 chain.as_str(),
                 &key,
                 crate::Labels::new(),
             )?;
-            let (row, _) = self.row(chain.as_str())?;
-            self.with_meta(|m| {
-                let tx = m.write(chain.as_str())?;
-                tx.set_layer_ids(row.id, got.as_str(), chain.as_str())?;
-                tx.commit()
-            })?;
-            Ok((chain, got, applied.descriptor, false))
+            Ok((chain, got, applied.descriptor, applied.content, false))
         })();
         match result {
-            Ok((chain, got, descriptor, existed)) => {
+            Ok((chain, got, descriptor, content, existed)) => {
                 if existed {
                     crate::snapshotter::Snapshotter::remove(self, &key)?;
                 }
                 Ok(AppliedLayer {
                     name: chain.to_string(),
                     diff_id: got,
+                    content: content.to_string(),
                     descriptor: Some(descriptor),
                     cached: false,
                 })

@@ -1,53 +1,76 @@
-//! Applying a layer to a directory tree, confined to it.
+//! Applying a layer, confined to the snapshot it changes.
 //!
-//! Every path is resolved relative to directory descriptors: a parent directory through
-//! `openat2` with `RESOLVE_IN_ROOT` (symlinks in it resolve inside the tree, never outside),
-//! and the last component is never followed — an existing symlink there is replaced, not
-//! written through. Names with a `..` component are refused (no clamping that hides a hostile
-//! archive); absolute names are taken relative to the tree, as tar does. Hard links are bound to
-//! the tree and link to a symlink itself, never to what it points at. Whiteouts delete inside
-//! the tree only; the reserved `.wh..wh.` names other than the opaque marker are refused.
+//! Two targets. [`apply_layer`] writes into a directory tree (a mounted snapshot): every path
+//! is resolved relative to directory descriptors — a parent directory through `openat2` with
+//! `RESOLVE_IN_ROOT` (symlinks in it resolve inside the tree, never outside), and the last
+//! component is never followed: an existing symlink there is replaced, not written through.
+//! [`apply_overlay_layer`] writes straight into an overlayfs upper directory, without a mount:
+//! deletions become overlayfs whiteouts (char 0/0), opaque markers the `trusted.overlay.opaque`
+//! attribute, and directories of lower layers are copied up as the kernel would (see
+//! [`upper`]). An entry whose meaning depends on the merged view in a way the upper directory
+//! alone cannot show — a parent that is a symlink, a hard link to a file only a lower layer
+//! holds, an opaque marker at the root — mounts the snapshot and continues through the tree
+//! applier from that entry on; [`Applied::via_mount`] tells.
+//!
+//! Names with a `..` component are refused (no clamping that hides a hostile archive);
+//! absolute names are taken relative to the snapshot, as tar does. Hard links are bound to the
+//! snapshot and link to a symlink itself, never to what it points at. Whiteouts delete inside
+//! the snapshot only; the reserved `.wh..wh.` names other than the opaque marker are refused,
+//! and so are overlayfs' own `trusted.overlay.*` attributes.
 //!
 //! The input may be plain, gzip or zstd (told apart by their magic bytes); the diffID (sha256
-//! of the tar) and the blob digest are computed while streaming, and checked against the
-//! expected digest when one is given. Owners, modes (after the owner, which clears
-//! setuid), `SCHILY.xattr.*` attributes and modification times are restored; directory times
-//! last, after their children.
+//! of the tar), the blob digest and the [content checksum](super::content) are computed while
+//! streaming, and the blob is checked against the expected digest when one is given. Owners,
+//! modes (after the owner, which clears setuid), `SCHILY.xattr.*` attributes and modification
+//! times are restored; directory times last, after their children.
 //!
-//! A failed apply into an empty tree leaves it empty. Into a non-empty tree it cannot undo
+//! A failed apply into an empty snapshot leaves it empty. Into a non-empty one it cannot undo
 //! what it did: [`ApplyOutcome::Partial`] in the error's place tells the caller (the store
 //! marks the snapshot broken).
 
+pub mod upper;
+
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+use sha2::{Digest as _, Sha256};
 
+use super::content::{ContentSummer, Record};
 use super::digest::{Digest, HashReader};
 use super::{Compression, Descriptor};
 use crate::error::{Error, Result};
+use crate::mount::TempMount;
 
 /// What an apply did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// The layer's descriptor as read (media type from the detected compression).
     pub descriptor: Descriptor,
+    /// The [content checksum](super::content) of the change set.
+    pub content: Digest,
     /// Entries applied, whiteouts included.
     pub entries: u64,
+    /// Bytes of the uncompressed tar.
+    pub tar_size: u64,
+    /// True when an overlay apply had to mount the snapshot (see the module docs).
+    pub via_mount: bool,
 }
 
-/// How far a failed apply got, for the caller to decide what the tree is worth now.
+/// How far a failed apply got, for the caller to decide what the snapshot is worth now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyOutcome {
-    /// Nothing was changed (the tree was empty and has been emptied again).
+    /// Nothing was changed (the snapshot was empty and has been emptied again).
     Untouched,
-    /// The tree was changed before the failure; it is neither before nor after.
+    /// The snapshot was changed before the failure; it is neither before nor after.
     Partial,
 }
+
+type Failed = (Error, ApplyOutcome);
 
 /// Applies the layer read from `input` to the tree at `root`. With `expected`, the blob's
 /// digest must match it. On failure, returns the error and what became of the tree.
@@ -55,25 +78,76 @@ pub fn apply_layer<R: Read>(
     root: &Path,
     input: R,
     expected: Option<&Digest>,
-) -> std::result::Result<Applied, (Error, ApplyOutcome)> {
-    let root_fd = rustix::fs::open(
-        root,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| {
+) -> std::result::Result<Applied, Failed> {
+    let tree = TreeApplier::open(root).map_err(|e| (e, ApplyOutcome::Untouched))?;
+    let was_empty = dir_is_empty(&tree.root_fd)
+        .map_err(|e| (Error::io(root, "read the tree", e), ApplyOutcome::Untouched))?;
+    let mut sink = Sink::Tree(tree);
+    let mut touched = false;
+    let result = run(&mut sink, root, input, expected, &mut touched);
+    let Sink::Tree(tree) = sink else {
+        return result.map_err(|e| (e, ApplyOutcome::Partial));
+    };
+    settle(result, touched, was_empty, root, &tree.root_fd)
+}
+
+/// Applies the layer read from `input` to the overlayfs upper directory `upper`, whose lower
+/// layers are `lowers` (top first), without mounting it. `mount` mounts the snapshot, for the
+/// entries that need the kernel's merged view. With `expected`, the blob's digest must match.
+pub fn apply_overlay_layer<'m, R: Read>(
+    upper: &Path,
+    lowers: &[PathBuf],
+    mount: impl FnOnce() -> Result<TempMount> + 'm,
+    input: R,
+    expected: Option<&Digest>,
+) -> std::result::Result<Applied, Failed> {
+    let applier =
+        upper::UpperApplier::open(upper, lowers).map_err(|e| (e, ApplyOutcome::Untouched))?;
+    let upper_fd = applier
+        .upper_fd()
+        .map_err(|e| (e, ApplyOutcome::Untouched))?;
+    let was_empty = dir_is_empty(&upper_fd).map_err(|e| {
         (
-            Error::io(root, "open the tree to apply into", e.into()),
+            Error::io(upper, "read the upper directory", e),
             ApplyOutcome::Untouched,
         )
     })?;
-    let was_empty = dir_is_empty(&root_fd)
-        .map_err(|e| (Error::io(root, "read the tree", e), ApplyOutcome::Untouched))?;
-    match apply_inner(root, &root_fd, input, expected) {
+    let mut sink = Sink::Upper {
+        applier,
+        mount: Some(Box::new(mount)),
+    };
+    let mut touched = false;
+    let result = run(&mut sink, upper, input, expected, &mut touched);
+    // Unmount before anything else touches the upper directory.
+    let unmounted = match sink {
+        Sink::Mounted { mount, applier } => {
+            drop(applier); // its descriptors keep the mount busy
+            mount.unmount()
+        }
+        _ => Ok(()),
+    };
+    let result = match (result, unmounted) {
+        (Ok(a), Ok(())) => Ok(a),
+        (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+    };
+    settle(result, touched, was_empty, upper, &upper_fd)
+}
+
+/// Turns a failure into its outcome: nothing was touched when the first entry was refused
+/// before any change; a tree that was empty is emptied again.
+fn settle(
+    result: Result<Applied>,
+    touched: bool,
+    was_empty: bool,
+    root: &Path,
+    root_fd: &OwnedFd,
+) -> std::result::Result<Applied, Failed> {
+    match result {
         Ok(a) => Ok(a),
+        Err(e) if !touched => Err((e, ApplyOutcome::Untouched)),
         Err(e) if was_empty => {
-            if let Err(clean) = clear_dir(&root_fd) {
-                tracing::warn!(root = %root.display(), error = %clean, "could not empty the tree after a failed apply");
+            if let Err(clean) = clear_dir(root_fd) {
+                tracing::warn!(root = %root.display(), error = %clean, "could not empty the snapshot after a failed apply");
                 return Err((e, ApplyOutcome::Partial));
             }
             Err((e, ApplyOutcome::Untouched))
@@ -94,7 +168,8 @@ fn dir_is_empty(fd: &OwnedFd) -> io::Result<bool> {
     Ok(true)
 }
 
-fn clear_dir(fd: &OwnedFd) -> io::Result<()> {
+/// The names in a directory, without `.` and `..`.
+fn dir_names<Fd: AsFd>(fd: Fd) -> io::Result<Vec<Vec<u8>>> {
     let mut names = Vec::new();
     let mut dir = rustix::fs::Dir::read_from(fd)?;
     while let Some(e) = dir.read() {
@@ -104,7 +179,11 @@ fn clear_dir(fd: &OwnedFd) -> io::Result<()> {
             names.push(n);
         }
     }
-    for n in names {
+    Ok(names)
+}
+
+fn clear_dir(fd: &OwnedFd) -> io::Result<()> {
+    for n in dir_names(fd)? {
         remove_all_at(fd, OsStr::from_bytes(&n))?;
     }
     Ok(())
@@ -158,11 +237,442 @@ fn join(parts: &[Vec<u8>]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(&parts.join(&b'/')))
 }
 
-fn apply_inner<R: Read>(
+/// Extended attributes a layer may not carry, and that records leave out: overlayfs' own,
+/// and the security label a Linux security module assigns on creation.
+fn xattr_is_foreign(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name == b"security.selinux"
+}
+
+/// One tar entry, read and checked before anything is written for it.
+pub(crate) struct Parsed {
+    /// The name as written, for messages.
+    shown: String,
+    /// The normalised components.
+    parts: Vec<Vec<u8>>,
+    kind: tar::EntryType,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: i64,
+    /// Sorted by name.
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    link: Option<Vec<u8>>,
+    major: u32,
+    minor: u32,
+}
+
+impl Parsed {
+    fn read<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Parsed> {
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let parts = components(&raw, &shown)?;
+        let header = entry.header();
+        let bad =
+            |what: &str, e: io::Error| hostile(&shown, &format!("its {what} is unreadable: {e}"));
+        let mode = header.mode().map_err(|e| bad("mode", e))? & 0o7777;
+        let uid = header.uid().map_err(|e| bad("owner", e))?;
+        let gid = header.gid().map_err(|e| bad("group", e))?;
+        let mtime = i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(i64::MAX);
+        let kind = header.entry_type();
+        let major = header.device_major().ok().flatten().unwrap_or(0);
+        let minor = header.device_minor().ok().flatten().unwrap_or(0);
+        let link = entry.link_name_bytes().map(|l| l.into_owned());
+        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        if let Ok(Some(exts)) = entry.pax_extensions() {
+            for ext in exts.flatten() {
+                if let Some(k) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    if k.starts_with(b"trusted.overlay.") {
+                        return Err(hostile(
+                            &shown,
+                            "it carries an overlayfs attribute (trusted.overlay.*), which only the kernel may set; refused",
+                        ));
+                    }
+                    xattrs.push((k.to_vec(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
+        xattrs.sort();
+        Ok(Parsed {
+            shown,
+            parts,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            xattrs,
+            link,
+            major,
+            minor,
+        })
+    }
+
+    fn times(&self) -> Timestamps {
+        let t = Timespec {
+            tv_sec: self.mtime,
+            tv_nsec: 0,
+        };
+        Timestamps {
+            last_access: t,
+            last_modification: t,
+        }
+    }
+
+    fn recorded_xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.xattrs
+            .iter()
+            .filter(|(k, _)| !xattr_is_foreign(k))
+            .cloned()
+            .collect()
+    }
+
+    fn dir_record(&self) -> Record {
+        Record::Dir {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            xattrs: self.recorded_xattrs(),
+        }
+    }
+
+    /// The whiteout's target name, when this is a whiteout, checked.
+    fn whiteout(&self) -> Result<Option<Whiteout<'_>>> {
+        let Some(last) = self.parts.last() else {
+            return Ok(None);
+        };
+        let Some(target) = last.strip_prefix(b".wh.") else {
+            return Ok(None);
+        };
+        if target == b".wh..opq" {
+            return Ok(Some(Whiteout::Opaque));
+        }
+        if target.starts_with(b".wh.") {
+            return Err(hostile(
+                &self.shown,
+                "names starting with .wh..wh. are reserved",
+            ));
+        }
+        if target.is_empty() || target == b"." || target == b".." {
+            return Err(hostile(&self.shown, "a whiteout of nothing"));
+        }
+        Ok(Some(Whiteout::Name(target)))
+    }
+
+    /// The hard link target's components.
+    fn link_parts(&self) -> Result<Vec<Vec<u8>>> {
+        let target = self
+            .link
+            .as_ref()
+            .ok_or_else(|| hostile(&self.shown, "a hard link without a target"))?;
+        let tshown = String::from_utf8_lossy(target).into_owned();
+        let tparts = components(target, &tshown)
+            .map_err(|_| hostile(&self.shown, "its link target leaves the layer; refused"))?;
+        if tparts.is_empty() {
+            return Err(hostile(&self.shown, "a hard link to the root"));
+        }
+        Ok(tparts)
+    }
+}
+
+enum Whiteout<'a> {
+    Opaque,
+    Name(&'a [u8]),
+}
+
+/// What every applier keeps across entries.
+#[derive(Default)]
+pub(crate) struct State {
+    /// Paths this layer created, which an opaque marker must not delete.
+    created: HashSet<PathBuf>,
+    /// Directories whose times are set at the end.
+    dir_times: Vec<(PathBuf, Timestamps)>,
+    entries: u64,
+    content: ContentSummer,
+}
+
+/// Writes what it is given into a file while hashing it.
+struct HashingFile {
+    file: std::fs::File,
+    hash: Sha256,
+    size: u64,
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Owner, then mode (the owner change clears setuid), then extended attributes.
+fn set_attrs<Fd: AsFd>(fd: Fd, p: &Parsed, at: &Path) -> Result<()> {
+    rustix::fs::fchown(
+        &fd,
+        Some(rustix::fs::Uid::from_raw(p.uid as u32)),
+        Some(rustix::fs::Gid::from_raw(p.gid as u32)),
+    )
+    .map_err(|e| Error::io(at, "set the owner", e.into()))?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(p.mode))
+        .map_err(|e| Error::io(at, "set the mode", e.into()))?;
+    for (k, v) in &p.xattrs {
+        rustix::fs::fsetxattr(
+            &fd,
+            OsStr::from_bytes(k),
+            v,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(|e| Error::io(at, "set an extended attribute", e.into()))?;
+    }
+    Ok(())
+}
+
+/// Creates the non-directory, non-link entry `p` as `name` in `dir` (where nothing is now),
+/// returning its record. `at` names it in errors.
+fn create_at<Fd: AsFd>(
+    dir: Fd,
+    name: &OsStr,
+    p: &Parsed,
+    data: &mut dyn Read,
+    at: &Path,
+) -> Result<Record> {
+    let io_at = |ctx: &'static str| move |e: rustix::io::Errno| Error::io(at, ctx, e.into());
+    let times = p.times();
+    let owner = |dir: &Fd| {
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw(p.uid as u32)),
+            Some(rustix::fs::Gid::from_raw(p.gid as u32)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io_at("set the owner"))
+    };
+    match p.kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            let fd = rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(io_at("create the file"))?;
+            let mut out = HashingFile {
+                file: std::fs::File::from(fd),
+                hash: Sha256::new(),
+                size: 0,
+            };
+            io::copy(data, &mut out).map_err(|e| Error::io(at, "write the file", e))?;
+            set_attrs(&out.file, p, at)?;
+            rustix::fs::futimens(&out.file, &times).map_err(io_at("set the time"))?;
+            Ok(Record::File {
+                mode: p.mode,
+                uid: p.uid,
+                gid: p.gid,
+                mtime: p.mtime,
+                size: out.size,
+                sha256: out.hash.finalize().into(),
+                xattrs: p.recorded_xattrs(),
+            })
+        }
+        tar::EntryType::Symlink => {
+            let target = p
+                .link
+                .as_ref()
+                .ok_or_else(|| hostile(&p.shown, "a symlink without a target"))?;
+            rustix::fs::symlinkat(OsStr::from_bytes(target), &dir, name)
+                .map_err(io_at("create the symlink"))?;
+            owner(&dir)?;
+            rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io_at("set the time"))?;
+            Ok(Record::Symlink {
+                uid: p.uid,
+                gid: p.gid,
+                mtime: p.mtime,
+                target: target.clone(),
+            })
+        }
+        tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+            let (ft, kind) = match p.kind {
+                tar::EntryType::Char => (FileType::CharacterDevice, b'c'),
+                tar::EntryType::Block => (FileType::BlockDevice, b'b'),
+                _ => (FileType::Fifo, b'p'),
+            };
+            let (major, minor) = if kind == b'p' {
+                (0, 0)
+            } else {
+                (p.major, p.minor)
+            };
+            rustix::fs::mknodat(
+                &dir,
+                name,
+                ft,
+                Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(major, minor),
+            )
+            .map_err(io_at("create the device or fifo"))?;
+            owner(&dir)?;
+            rustix::fs::chmodat(&dir, name, Mode::from_raw_mode(p.mode), AtFlags::empty())
+                .map_err(io_at("set the mode"))?;
+            rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(io_at("set the time"))?;
+            Ok(Record::Special {
+                kind,
+                mode: p.mode,
+                uid: p.uid,
+                gid: p.gid,
+                mtime: p.mtime,
+                major,
+                minor,
+            })
+        }
+        other => Err(hostile(
+            &p.shown,
+            &format!(
+                "entry type {:?} is not supported in a layer",
+                other.as_byte() as char
+            ),
+        )),
+    }
+}
+
+/// The record of what `name` in `dir` is now (for a hard link whose target the layer did
+/// not record itself).
+pub(crate) fn record_at<Fd: AsFd>(dir: Fd, name: &OsStr, at: &Path) -> Result<Record> {
+    let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| Error::io(at, "stat", e.into()))?;
+    let mode = st.st_mode & 0o7777;
+    let (uid, gid, mtime) = (u64::from(st.st_uid), u64::from(st.st_gid), st.st_mtime);
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let xattrs_of = |fd: &OwnedFd| -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        crate::fsutil::xattrs(fd)
+            .map(|mut x| {
+                x.retain(|(k, _)| !xattr_is_foreign(k));
+                x
+            })
+            .map_err(|e| Error::io(at, "read extended attributes", e))
+    };
+    Ok(match ft {
+        FileType::RegularFile => {
+            let fd = rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io(at, "open", e.into()))?;
+            let xattrs = xattrs_of(&fd)?;
+            let (sha256, size) = super::content::hash_content(std::fs::File::from(fd))
+                .map_err(|e| Error::io(at, "read", e))?;
+            Record::File {
+                mode,
+                uid,
+                gid,
+                mtime,
+                size,
+                sha256,
+                xattrs,
+            }
+        }
+        FileType::Directory => {
+            let fd = rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io(at, "open", e.into()))?;
+            Record::Dir {
+                mode,
+                uid,
+                gid,
+                mtime,
+                xattrs: xattrs_of(&fd)?,
+            }
+        }
+        FileType::Symlink => Record::Symlink {
+            uid,
+            gid,
+            mtime,
+            target: rustix::fs::readlinkat(&dir, name, Vec::new())
+                .map_err(|e| Error::io(at, "read the symlink", e.into()))?
+                .into_bytes(),
+        },
+        other => {
+            let kind = match other {
+                FileType::CharacterDevice => b'c',
+                FileType::BlockDevice => b'b',
+                _ => b'p',
+            };
+            let rdev = if kind == b'p' { 0 } else { st.st_rdev };
+            Record::Special {
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime,
+                major: rustix::fs::major(rdev),
+                minor: rustix::fs::minor(rdev),
+            }
+        }
+    })
+}
+
+/// Sets the recorded directory times, deepest first so that setting a directory's time is
+/// not undone by its children. `open` opens a directory by its path in the snapshot, or says
+/// it is no longer there (replaced or deleted later in the layer).
+fn finish_dir_times(
+    state: &mut State,
     root: &Path,
-    root_fd: &OwnedFd,
+    open: impl Fn(&Path) -> Result<Option<OwnedFd>>,
+) -> Result<()> {
+    state
+        .dir_times
+        .sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
+    for (rel, times) in &state.dir_times {
+        if let Some(fd) = open(rel)? {
+            rustix::fs::futimens(&fd, times)
+                .map_err(|e| Error::io(root.join(rel), "set a directory's time", e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Where entries go now.
+enum Sink<'m> {
+    /// A mounted or plain tree.
+    Tree(TreeApplier),
+    /// An overlay upper directory; `mount` is there until it has been used.
+    Upper {
+        applier: upper::UpperApplier,
+        mount: Option<Box<dyn FnOnce() -> Result<TempMount> + 'm>>,
+    },
+    /// An overlay snapshot that had to be mounted part-way.
+    Mounted {
+        mount: TempMount,
+        applier: TreeApplier,
+    },
+}
+
+/// What an overlay upper applier says of an entry.
+pub(crate) enum Step {
+    /// Applied.
+    Done,
+    /// Not touched: it needs the merged view (the reason, for the log).
+    NeedsMount(&'static str),
+}
+
+fn run<R: Read>(
+    sink: &mut Sink<'_>,
+    root: &Path,
     input: R,
     expected: Option<&Digest>,
+    touched: &mut bool,
 ) -> Result<Applied> {
     let mut blob = BufReader::new(HashReader::new(input));
     let magic = blob
@@ -185,13 +695,7 @@ fn apply_inner<R: Read>(
         ),
     };
     let mut tar_reader = HashReader::new(decoded);
-    let mut applier = Applier {
-        root,
-        root_fd,
-        created: HashSet::new(),
-        dir_times: Vec::new(),
-        entries: 0,
-    };
+    let mut state = State::default();
     {
         let mut archive = tar::Archive::new(&mut tar_reader);
         let entries = archive
@@ -200,12 +704,54 @@ fn apply_inner<R: Read>(
         for entry in entries {
             let mut entry = entry
                 .map_err(|e| Error::io(root, "read the layer (truncated or not a tar?)", e))?;
-            applier.entry(&mut entry)?;
+            if matches!(
+                entry.header().entry_type(),
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+            ) {
+                continue;
+            }
+            let parsed = Parsed::read(&mut entry)?;
+            if parsed.parts.is_empty() {
+                continue; // the root itself: its attributes belong to the snapshot
+            }
+            // Names are checked before anything is written for the entry.
+            parsed.whiteout()?;
+            if parsed.kind == tar::EntryType::Link {
+                parsed.link_parts()?;
+            }
+            state.entries += 1;
+            // From here on the entry may change the tree (a refusal above changed nothing).
+            *touched = true;
+            loop {
+                match sink {
+                    Sink::Tree(t) | Sink::Mounted { applier: t, .. } => {
+                        t.entry(&mut state, &parsed, &mut entry)?;
+                        break;
+                    }
+                    Sink::Upper { applier, mount } => {
+                        match applier.entry(&mut state, &parsed, &mut entry)? {
+                            Step::Done => break,
+                            Step::NeedsMount(why) => {
+                                tracing::debug!(entry = %parsed.shown, why, "mounting the snapshot to apply the rest of the layer");
+                                let Some(m) = mount.take() else {
+                                    return Err(Error::invalid(
+                                        format!("layer entry {:?}", parsed.shown),
+                                        "the overlay applier needed a mount twice",
+                                    ));
+                                };
+                                let m = m()?;
+                                let applier = TreeApplier::open(m.path())?;
+                                *sink = Sink::Mounted { mount: m, applier };
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
     // Read what follows the end-of-archive marker so the digests cover the whole blob.
     io::copy(&mut tar_reader, &mut io::sink()).map_err(|e| Error::io(root, "read the layer", e))?;
-    let (diff_id, _) = tar_reader.finish();
+    let (diff_id, tar_size) = tar_reader.finish();
 
     io::copy(&mut blob, &mut io::sink()).map_err(|e| Error::io(root, "read the layer", e))?;
     let (digest, size) = blob.into_inner().finish();
@@ -217,7 +763,11 @@ fn apply_inner<R: Read>(
             ));
         }
     }
-    applier.finish_dir_times()?;
+    let via_mount = matches!(sink, Sink::Mounted { .. });
+    match sink {
+        Sink::Tree(t) | Sink::Mounted { applier: t, .. } => t.finish(&mut state)?,
+        Sink::Upper { applier, .. } => applier.finish(&mut state)?,
+    }
     Ok(Applied {
         descriptor: Descriptor {
             media_type: compression.media_type().to_string(),
@@ -225,35 +775,47 @@ fn apply_inner<R: Read>(
             size,
             diff_id,
         },
-        entries: applier.entries,
+        content: state.content.finish(),
+        entries: state.entries,
+        tar_size,
+        via_mount,
     })
 }
 
-struct Applier<'a> {
-    root: &'a Path,
-    root_fd: &'a OwnedFd,
-    /// Paths this layer created, which an opaque marker must not delete.
-    created: HashSet<PathBuf>,
-    /// Directories whose times are set at the end.
-    dir_times: Vec<(PathBuf, Timestamps)>,
-    entries: u64,
+/// Applies entries to a directory tree through `openat2(RESOLVE_IN_ROOT)`.
+struct TreeApplier {
+    root: PathBuf,
+    root_fd: OwnedFd,
 }
 
-impl Applier<'_> {
+impl TreeApplier {
+    fn open(root: &Path) -> Result<TreeApplier> {
+        let root_fd = rustix::fs::open(
+            root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io(root, "open the tree to apply into", e.into()))?;
+        Ok(TreeApplier {
+            root: root.to_path_buf(),
+            root_fd,
+        })
+    }
+
     /// Opens directory `parts` of the tree, creating missing ones (0755, root).
     fn dir_fd(&self, parts: &[Vec<u8>], shown: &str) -> Result<OwnedFd> {
         let mut fd = rustix::fs::openat(
-            self.root_fd,
+            &self.root_fd,
             ".",
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| Error::io(self.root, "open the tree", e.into()))?;
+        .map_err(|e| Error::io(&self.root, "open the tree", e.into()))?;
         for (i, c) in parts.iter().enumerate() {
             let name = OsStr::from_bytes(c);
             let sub_path = join(&parts[..=i]);
             let opened = rustix::fs::openat2(
-                self.root_fd,
+                &self.root_fd,
                 &sub_path,
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
                 Mode::empty(),
@@ -309,265 +871,117 @@ impl Applier<'_> {
         Ok(fd)
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
-        let raw = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw).into_owned();
-        let parts = components(&raw, &shown)?;
-        let Some((last, parent)) = parts.split_last() else {
-            return Ok(()); // the root itself: its attributes belong to the snapshot
+    fn entry(&self, state: &mut State, p: &Parsed, data: &mut dyn Read) -> Result<()> {
+        let Some((last, parent)) = p.parts.split_last() else {
+            return Ok(());
         };
-        self.entries += 1;
-        let rel = join(&parts);
-        let dir = self.dir_fd(parent, &shown)?;
-        if last.starts_with(b".wh.") {
-            return self.whiteout(&dir, parent, last, &shown);
+        let rel = join(&p.parts);
+        let at = self.root.join(&rel);
+        let key = p.parts.join(&b'/');
+        match p.whiteout()? {
+            Some(Whiteout::Opaque) => {
+                let dir = self.dir_fd(parent, &p.shown)?;
+                return self.opaque(state, &dir, parent);
+            }
+            Some(Whiteout::Name(target)) => {
+                let dir = self.dir_fd(parent, &p.shown)?;
+                remove_all_at(&dir, OsStr::from_bytes(target))
+                    .map_err(|e| Error::io(self.root.join(join(parent)), "apply a whiteout", e))?;
+                let mut k = parent.join(&b'/');
+                if !k.is_empty() {
+                    k.push(b'/');
+                }
+                k.extend_from_slice(target);
+                state.content.record(&k, Record::Deleted);
+                return Ok(());
+            }
+            None => {}
         }
+        let dir = self.dir_fd(parent, &p.shown)?;
         let name = OsStr::from_bytes(last);
-        let header = entry.header().clone();
-        let kind = header.entry_type();
         // What is there now: keep a directory for a directory, replace anything else.
         let existing = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).ok();
-        let keep_dir = kind.is_dir()
+        let keep_dir = p.kind.is_dir()
             && existing
                 .is_some_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
-        if existing.is_some() && !keep_dir {
-            remove_all_at(&dir, name).map_err(|e| Error::io(self.root.join(&rel), "replace", e))?;
-        }
-        let mode = header
-            .mode()
-            .map_err(|e| Error::io(self.root.join(&rel), "read the mode", e))?
-            & 0o7777;
-        let uid = header
-            .uid()
-            .map_err(|e| Error::io(self.root.join(&rel), "read the owner", e))?;
-        let gid = header
-            .gid()
-            .map_err(|e| Error::io(self.root.join(&rel), "read the group", e))?;
-        let mtime = header.mtime().unwrap_or(0);
-        let times = Timestamps {
-            last_access: Timespec {
-                tv_sec: mtime as i64,
-                tv_nsec: 0,
-            },
-            last_modification: Timespec {
-                tv_sec: mtime as i64,
-                tv_nsec: 0,
-            },
-        };
-        let io_at = |ctx: &'static str| {
-            let p = self.root.join(&rel);
-            move |e: rustix::io::Errno| Error::io(p, ctx, e.into())
-        };
-        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        if let Ok(Some(exts)) = entry.pax_extensions() {
-            for ext in exts.flatten() {
-                if let Some(k) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    xattrs.push((k.to_vec(), ext.value_bytes().to_vec()));
-                }
+        if p.kind == tar::EntryType::Link {
+            // The target is resolved before anything at the name is removed.
+            let tparts = p.link_parts()?;
+            let (tlast, tparent) = tparts.split_last().unwrap_or((&tparts[0], &[]));
+            let tdir = self.dir_fd(tparent, &p.shown)?;
+            if existing.is_some() {
+                remove_all_at(&dir, name).map_err(|e| Error::io(&at, "replace", e))?;
             }
-        }
-        match kind {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let fd = rustix::fs::openat(
-                    &dir,
-                    name,
-                    OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::WRONLY
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(io_at("create the file"))?;
-                let mut file = std::fs::File::from(fd);
-                io::copy(entry, &mut file)
-                    .map_err(|e| Error::io(self.root.join(&rel), "write the file", e))?;
-                self.attrs(&file, uid, gid, mode, &xattrs, &rel)?;
-                rustix::fs::futimens(&file, &times).map_err(io_at("set the time"))?;
-            }
-            tar::EntryType::Directory => {
-                if !keep_dir {
-                    rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))
-                        .map_err(io_at("create the directory"))?;
-                }
-                let fd = rustix::fs::openat(
-                    &dir,
-                    name,
-                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(io_at("open the directory"))?;
-                self.attrs(&fd, uid, gid, mode, &xattrs, &rel)?;
-                self.dir_times.push((rel.clone(), times));
-            }
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| hostile(&shown, "a symlink without a target"))?;
-                rustix::fs::symlinkat(OsStr::from_bytes(&target), &dir, name)
-                    .map_err(io_at("create the symlink"))?;
-                rustix::fs::chownat(
-                    &dir,
-                    name,
-                    Some(rustix::fs::Uid::from_raw(uid as u32)),
-                    Some(rustix::fs::Gid::from_raw(gid as u32)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(io_at("set the owner"))?;
-                rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(io_at("set the time"))?;
-            }
-            tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| hostile(&shown, "a hard link without a target"))?;
-                let tshown = String::from_utf8_lossy(&target).into_owned();
-                let tparts = components(&target, &tshown)
-                    .map_err(|_| hostile(&shown, "its link target leaves the layer; refused"))?;
-                let Some((tlast, tparent)) = tparts.split_last() else {
-                    return Err(hostile(&shown, "a hard link to the root"));
-                };
-                let tdir = self.dir_fd(tparent, &shown)?;
-                // flags 0: a link to a symlink links the symlink itself.
-                rustix::fs::linkat(&tdir, OsStr::from_bytes(tlast), &dir, name, AtFlags::empty())
-                    .map_err(|e| Error::io(self.root.join(&rel), "create the hard link (its target must come earlier in the layer or a lower one)", e.into()))?;
-            }
-            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                let ft = match kind {
-                    tar::EntryType::Char => FileType::CharacterDevice,
-                    tar::EntryType::Block => FileType::BlockDevice,
-                    _ => FileType::Fifo,
-                };
-                let major = header.device_major().ok().flatten().unwrap_or(0);
-                let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                rustix::fs::mknodat(
-                    &dir,
-                    name,
-                    ft,
-                    Mode::from_raw_mode(0o600),
-                    rustix::fs::makedev(major, minor),
-                )
-                .map_err(io_at("create the device or fifo"))?;
-                rustix::fs::chownat(
-                    &dir,
-                    name,
-                    Some(rustix::fs::Uid::from_raw(uid as u32)),
-                    Some(rustix::fs::Gid::from_raw(gid as u32)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(io_at("set the owner"))?;
-                rustix::fs::chmodat(&dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
-                    .map_err(io_at("set the mode"))?;
-                rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(io_at("set the time"))?;
-            }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => return Ok(()),
-            other => {
-                return Err(hostile(
-                    &shown,
-                    &format!(
-                        "entry type {:?} is not supported in a layer",
-                        other.as_byte() as char
-                    ),
-                ));
-            }
-        }
-        self.created.insert(rel);
-        Ok(())
-    }
-
-    /// Owner, then mode (the owner change clears setuid), then extended attributes.
-    fn attrs<Fd: AsFd>(
-        &self,
-        fd: Fd,
-        uid: u64,
-        gid: u64,
-        mode: u32,
-        xattrs: &[(Vec<u8>, Vec<u8>)],
-        rel: &Path,
-    ) -> Result<()> {
-        let p = || self.root.join(rel);
-        rustix::fs::fchown(
-            &fd,
-            Some(rustix::fs::Uid::from_raw(uid as u32)),
-            Some(rustix::fs::Gid::from_raw(gid as u32)),
-        )
-        .map_err(|e| Error::io(p(), "set the owner", e.into()))?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
-            .map_err(|e| Error::io(p(), "set the mode", e.into()))?;
-        for (k, v) in xattrs {
-            rustix::fs::fsetxattr(
-                &fd,
-                OsStr::from_bytes(k),
-                v,
-                rustix::fs::XattrFlags::empty(),
-            )
-            .map_err(|e| Error::io(p(), "set an extended attribute", e.into()))?;
-        }
-        Ok(())
-    }
-
-    fn whiteout(
-        &mut self,
-        dir: &OwnedFd,
-        parent: &[Vec<u8>],
-        last: &[u8],
-        shown: &str,
-    ) -> Result<()> {
-        let target = &last[4..];
-        if target == b".wh..opq" {
-            // Opaque: hide everything the lower layers had in this directory.
-            let parent_rel = join(parent);
-            let mut names = Vec::new();
-            let mut d = rustix::fs::Dir::read_from(dir)
-                .map_err(|e| Error::io(self.root.join(&parent_rel), "read", e.into()))?;
-            while let Some(e) = d.read() {
-                let e = e.map_err(|e| Error::io(self.root.join(&parent_rel), "read", e.into()))?;
-                let n = e.file_name().to_bytes().to_vec();
-                if n != b"."
-                    && n != b".."
-                    && !self
-                        .created
-                        .contains(&parent_rel.join(OsStr::from_bytes(&n)))
-                {
-                    names.push(n);
-                }
-            }
-            for n in names {
-                remove_all_at(dir, OsStr::from_bytes(&n)).map_err(|e| {
-                    Error::io(self.root.join(&parent_rel), "apply an opaque whiteout", e)
-                })?;
-            }
+            // flags 0: a link to a symlink links the symlink itself.
+            rustix::fs::linkat(&tdir, OsStr::from_bytes(tlast), &dir, name, AtFlags::empty())
+                .map_err(|e| Error::io(&at, "create the hard link (its target must come earlier in the layer or a lower one)", e.into()))?;
+            let record = match state.content.file(&tparts.join(&b'/')) {
+                Some(r) => r.clone(),
+                None => record_at(&dir, name, &at)?,
+            };
+            state.content.record(&key, record);
+            state.created.insert(rel);
             return Ok(());
         }
-        if target.starts_with(b".wh.") {
-            return Err(hostile(shown, "names starting with .wh..wh. are reserved"));
+        if existing.is_some() && !keep_dir {
+            remove_all_at(&dir, name).map_err(|e| Error::io(&at, "replace", e))?;
         }
-        if target.is_empty() || target == b"." || target == b".." {
-            return Err(hostile(shown, "a whiteout of nothing"));
+        if p.kind.is_dir() {
+            if !keep_dir {
+                rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700))
+                    .map_err(|e| Error::io(&at, "create the directory", e.into()))?;
+            }
+            let fd = rustix::fs::openat(
+                &dir,
+                name,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io(&at, "open the directory", e.into()))?;
+            set_attrs(&fd, p, &at)?;
+            state.dir_times.push((rel.clone(), p.times()));
+            state.content.record(&key, p.dir_record());
+        } else {
+            let record = create_at(&dir, name, p, data, &at)?;
+            state.content.record(&key, record);
         }
-        remove_all_at(dir, OsStr::from_bytes(target))
-            .map_err(|e| Error::io(self.root.join(join(parent)), "apply a whiteout", e))
+        state.created.insert(rel);
+        Ok(())
     }
 
-    fn finish_dir_times(&mut self) -> Result<()> {
-        // Deepest first, so setting a directory's time is not undone by its children.
-        self.dir_times
-            .sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
-        for (rel, times) in &self.dir_times {
-            let parts: Vec<Vec<u8>> = rel.iter().map(|c| c.as_bytes().to_vec()).collect();
-            let Some((last, parent)) = parts.split_last() else {
-                continue;
-            };
-            let dir = self.dir_fd(parent, &rel.to_string_lossy())?;
-            rustix::fs::utimensat(
-                &dir,
-                OsStr::from_bytes(last),
-                times,
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| Error::io(self.root.join(rel), "set a directory's time", e.into()))?;
+    /// Opaque: hide everything the lower layers had in this directory.
+    fn opaque(&self, state: &mut State, dir: &OwnedFd, parent: &[Vec<u8>]) -> Result<()> {
+        let parent_rel = join(parent);
+        let at = self.root.join(&parent_rel);
+        let names = dir_names(dir).map_err(|e| Error::io(&at, "read", e))?;
+        for n in names {
+            if !state
+                .created
+                .contains(&parent_rel.join(OsStr::from_bytes(&n)))
+            {
+                remove_all_at(dir, OsStr::from_bytes(&n))
+                    .map_err(|e| Error::io(&at, "apply an opaque whiteout", e))?;
+            }
         }
+        state.content.opaque(&parent.join(&b'/'));
         Ok(())
+    }
+
+    fn finish(&self, state: &mut State) -> Result<()> {
+        finish_dir_times(state, &self.root, |rel| {
+            match rustix::fs::openat2(
+                &self.root_fd,
+                rel,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Ok(fd) => Ok(Some(fd)),
+                Err(
+                    rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP,
+                ) => Ok(None),
+                Err(e) => Err(Error::io(self.root.join(rel), "open a directory", e.into())),
+            }
+        })
     }
 }
