@@ -5,12 +5,14 @@
 //!   mounted snapshot and in a plain directory;
 //! - [`check_directory_equal`]: compares two trees the way `fstest.CheckDirectoryEqual` does;
 //! - [`Mounted`]: a snapshot mounted on a directory, unmounted on drop;
-//! - [`require_root`] and [`require_privileged`]: the gate of the tests that mount.
+//! - [`require_root`] and [`require_privileged`]: the gate of the tests that mount;
+//! - [`LayerBuilder`] and [`hostile_corpus`]: layers written header by header.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod compare;
 mod fstest;
+mod layers;
 mod mounted;
 mod privileged;
 
@@ -19,5 +21,6 @@ pub use compare::{
     MAX_DIFFERENCES,
 };
 pub use fstest::{apply, Op};
+pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};

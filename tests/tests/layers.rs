@@ -5,14 +5,16 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use strata::layer::apply::{apply_layer, ApplyOutcome};
 use strata::layer::diff::{write_layer, DiffOptions};
 use strata::layer::{Compression, Digest};
-use strata_tests::{apply, check_directory_equal, require_privileged, Op};
+use strata_tests::{
+    apply, check_directory_equal, hostile_corpus, require_privileged, snapshot_of, HostileCase,
+    LayerBuilder as Hostile, Op,
+};
 
 /// A base tree and a changed copy of it, built with the suite's appliers.
 fn trees(base: &Path) -> (PathBuf, PathBuf) {
@@ -118,88 +120,6 @@ fn a_wrong_digest_is_refused_and_a_fresh_tree_stays_empty() {
     assert!(e.to_string().contains("layer"), "{e}");
 }
 
-/// A tar built from raw headers, so that names the tar crate would refuse can be written.
-struct Hostile {
-    b: tar::Builder<Vec<u8>>,
-}
-
-impl Hostile {
-    fn new() -> Self {
-        Hostile {
-            b: tar::Builder::new(Vec::new()),
-        }
-    }
-
-    fn raw(&mut self, kind: tar::EntryType, name: &str, link: &str, data: &[u8]) -> &mut Self {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(if kind == tar::EntryType::Directory {
-            0o755
-        } else {
-            0o644
-        });
-        h.set_size(data.len() as u64);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_000_000_000);
-        let old = h.as_old_mut();
-        old.name[..name.len()].copy_from_slice(name.as_bytes());
-        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
-        h.set_cksum();
-        self.b.append(&h, data).unwrap();
-        self
-    }
-
-    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
-        self.raw(tar::EntryType::Regular, name, "", data)
-    }
-
-    fn dir(&mut self, name: &str) -> &mut Self {
-        self.raw(tar::EntryType::Directory, name, "", b"")
-    }
-
-    fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(tar::EntryType::Symlink, name, target, b"")
-    }
-
-    fn link(&mut self, name: &str, target: &str) -> &mut Self {
-        self.raw(tar::EntryType::Link, name, target, b"")
-    }
-
-    fn bytes(&mut self) -> Vec<u8> {
-        self.b.finish().unwrap();
-        self.b.get_ref().clone()
-    }
-}
-
-/// Everything under `dir`: path, and content or link target.
-fn snapshot_of(dir: &Path) -> Vec<(PathBuf, String)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        for e in fs::read_dir(&p).unwrap() {
-            let e = e.unwrap();
-            let path = e.path();
-            let m = fs::symlink_metadata(&path).unwrap();
-            let what = if m.file_type().is_symlink() {
-                format!("-> {:?}", fs::read_link(&path).unwrap())
-            } else if m.is_dir() {
-                stack.push(path.clone());
-                "dir".into()
-            } else {
-                format!(
-                    "{:?} {:o}",
-                    fs::read(&path).unwrap(),
-                    m.permissions().mode()
-                )
-            };
-            out.push((path, what));
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn a_hostile_layer_never_touches_anything_outside_the_tree() {
     if !require_privileged("hostile layers") {
@@ -209,104 +129,13 @@ fn a_hostile_layer_never_touches_anything_outside_the_tree() {
     let outside = tmp.path().join("outside");
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("victim"), "precious").unwrap();
-    let out_abs = outside.to_str().unwrap().to_string();
-    let victim = format!("{out_abs}/victim");
 
-    // (what, layer, None = accepted and kept inside / Some(part of the refusal))
-    let corpus: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
-        (
-            "dotdot",
-            Hostile::new().file("../outside/evil", b"x").bytes(),
-            Some("'..'"),
-        ),
-        (
-            "dotdot in the middle",
-            Hostile::new().file("a/../../outside/evil", b"x").bytes(),
-            Some("'..'"),
-        ),
-        (
-            "symlink to outside, then write through it",
-            Hostile::new()
-                .symlink("link", &out_abs)
-                .file("link/evil", b"x")
-                .bytes(),
-            Some("symlink that leads to no directory inside"),
-        ),
-        (
-            "relative symlink climbing out (resolves to the root)",
-            Hostile::new()
-                .symlink("up", "../../../../..")
-                .file("up/evil", b"x")
-                .bytes(),
-            None,
-        ),
-        (
-            "symlink replacing a directory mid-archive",
-            Hostile::new()
-                .dir("d/")
-                .symlink("d", &out_abs)
-                .file("d/evil", b"x")
-                .bytes(),
-            Some("symlink that leads to no directory inside"),
-        ),
-        (
-            "hard link to outside by ..",
-            Hostile::new().link("hl", "../outside/victim").bytes(),
-            Some("link target leaves the layer"),
-        ),
-        (
-            "hard link to an absolute path (resolves inside, where it is missing)",
-            Hostile::new().link("hl", &victim).bytes(),
-            Some("create the hard link"),
-        ),
-        (
-            "hard link to a symlink, then a write to it",
-            Hostile::new()
-                .symlink("s", &victim)
-                .link("h", "s")
-                .file("h", b"overwritten")
-                .bytes(),
-            None,
-        ),
-        (
-            "whiteout through a symlink",
-            Hostile::new()
-                .symlink("w", &out_abs)
-                .file("w/.wh.victim", b"")
-                .bytes(),
-            Some("symlink that leads to no directory inside"),
-        ),
-        (
-            "opaque marker through a symlink",
-            Hostile::new()
-                .symlink("w", &out_abs)
-                .file("w/.wh..wh..opq", b"")
-                .bytes(),
-            Some("symlink that leads to no directory inside"),
-        ),
-        (
-            "whiteout of ..",
-            Hostile::new()
-                .file(".wh..", b"")
-                .file("x/.wh..", b"")
-                .bytes(),
-            Some("whiteout of nothing"),
-        ),
-        (
-            "reserved .wh..wh. name",
-            Hostile::new().file(".wh..wh.plnk", b"").bytes(),
-            Some("reserved"),
-        ),
-        (
-            "overwrite of a symlink that points outside",
-            Hostile::new()
-                .symlink("x", &victim)
-                .file("x", b"overwritten")
-                .bytes(),
-            None,
-        ),
-    ];
-    for (what, layer, refusal) in corpus {
+    for HostileCase {
+        what,
+        layer,
+        refusal,
+    } in hostile_corpus(&outside)
+    {
         let root = tmp.path().join("root");
         let _ = fs::remove_dir_all(&root);
         fs::create_dir(&root).unwrap();
@@ -531,4 +360,122 @@ fn umoci_unpacks_strata_layers_and_strata_applies_umoci_layers() {
     );
     check_directory_equal(&target, &bundle.join("rootfs"))
         .unwrap_or_else(|d| panic!("strata's apply of umoci's layer:\n{d}"));
+}
+
+#[test]
+fn the_content_checksum_does_not_depend_on_who_wrote_the_tar() {
+    if !require_privileged("foreign layers") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let long = "l".repeat(120);
+    fs::create_dir_all(src.join("dir/sub")).unwrap();
+    fs::write(src.join("dir/sub/file"), "content").unwrap();
+    fs::write(src.join("dir").join(&long), "a long name").unwrap();
+    fs::hard_link(src.join("dir/sub/file"), src.join("dir/hard")).unwrap();
+    std::os::unix::fs::symlink("sub/file", src.join("dir/link")).unwrap();
+    let out = Command::new("find")
+        .arg(&src)
+        .args([
+            "-depth",
+            "-exec",
+            "touch",
+            "-h",
+            "-d",
+            "@1000000000",
+            "{}",
+            "+",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut layers: Vec<(String, Vec<u8>)> = Vec::new();
+    for format in ["gnu", "posix", "oldgnu"] {
+        let out = Command::new("tar")
+            .args(["--numeric-owner", "--format", format, "-C"])
+            .arg(&src)
+            .args(["-cf", "-", "dir"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        layers.push((format!("GNU tar --format {format}"), out.stdout));
+    }
+    for format in ["GNU_FORMAT", "PAX_FORMAT"] {
+        let script = format!(
+            "import tarfile, sys\nt = tarfile.open(fileobj=sys.stdout.buffer, mode='w|gz', format=tarfile.{format})\nt.add({:?}, arcname='dir')\nt.close()\n",
+            src.join("dir").to_str().unwrap()
+        );
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        layers.push((format!("Python tarfile {format}, gzip"), out.stdout));
+    }
+    for compression in [Compression::None, Compression::Zstd] {
+        let opts = DiffOptions {
+            compression,
+            ..DiffOptions::default()
+        };
+        let (_, _, bytes) = write_layer(None, &src, Vec::new(), &opts).unwrap();
+        layers.push((format!("strata, {compression:?}"), bytes));
+    }
+
+    let mut seen = Vec::new();
+    for (who, layer) in &layers {
+        let root = tmp.path().join(format!("apply-{}", seen.len()));
+        fs::create_dir(&root).unwrap();
+        let applied = apply_layer(&root, layer.as_slice(), None)
+            .unwrap_or_else(|(e, _)| panic!("{who}: {e}"));
+        seen.push((who.clone(), applied.descriptor.diff_id, applied.content));
+    }
+    for (who, diff_id, content) in &seen[1..] {
+        assert_eq!(
+            content, &seen[0].2,
+            "{who} and {} wrote the same change set",
+            seen[0].0
+        );
+        assert_ne!(
+            diff_id, &seen[0].1,
+            "{who}: a different tar, a different diffID"
+        );
+    }
+
+    // One byte more, another checksum.
+    fs::write(src.join("dir/sub/file"), "content!").unwrap();
+    let out = Command::new("find")
+        .arg(&src)
+        .args([
+            "-depth",
+            "-exec",
+            "touch",
+            "-h",
+            "-d",
+            "@1000000000",
+            "{}",
+            "+",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (_, _, bytes) = write_layer(None, &src, Vec::new(), &DiffOptions::default()).unwrap();
+    let root = tmp.path().join("changed");
+    fs::create_dir(&root).unwrap();
+    let applied = apply_layer(&root, bytes.as_slice(), None).unwrap();
+    assert_ne!(applied.content, seen[0].2);
 }
