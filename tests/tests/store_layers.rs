@@ -324,11 +324,31 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
         .apply_layer(Some(&a.name), Some(&wrong), None, l2.as_slice())
         .unwrap_err();
     assert!(e.to_string().contains(wrong.as_str()), "{e}");
+    s.prepare("busy", Some("top"), Labels::new()).unwrap();
     let e = s
-        .apply_layer(Some("top"), None, None, l2.as_slice())
+        .apply_layer(Some("busy"), None, None, l2.as_slice())
         .unwrap_err();
-    assert!(e.to_string().contains("no chainID"), "{e}");
+    assert!(e.to_string().contains("committed"), "{e}");
+    s.remove("busy").unwrap();
     assert_eq!(s.list(&[]).unwrap().len(), before);
+
+    // A parent made by commit (a build step) gets its layers identified once, bottom first:
+    // the same diffIDs and chainIDs any export of it would carry.
+    assert_eq!(s.layer("top").unwrap(), None);
+    let c = s
+        .apply_layer(Some("top"), None, None, first_layer().as_slice())
+        .unwrap();
+    let extra = strata::layer::apply::content_of_layer(first_layer().as_slice()).unwrap();
+    let want =
+        strata::layer::chain_id(&[d1.diff_id.clone(), d2.diff_id.clone(), extra.diff_id]).unwrap();
+    assert_eq!(c.name, want.as_str());
+    let top = s.layer("top").unwrap().expect("recorded now");
+    assert_eq!(top.chain_id, b.name, "built or applied, the same chain");
+    assert_eq!(
+        top.content, b.content,
+        "summing a diff gives the checksum applying it gives"
+    );
+    assert_eq!(s.stat(&c.name).unwrap().parent.as_deref(), Some("top"));
 }
 
 #[test]

@@ -150,21 +150,67 @@ impl<B: Backend> Store<B> {
         self.with_meta(|m| m.read(name)?.layer(row.id))
     }
 
-    /// The chainID of committed snapshot `name` when it was made by
-    /// [`Store::apply_layer`].
+    /// The chainID of committed snapshot `name`. A snapshot made by `commit` (a build step)
+    /// has none recorded yet: its layer is diffed once — the differ is deterministic, so this
+    /// is the diffID any export of it gets — and its diffID, chainID, content checksum and
+    /// size are recorded, below it first.
     fn chain_id_of(&self, name: &str) -> Result<Digest> {
         let (row, _) = self.row(name)?;
-        let layer = self.with_meta(|m| m.read(name)?.layer(row.id))?;
-        let chain = layer.map(|l| l.chain_id).ok_or_else(|| {
-            Error::precondition(
+        if let Some(layer) = self.with_meta(|m| m.read(name)?.layer(row.id))? {
+            return Digest::parse(&layer.chain_id).map_err(|e| Error::precondition(name, e));
+        }
+        if row.kind != Kind::Committed {
+            return Err(Error::precondition(
                 name,
-                "has no chainID: only layers made by apply-layer can be parents of apply-layer",
-            )
+                format!(
+                    "layers are applied on committed snapshots; it is {}",
+                    row.kind
+                ),
+            ));
+        }
+        let parent_chain = match row.parent_id {
+            Some(pid) => {
+                let parent = self
+                    .with_meta(|m| m.read(name)?.row_by_id(pid))?
+                    .ok_or_else(|| Error::not_found(format!("parent of {name}")))?;
+                Some(self.chain_id_of(&parent.key)?)
+            }
+            None => None,
+        };
+        // The layer goes through a pipe to a thread that sums its content.
+        let (reader, writer) =
+            std::io::pipe().map_err(|e| Error::io(&self.root, "create a pipe", e))?;
+        let summer = std::thread::spawn(move || crate::layer::apply::content_of_layer(reader));
+        let diffed = self.diff(name, &DiffOptions::default(), writer);
+        // The writer is dropped here (returned or not), so the summer sees the end.
+        let diffed = diffed.map(|(d, _, _)| d);
+        let summary = summer
+            .join()
+            .map_err(|_| Error::precondition(name, "summing the layer's content panicked"))?;
+        let descriptor = diffed?;
+        let summary = summary?;
+        let chain = match parent_chain {
+            Some(p) => crate::layer::chain_id(&[p, descriptor.diff_id.clone()]),
+            None => Some(descriptor.diff_id.clone()),
+        }
+        .unwrap_or_else(|| descriptor.diff_id.clone());
+        self.with_meta(|m| {
+            let tx = m.write(name)?;
+            tx.set_layer(
+                row.id,
+                &crate::LayerRecord {
+                    diff_id: summary.diff_id.to_string(),
+                    chain_id: chain.to_string(),
+                    content: summary.content.to_string(),
+                    tar_size: summary.tar_size,
+                },
+            )?;
+            tx.commit()
         })?;
-        Digest::parse(&chain).map_err(|e| Error::precondition(name, e))
+        Ok(chain)
     }
 
-    /// Applies a layer on top of `parent` (a snapshot made by `apply_layer`, or none) and
+    /// Applies a layer on top of `parent` (any committed snapshot or image, or none) and
     /// commits it under its chainID. When `diff_id` is given and that chain is already
     /// committed, returns it without reading `input` (the cache hit). `digest` checks the
     /// blob. A failure leaves nothing behind.

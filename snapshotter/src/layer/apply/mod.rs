@@ -133,6 +133,112 @@ pub fn apply_overlay_layer<'m, R: Read>(
     settle(result, touched, was_empty, upper, &upper_fd)
 }
 
+/// What [`content_of_layer`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSummary {
+    /// The [content checksum](super::content) of the change set.
+    pub content: Digest,
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// Bytes of the uncompressed tar.
+    pub tar_size: u64,
+}
+
+/// The content checksum of the layer read from `input` (plain, gzip or zstd), computed as
+/// an apply would, without applying it. A hard link must name a file the layer holds, as
+/// layers strata writes do. The input is read to its end even when it fails, so that a
+/// writer on the other end of a pipe is never left blocked.
+pub fn content_of_layer<R: Read>(mut input: R) -> Result<LayerSummary> {
+    let result = summarize(&mut input);
+    if result.is_err() {
+        let _ = io::copy(&mut input, &mut io::sink());
+    }
+    result
+}
+
+fn summarize<R: Read>(input: R) -> Result<LayerSummary> {
+    let layer = Path::new("layer");
+    let mut blob = BufReader::new(input);
+    let magic = blob
+        .fill_buf()
+        .map_err(|e| Error::io(layer, "read the layer", e))?
+        .to_vec();
+    let decoded: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(&mut blob))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(&mut blob)
+                .map_err(|e| Error::io(layer, "start zstd", e))?,
+        )
+    } else {
+        Box::new(&mut blob)
+    };
+    let mut tar_reader = HashReader::new(decoded);
+    let mut content = ContentSummer::new();
+    {
+        let mut archive = tar::Archive::new(&mut tar_reader);
+        let entries = archive
+            .entries()
+            .map_err(|e| Error::io(layer, "read the layer", e))?;
+        for entry in entries {
+            let mut entry = entry
+                .map_err(|e| Error::io(layer, "read the layer (truncated or not a tar?)", e))?;
+            if matches!(
+                entry.header().entry_type(),
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+            ) {
+                continue;
+            }
+            let p = Parsed::read(&mut entry)?;
+            let Some((_, parent)) = p.parts.split_last() else {
+                continue;
+            };
+            let key = p.parts.join(&b'/');
+            match p.whiteout()? {
+                Some(Whiteout::Opaque) => content.opaque(&parent.join(&b'/')),
+                Some(Whiteout::Name(target)) => {
+                    let mut k = parent.join(&b'/');
+                    if !k.is_empty() {
+                        k.push(b'/');
+                    }
+                    k.extend_from_slice(target);
+                    content.record(&k, Record::Deleted);
+                }
+                None => {
+                    let record = match p.kind {
+                        tar::EntryType::Link => {
+                            let target = p.link_parts()?.join(&b'/');
+                            content.file(&target).cloned().ok_or_else(|| {
+                                hostile(
+                                    &p.shown,
+                                    "a hard link to a file the layer does not hold; its content is unknown here",
+                                )
+                            })?
+                        }
+                        tar::EntryType::Directory => p.dir_record(),
+                        tar::EntryType::Regular | tar::EntryType::Continuous => {
+                            let (sha256, size) = super::content::hash_content(&mut entry)
+                                .map_err(|e| Error::io(layer, "read the layer", e))?;
+                            p.file_record(sha256, size)
+                        }
+                        _ => p.special_record()?,
+                    };
+                    content.record(&key, record);
+                }
+            }
+        }
+    }
+    io::copy(&mut tar_reader, &mut io::sink())
+        .map_err(|e| Error::io(layer, "read the layer", e))?;
+    let (diff_id, tar_size) = tar_reader.finish();
+    io::copy(&mut blob, &mut io::sink()).map_err(|e| Error::io(layer, "read the layer", e))?;
+    Ok(LayerSummary {
+        content: content.finish(),
+        diff_id,
+        tar_size,
+    })
+}
+
 /// Turns a failure into its outcome: nothing was touched when the first entry was refused
 /// before any change; a tree that was empty is emptied again.
 fn settle(
@@ -336,6 +442,62 @@ impl Parsed {
         }
     }
 
+    fn file_record(&self, sha256: [u8; 32], size: u64) -> Record {
+        Record::File {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            size,
+            sha256,
+            xattrs: self.recorded_xattrs(),
+        }
+    }
+
+    /// The record of a symlink, device or fifo.
+    fn special_record(&self) -> Result<Record> {
+        let kind = match self.kind {
+            tar::EntryType::Symlink => {
+                let target = self
+                    .link
+                    .clone()
+                    .ok_or_else(|| hostile(&self.shown, "a symlink without a target"))?;
+                return Ok(Record::Symlink {
+                    uid: self.uid,
+                    gid: self.gid,
+                    mtime: self.mtime,
+                    target,
+                });
+            }
+            tar::EntryType::Char => b'c',
+            tar::EntryType::Block => b'b',
+            tar::EntryType::Fifo => b'p',
+            other => {
+                return Err(hostile(
+                    &self.shown,
+                    &format!(
+                        "entry type {:?} is not supported in a layer",
+                        other.as_byte() as char
+                    ),
+                ))
+            }
+        };
+        let (major, minor) = if kind == b'p' {
+            (0, 0)
+        } else {
+            (self.major, self.minor)
+        };
+        Ok(Record::Special {
+            kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime: self.mtime,
+            major,
+            minor,
+        })
+    }
+
     /// The whiteout's target name, when this is a whiteout, checked.
     fn whiteout(&self) -> Result<Option<Whiteout<'_>>> {
         let Some(last) = self.parts.last() else {
@@ -470,15 +632,7 @@ fn create_at<Fd: AsFd>(
             io::copy(data, &mut out).map_err(|e| Error::io(at, "write the file", e))?;
             set_attrs(&out.file, p, at)?;
             rustix::fs::futimens(&out.file, &times).map_err(io_at("set the time"))?;
-            Ok(Record::File {
-                mode: p.mode,
-                uid: p.uid,
-                gid: p.gid,
-                mtime: p.mtime,
-                size: out.size,
-                sha256: out.hash.finalize().into(),
-                xattrs: p.recorded_xattrs(),
-            })
+            Ok(p.file_record(out.hash.finalize().into(), out.size))
         }
         tar::EntryType::Symlink => {
             let target = p
@@ -490,12 +644,7 @@ fn create_at<Fd: AsFd>(
             owner(&dir)?;
             rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(io_at("set the time"))?;
-            Ok(Record::Symlink {
-                uid: p.uid,
-                gid: p.gid,
-                mtime: p.mtime,
-                target: target.clone(),
-            })
+            p.special_record()
         }
         tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
             let (ft, kind) = match p.kind {
@@ -521,15 +670,7 @@ fn create_at<Fd: AsFd>(
                 .map_err(io_at("set the mode"))?;
             rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(io_at("set the time"))?;
-            Ok(Record::Special {
-                kind,
-                mode: p.mode,
-                uid: p.uid,
-                gid: p.gid,
-                mtime: p.mtime,
-                major,
-                minor,
-            })
+            p.special_record()
         }
         other => Err(hostile(
             &p.shown,
