@@ -209,6 +209,35 @@ enum Command {
         /// Fix what can be fixed without losing committed data, and say what was done
         #[arg(long)]
         repair: bool,
+        /// Also recompute every recorded layer's content checksum from its stored content;
+        /// a layer whose content changed is marked broken
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Write images as an OCI image layout (a directory) or an OCI archive (FILE.tar);
+    /// nothing is written unless every layer is there, committed and intact
+    Export {
+        /// Images (or committed snapshots) to export
+        #[arg(required = true)]
+        images: Vec<String>,
+        /// The layout directory or archive to create
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Recompute each layer's content checksum first and refuse changed layers
+        #[arg(long)]
+        verify: bool,
+        /// Compression of layers strata diffs: none, gzip or zstd (imported layers keep theirs)
+        #[arg(long, default_value = "gzip")]
+        compression: strata::layer::Compression,
+    },
+    /// Import an OCI image layout or archive: every layer applied (committed chains are cache
+    /// hits), every digest checked, each image tagged
+    Import {
+        /// The layout directory or archive
+        source: PathBuf,
+        /// Tag the (single) image with this name instead of its index annotation
+        #[arg(long = "ref")]
+        ref_name: Option<String>,
     },
     /// Remove committed snapshots no image, lease, active/view snapshot or gc.root label holds
     Gc {
@@ -311,6 +340,20 @@ impl AnyStore {
         match self {
             AnyStore::Native(s) => s.fsck(repair),
             AnyStore::Overlay(s) => s.fsck(repair),
+        }
+    }
+
+    fn verify(&self) -> strata::Result<strata::VerifyReport> {
+        match self {
+            AnyStore::Native(s) => s.verify(&[]),
+            AnyStore::Overlay(s) => s.verify(&[]),
+        }
+    }
+
+    fn images(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
+        match self {
+            AnyStore::Native(s) => images(s, cmd, out),
+            AnyStore::Overlay(s) => images(s, cmd, out),
         }
     }
 
@@ -484,6 +527,32 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
     Ok(())
 }
 
+/// Export and import.
+fn images<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
+    match cmd {
+        Command::Export {
+            images,
+            output,
+            verify,
+            compression,
+        } => {
+            let names: Vec<&str> = images.iter().map(String::as_str).collect();
+            let opts = strata::ExportOptions {
+                compression: *compression,
+                verify: *verify,
+            };
+            let report = s.export(&names, output, &opts)?;
+            out.exported(&report, output);
+        }
+        Command::Import { source, ref_name } => {
+            let report = s.import(source, ref_name.as_deref())?;
+            out.imported(&report);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The tracker's subcommands (images, leases, gc).
 fn tracker<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
     match cmd {
@@ -605,8 +674,13 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
                 .into());
             }
         }
-        Command::Fsck { repair } => {
-            let report = store.fsck(repair)?;
+        Command::Fsck { repair, verify } => {
+            let mut report = store.fsck(repair)?;
+            if verify {
+                let v = store.verify()?;
+                report.broken.extend(v.damaged.iter().cloned());
+                out.verified(&v);
+            }
             out.fsck(&report, repair);
             let wrong = if repair {
                 !report.failed.is_empty() || !report.broken.is_empty()
@@ -627,6 +701,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         cmd @ (Command::Diff { .. } | Command::Apply { .. } | Command::ApplyLayer { .. }) => {
             store.layers(&cmd, out)?
         }
+        cmd @ (Command::Export { .. } | Command::Import { .. }) => store.images(&cmd, out)?,
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }
         | Command::Images

@@ -169,6 +169,7 @@ impl Output {
                 "kept": r.kept,
                 "expired_leases": r.expired_leases,
                 "reclaimed": r.reclaimed,
+                "blobs": r.blobs,
                 "failed": r.failed.iter().map(|(k, e)| json!({"key": k, "error": e})).collect::<Vec<_>>(),
             }));
             return;
@@ -186,6 +187,57 @@ impl Output {
                 r.failed.len()
             );
         }
+    }
+
+    /// What export wrote.
+    pub(crate) fn exported(&self, r: &strata::ExportReport, to: &std::path::Path) {
+        if self.json {
+            self.print_json(&json!({
+                "output": to,
+                "images": r.images.iter().map(|(n, m)| json!({"name": n, "manifest": m})).collect::<Vec<_>>(),
+                "blobs": r.blobs,
+                "diffed": r.diffed,
+            }));
+            return;
+        }
+        for (n, m) in &r.images {
+            println!("{n} {m}");
+        }
+        println!(
+            "wrote {} blob(s) to {} ({} layer(s) diffed)",
+            r.blobs,
+            to.display(),
+            r.diffed
+        );
+    }
+
+    /// What import did.
+    pub(crate) fn imported(&self, r: &strata::ImportReport) {
+        if self.json {
+            self.print_json(&json!({
+                "images": r.images.iter().map(|(n, c)| json!({"name": n, "snapshot": c})).collect::<Vec<_>>(),
+                "applied": r.applied,
+                "cached": r.cached,
+            }));
+            return;
+        }
+        for (n, c) in &r.images {
+            println!("{n} {c}");
+        }
+        println!("{} layer(s) applied, {} already there", r.applied, r.cached);
+    }
+
+    /// What verify found (before fsck's own report).
+    pub(crate) fn verified(&self, r: &strata::VerifyReport) {
+        if self.json {
+            return; // the damaged layers appear among fsck's broken snapshots
+        }
+        println!(
+            "verified layers: {} unchanged, {} recorded now, {} damaged",
+            r.verified.len(),
+            r.recorded.len(),
+            r.damaged.len()
+        );
     }
 
     /// What fsck found and did.

@@ -36,7 +36,8 @@ pub use error::{BackendError, Error, ErrorKind, Result};
 pub use meta::LayerRecord;
 pub use snapshotter::Snapshotter;
 pub use store::{
-    AppliedLayer, ExportGuard, FsckReport, GcReport, GuardedLayer, LeaseInfo, Store, StoreOptions,
+    AppliedLayer, ExportGuard, ExportOptions, ExportReport, FsckReport, ImportReport,
+    GcReport, GuardedLayer, LeaseInfo, Store, StoreOptions, VerifyReport,
 };
 pub use types::{Info, Kind, Labels, Mount, Usage};
 

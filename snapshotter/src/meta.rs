@@ -13,6 +13,11 @@
 //! * `snapshots.diff_id`, `snapshots.chain_id` — for layers applied by `apply_layer`
 //!   (version 3); `snapshots.content_digest`, `snapshots.tar_size` — the layer's content
 //!   checksum and uncompressed size (version 4).
+//! * `blobs` — the content store's index: digest, size, media type (version 5); the bytes
+//!   live in `blobs/sha256/<hex>` under the root.
+//! * `blob_holders` — (holder, digest): `image:<name>` or `lease:<name>` holds a blob; triggers
+//!   drop an image's holds when it is deleted or pointed elsewhere, a lease's when it goes.
+//!   `images.manifest` — the digest of the manifest an imported image came with (version 5).
 //!
 //! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
 //! to date inside one transaction.
@@ -98,6 +103,32 @@ ALTER TABLE snapshots ADD COLUMN chain_id TEXT;
     r#"
 ALTER TABLE snapshots ADD COLUMN content_digest TEXT;
 ALTER TABLE snapshots ADD COLUMN tar_size INTEGER;
+"#,
+    r#"
+CREATE TABLE blobs (
+    digest     TEXT PRIMARY KEY,
+    size       INTEGER NOT NULL,
+    media_type TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE blob_holders (
+    holder TEXT NOT NULL,
+    digest TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+    PRIMARY KEY (holder, digest)
+) WITHOUT ROWID;
+CREATE INDEX blob_holders_digest ON blob_holders(digest);
+ALTER TABLE images ADD COLUMN manifest TEXT;
+CREATE TRIGGER images_release_blobs AFTER DELETE ON images BEGIN
+    DELETE FROM blob_holders WHERE holder = 'image:' || OLD.name;
+END;
+CREATE TRIGGER images_retarget AFTER UPDATE OF snapshot_id ON images
+    WHEN OLD.snapshot_id != NEW.snapshot_id BEGIN
+    DELETE FROM blob_holders WHERE holder = 'image:' || OLD.name;
+    UPDATE images SET manifest = NULL WHERE name = NEW.name;
+END;
+CREATE TRIGGER leases_release_blobs AFTER DELETE ON leases BEGIN
+    DELETE FROM blob_holders WHERE holder = 'lease:' || OLD.name;
+END;
 "#,
 ];
 
@@ -907,6 +938,109 @@ impl Tx<'_> {
                 })
             })
             .map_err(|e| self.e("read the layer's digests", e))
+    }
+
+    /// Records blob `digest` (idempotent) and that `holder` holds it.
+    pub fn add_blob(&self, digest: &str, size: u64, media_type: &str, holder: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO blobs (digest, size, media_type, created_ns) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (digest) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    digest,
+                    i64::try_from(size).unwrap_or(i64::MAX),
+                    media_type,
+                    to_ns(SystemTime::now())
+                ])
+            })
+            .and_then(|_| {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO blob_holders (holder, digest) VALUES (?1, ?2)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .and_then(|mut s| s.execute(params![holder, digest]))
+            })
+            .map(|_| ())
+            .map_err(|e| self.e("record a blob", e))
+    }
+
+    /// Size and media type of blob `digest`, when the content store has it.
+    pub fn blob(&self, digest: &str) -> Result<Option<(u64, String)>> {
+        self.tx
+            .prepare_cached("SELECT size, media_type FROM blobs WHERE digest = ?1")
+            .and_then(|mut s| {
+                s.query_row([digest], |r| {
+                    Ok((u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0), r.get(1)?))
+                })
+                .optional()
+            })
+            .map_err(|e| self.e("look up a blob", e))
+    }
+
+    /// Makes `holder` hold every blob `from` holds.
+    pub fn copy_blob_holds(&self, from: &str, holder: &str) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO blob_holders (holder, digest)
+                 SELECT ?2, digest FROM blob_holders WHERE holder = ?1
+                 ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![from, holder]))
+            .map(|_| ())
+            .map_err(|e| self.e("hold blobs", e))
+    }
+
+    /// Deletes the rows of blobs nothing holds, returning their digests.
+    pub fn delete_unheld_blobs(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM blobs WHERE digest NOT IN (SELECT digest FROM blob_holders)
+                 RETURNING digest",
+            )
+            .map_err(|e| self.e("collect blobs", e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("collect blobs", e))?;
+        Ok(rows)
+    }
+
+    /// Every blob digest the content store records.
+    pub fn blob_digests(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT digest FROM blobs")
+            .map_err(|e| self.e("list blobs", e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.e("list blobs", e))?;
+        Ok(rows)
+    }
+
+    /// Records the manifest image `name` was imported with.
+    pub fn set_image_manifest(&self, name: &str, manifest: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE images SET manifest = ?2 WHERE name = ?1")
+            .and_then(|mut s| s.execute(params![name, manifest]))
+            .map(|_| ())
+            .map_err(|e| self.e("record the image's manifest", e))
+    }
+
+    /// The manifest image `name` was imported with, if any.
+    pub fn image_manifest(&self, name: &str) -> Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT manifest FROM images WHERE name = ?1")
+            .and_then(|mut s| {
+                s.query_row([name], |r| r.get::<_, Option<String>>(0))
+                    .optional()
+            })
+            .map(Option::flatten)
+            .map_err(|e| self.e("look up the image's manifest", e))
     }
 
     /// Names of the leases whose name starts with `prefix`.

@@ -34,12 +34,14 @@ use crate::snapshotter::Snapshotter;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::LABEL_VOLATILE;
 
+mod images;
 mod layers;
 mod recovery;
 mod tracker;
 
 pub use recovery::FsckReport;
 
+pub use images::{ExportOptions, ExportReport, ImportReport, VerifyReport};
 pub use layers::AppliedLayer;
 pub use tracker::{ExportGuard, GcReport, GuardedLayer, LeaseInfo};
 

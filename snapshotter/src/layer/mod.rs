@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod content;
+pub mod oci;
 pub mod diff;
 mod digest;
 

@@ -32,8 +32,21 @@ impl<B: Backend> Store<B> {
                 format!("only committed snapshots can be diffed; it is {}", row.kind),
             ));
         }
-        let mut chain = vec![row.id];
-        chain.extend(&parents);
+        self.diff_ids(name, row.id, &parents, opts, out)
+    }
+
+    /// Diffs snapshot `id` (named `name` in errors) against its `parents`; the caller makes
+    /// sure nothing removes them meanwhile.
+    pub(crate) fn diff_ids<W: Write>(
+        &self,
+        name: &str,
+        id: u64,
+        parents: &[u64],
+        opts: &DiffOptions,
+        out: W,
+    ) -> Result<(Descriptor, DiffStats, W)> {
+        let mut chain = vec![id];
+        chain.extend(parents);
         let tmp = self.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
         let lower = match parents.is_empty() {
@@ -41,14 +54,14 @@ impl<B: Backend> Store<B> {
             false => {
                 let m = self
                     .backend
-                    .view_mounts(&parents)
+                    .view_mounts(parents)
                     .map_err(|e| self.backend_err(name, "view the parent for a diff", e))?;
                 Some(TempMount::new_in(&tmp, &m)?)
             }
         };
         let lower_path = lower.as_ref().map(|l| l.path());
         // The overlay fast path reads only the layer's upper directory.
-        let fast_dir = match self.backend.overlay_upper(row.id) {
+        let fast_dir = match self.backend.overlay_upper(id) {
             Some(dir) if overlay_fast_path_applies(&dir, opts)? => Some(dir),
             _ => None,
         };
@@ -69,6 +82,38 @@ impl<B: Backend> Store<B> {
             l.unmount()?;
         }
         Ok(written)
+    }
+
+    /// The diffID, content checksum and size of snapshot `id`'s layer as stored: its diff
+    /// goes through a pipe to a thread that sums it without applying it.
+    pub(crate) fn summarize(
+        &self,
+        name: &str,
+        id: u64,
+        parents: &[u64],
+    ) -> Result<crate::layer::apply::LayerSummary> {
+        let (reader, writer) =
+            std::io::pipe().map_err(|e| Error::io(&self.root, "create a pipe", e))?;
+        let summer = std::thread::spawn(move || crate::layer::apply::content_of_layer(reader));
+        // The writer is dropped when diff_ids returns, so the summer sees the end.
+        let diffed = self
+            .diff_ids(name, id, parents, &DiffOptions::default(), writer)
+            .map(|(d, _, _)| d);
+        let summary = summer
+            .join()
+            .map_err(|_| Error::precondition(name, "summing the layer's content panicked"))?;
+        let descriptor = diffed?;
+        let summary = summary?;
+        if summary.diff_id != descriptor.diff_id {
+            return Err(Error::precondition(
+                name,
+                format!(
+                    "the layer read back ({}) is not the layer written ({})",
+                    summary.diff_id, descriptor.diff_id
+                ),
+            ));
+        }
+        Ok(summary)
     }
 
     /// Applies the layer read from `input` to the active snapshot `key`, checking the blob
@@ -154,7 +199,7 @@ impl<B: Backend> Store<B> {
     /// has none recorded yet: its layer is diffed once — the differ is deterministic, so this
     /// is the diffID any export of it gets — and its diffID, chainID, content checksum and
     /// size are recorded, below it first.
-    fn chain_id_of(&self, name: &str) -> Result<Digest> {
+    pub(crate) fn chain_id_of(&self, name: &str) -> Result<Digest> {
         let (row, _) = self.row(name)?;
         if let Some(layer) = self.with_meta(|m| m.read(name)?.layer(row.id))? {
             return Digest::parse(&layer.chain_id).map_err(|e| Error::precondition(name, e));
@@ -177,23 +222,16 @@ impl<B: Backend> Store<B> {
             }
             None => None,
         };
-        // The layer goes through a pipe to a thread that sums its content.
-        let (reader, writer) =
-            std::io::pipe().map_err(|e| Error::io(&self.root, "create a pipe", e))?;
-        let summer = std::thread::spawn(move || crate::layer::apply::content_of_layer(reader));
-        let diffed = self.diff(name, &DiffOptions::default(), writer);
-        // The writer is dropped here (returned or not), so the summer sees the end.
-        let diffed = diffed.map(|(d, _, _)| d);
-        let summary = summer
-            .join()
-            .map_err(|_| Error::precondition(name, "summing the layer's content panicked"))?;
-        let descriptor = diffed?;
-        let summary = summary?;
+        let (_, parents) = self.row(name)?;
+        let summary = {
+            let _guard = self.guard(&[name])?;
+            self.summarize(name, row.id, &parents)?
+        };
         let chain = match parent_chain {
-            Some(p) => crate::layer::chain_id(&[p, descriptor.diff_id.clone()]),
-            None => Some(descriptor.diff_id.clone()),
+            Some(p) => crate::layer::chain_id(&[p, summary.diff_id.clone()]),
+            None => Some(summary.diff_id.clone()),
         }
-        .unwrap_or_else(|| descriptor.diff_id.clone());
+        .unwrap_or_else(|| summary.diff_id.clone());
         self.with_meta(|m| {
             let tx = m.write(name)?;
             tx.set_layer(
@@ -269,12 +307,18 @@ impl<B: Backend> Store<B> {
             let chain = chain_for(&got).unwrap_or_else(|| got.clone());
             if exists(chain.as_str())? {
                 // Committed meanwhile (or the diffID was not known): keep the existing one.
-                return Ok((chain, got, applied.descriptor, applied.content, true));
+                let content = self
+                    .layer(chain.as_str())?
+                    .map(|l| l.content)
+                    .unwrap_or_default();
+                return Ok((chain, got, applied.descriptor, content, true));
             }
             // Recorded on the active row, which the commit keeps: the committed layer never
-            // exists without its record, whenever the process dies.
-            let (row, _) = self.row(&key)?;
-            let content = applied.content.to_string();
+            // exists without its record, whenever the process dies. The checksum is the one
+            // of the layer as stored (what `verify` recomputes), whoever wrote the tar.
+            let (row, parents) = self.row(&key)?;
+            let stored = self.summarize(&key, row.id, &parents)?;
+            let content = stored.content.to_string();
             self.with_meta(|m| {
                 let tx = m.write(&key)?;
                 tx.set_layer(
@@ -294,7 +338,7 @@ impl<B: Backend> Store<B> {
                 &key,
                 crate::Labels::new(),
             )?;
-            Ok((chain, got, applied.descriptor, applied.content, false))
+            Ok((chain, got, applied.descriptor, content, false))
         })();
         match result {
             Ok((chain, got, descriptor, content, existed)) => {
@@ -304,7 +348,7 @@ impl<B: Backend> Store<B> {
                 Ok(AppliedLayer {
                     name: chain.to_string(),
                     diff_id: got,
-                    content: content.to_string(),
+                    content,
                     descriptor: Some(descriptor),
                     cached: false,
                 })

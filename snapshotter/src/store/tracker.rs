@@ -38,6 +38,8 @@ pub struct GcReport {
     pub managed: bool,
     /// What could not be removed, with the error; retried by the next pass.
     pub failed: Vec<(String, String)>,
+    /// Blobs of the content store nothing held any more, deleted.
+    pub blobs: usize,
 }
 
 impl<B: Backend> Store<B> {
@@ -232,6 +234,10 @@ impl<B: Backend> Store<B> {
                 .into_iter()
                 .map(|(id, e)| (format!("storage of id {id}"), e)),
         );
+        match self.gc_blobs() {
+            Ok(n) => report.blobs = n,
+            Err(e) => report.failed.push(("content store".into(), e.to_string())),
+        }
         Ok(report)
     }
 }
