@@ -375,3 +375,115 @@ fn umoci_unpacks_exports_and_strata_imports_umoci_layouts() {
         "{report:?}"
     );
 }
+
+fn tool(name: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("STRATA_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("{name} is not installed (scripts/deps installs it)");
+    }
+    ok
+}
+
+/// A containerd of the test's own (root, state and socket in `dir`), stopped on drop.
+struct Containerd {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Containerd {
+        let socket = dir.join("containerd.sock");
+        let child = Command::new("containerd")
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&socket)
+            .args(["--config", "/dev/null"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let c = Containerd { child, socket };
+        for _ in 0..200 {
+            if c.ctr(&["version"]).status.success() {
+                return c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("containerd did not come up");
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn skopeo_reads_exported_layouts_and_ctr_imports_exported_archives() {
+    if !require_privileged("images") || !tool("skopeo") || !tool("ctr") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path();
+    let s = overlay(&w.join("root"));
+    build(&s, w);
+    let layout = w.join("layout");
+    let report = s
+        .export(&["app:1"], &layout, &ExportOptions::default())
+        .unwrap();
+    let manifest = &report.images[0].1;
+    let out = Command::new("skopeo")
+        .args(["inspect", &format!("oci:{}:app:1", layout.display())])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains(manifest.as_str()),
+        "skopeo sees the manifest: {text}"
+    );
+    assert_eq!(
+        text.matches("\"sha256:").count(),
+        3,
+        "a digest and two layers: {text}"
+    );
+
+    let archive = w.join("app.tar");
+    s.export(&["app:1"], &archive, &ExportOptions::default())
+        .unwrap();
+    let ctrd = Containerd::start(w);
+    let out = ctrd.ctr(&["images", "import", archive.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctrd.ctr(&["images", "ls"]);
+    let list = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("app:1 ") && l.contains(manifest.as_str())),
+        "ctr lists the image: {list}"
+    );
+}
