@@ -19,11 +19,14 @@
 //! ```
 
 pub mod backend;
+pub mod checksum;
+pub mod copy;
 pub mod error;
 pub mod filter;
 pub mod fsutil;
 pub mod layer;
 pub mod mount;
+pub mod patterns;
 pub mod snapshotter;
 pub mod store;
 pub mod types;
@@ -36,8 +39,8 @@ pub use error::{BackendError, Error, ErrorKind, Result};
 pub use meta::LayerRecord;
 pub use snapshotter::Snapshotter;
 pub use store::{
-    AppliedLayer, ExportGuard, ExportOptions, ExportReport, FsckReport, ImportReport,
-    GcReport, GuardedLayer, LeaseInfo, Store, StoreOptions, VerifyReport,
+    AppliedLayer, ExportGuard, ExportOptions, ExportReport, FsckReport, GcReport, GuardedLayer,
+    ImportReport, LeaseInfo, Store, StoreOptions, VerifyReport,
 };
 pub use types::{Info, Kind, Labels, Mount, Usage};
 
