@@ -34,6 +34,7 @@ use crate::snapshotter::Snapshotter;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::LABEL_VOLATILE;
 
+mod copying;
 mod images;
 mod layers;
 mod recovery;

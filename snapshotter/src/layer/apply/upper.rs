@@ -18,7 +18,7 @@
 //! * anything else replaces what the upper directory holds at its name.
 //!
 //! An entry whose meaning needs the merged view the upper directory cannot show is not touched
-//! and answered with [`Step::NeedsMount`]: a parent that is a symlink, a whiteout or a file in
+//! and answered with `Step::NeedsMount`: a parent that is a symlink, a whiteout or a file in
 //! any layer; a hard link whose target only a lower layer holds; an opaque marker at the root;
 //! a char 0/0 device (which would read as a whiteout); any `redirect` attribute.
 
