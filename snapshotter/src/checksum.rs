@@ -11,13 +11,15 @@
 //!
 //! # Format
 //!
-//! The digest is the sha256 of `strata-checksum-v1\n` followed by one record per entry (the
-//! named paths and everything below them, each once), in byte order of the entry's path
-//! relative to the root (so parents come before their children). All integers are 32-bit
-//! big-endian:
+//! The digest is the sha256 of `strata-checksum-v2\n` followed, for each named path in the
+//! order given (the whole tree when none is named), by the sha256 of its records: one per
+//! entry (the named path itself and everything below it), in byte order of the entry's path
+//! **relative to the named path** (the named path itself is the empty path), so the same
+//! files give the same checksum wherever they live — `/out` of a builder and `/app` of the
+//! image it was copied into. All integers are 32-bit big-endian:
 //!
 //! ```text
-//! len(path) path                   the path relative to the root, no leading '/'
+//! len(path) path                   relative to the named path (to the root for the whole tree)
 //! type                             one byte: d directory, f file, l symlink,
 //!                                  c char device, b block device, p fifo
 //! mode uid gid                     mode is the permission bits (mode & 0o7777)
@@ -48,7 +50,7 @@ use crate::layer::Digest;
 use crate::patterns::Patterns;
 
 /// The first bytes hashed; a new format gets a new tag.
-const TAG: &[u8] = b"strata-checksum-v1\n";
+const TAG: &[u8] = b"strata-checksum-v2\n";
 
 /// The checksum of `paths` (inside `root`; all of it when empty), without what `excludes`
 /// matches. See the [module docs](self) for the exact format.
@@ -60,11 +62,16 @@ pub fn checksum(root: &Path, paths: &[&str], excludes: &[String]) -> Result<Dige
         patterns,
         records: Vec::new(),
         contents: HashMap::new(),
+        base: Vec::new(),
     };
     let whole = [""];
     let paths = if paths.is_empty() { &whole[..] } else { paths };
+    let mut hash = Sha256::new();
+    hash.update(TAG);
     for p in paths {
         let named = resolve_named(&root_fd, root, p, "checksum path")?;
+        summer.records.clear();
+        summer.base = named.rel.clone();
         let obj = Obj::Fd(named.fd.as_fd());
         if named.rel.is_empty() {
             let dir = obj
@@ -74,14 +81,14 @@ pub fn checksum(root: &Path, paths: &[&str], excludes: &[String]) -> Result<Dige
         } else {
             summer.entry(obj, &named.stat, &named.rel)?;
         }
-    }
-    let mut records = summer.records;
-    records.sort_by(|a, b| a.0.cmp(&b.0));
-    records.dedup_by(|a, b| a.0 == b.0);
-    let mut hash = Sha256::new();
-    hash.update(TAG);
-    for (_, record) in &records {
-        hash.update(record);
+        let mut records = std::mem::take(&mut summer.records);
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        records.dedup_by(|a, b| a.0 == b.0);
+        let mut sub = Sha256::new();
+        for (_, record) in &records {
+            sub.update(record);
+        }
+        hash.update(sub.finalize());
     }
     Ok(Digest::from_sha(&hash.finalize()))
 }
@@ -93,11 +100,24 @@ struct Summer<'a> {
     records: Vec<(Vec<u8>, Vec<u8>)>,
     /// Content hashes of multiply-linked files, by (dev, ino).
     contents: HashMap<(u64, u64), [u8; 32]>,
+    /// The named path being summed (relative to the root); records name paths below it.
+    base: Vec<u8>,
 }
 
 impl Summer<'_> {
     fn at(&self, rel: &[u8]) -> std::path::PathBuf {
         self.root.join(OsStr::from_bytes(rel))
+    }
+
+    /// `rel` (relative to the root) as the records name it: relative to the named path.
+    fn named<'r>(&self, rel: &'r [u8]) -> &'r [u8] {
+        if self.base.is_empty() {
+            return rel;
+        }
+        match rel.strip_prefix(self.base.as_slice()) {
+            Some(rest) => rest.strip_prefix(b"/").unwrap_or(rest),
+            None => rel,
+        }
     }
 
     /// Records the entries below directory `dir` (at `rel`); returns how many.
@@ -128,7 +148,7 @@ impl Summer<'_> {
                 return Ok(0);
             }
             let record = self.record(obj, st, rel)?;
-            self.records.push((rel.to_vec(), record));
+            self.records.push((self.named(rel).to_vec(), record));
             return Ok(1);
         }
         if excluded && !self.patterns.may_include_below(&shown) {
@@ -143,8 +163,9 @@ impl Summer<'_> {
         }
         let xattrs =
             fd_xattrs(&dir).map_err(|e| Error::io(self.at(rel), "read extended attributes", e))?;
-        self.records
-            .push((rel.to_vec(), header(rel, b'd', st, &xattrs)));
+        let name = self.named(rel).to_vec();
+        let record = header(&name, b'd', st, &xattrs);
+        self.records.push((name, record));
         Ok(below + 1)
     }
 
@@ -175,7 +196,7 @@ impl Summer<'_> {
                         sha
                     }
                 };
-                let mut r = header(rel, b'f', st, &xattrs);
+                let mut r = header(self.named(rel), b'f', st, &xattrs);
                 r.extend_from_slice(&sha);
                 r
             }
@@ -183,7 +204,7 @@ impl Summer<'_> {
                 let target = obj
                     .readlink()
                     .map_err(|e| Error::io(&at, "read the symlink", e))?;
-                let mut r = header(rel, b'l', st, &read_xattrs(obj)?);
+                let mut r = header(self.named(rel), b'l', st, &read_xattrs(obj)?);
                 put_bytes(&mut r, &target);
                 r
             }
@@ -193,12 +214,12 @@ impl Summer<'_> {
                 } else {
                     b'b'
                 };
-                let mut r = header(rel, kind, st, &read_xattrs(obj)?);
+                let mut r = header(self.named(rel), kind, st, &read_xattrs(obj)?);
                 r.extend_from_slice(&rustix::fs::major(st.st_rdev).to_be_bytes());
                 r.extend_from_slice(&rustix::fs::minor(st.st_rdev).to_be_bytes());
                 r
             }
-            _ => header(rel, b'p', st, &read_xattrs(obj)?),
+            _ => header(self.named(rel), b'p', st, &read_xattrs(obj)?),
         })
     }
 }
@@ -258,8 +279,13 @@ mod tests {
         assert_eq!(sum(&ra), sum(&rb));
         assert_eq!(
             checksum(&ra, &["/etc", "hl"], &[]).unwrap(),
-            checksum(&rb, &["hl/", "./etc", "etc/../etc"], &[]).unwrap(),
-            "order and duplicates of the named paths do not matter"
+            checksum(&rb, &["./etc", "hl/"], &[]).unwrap(),
+            "however the named paths are spelled"
+        );
+        assert_ne!(
+            checksum(&ra, &["/etc", "hl"], &[]).unwrap(),
+            checksum(&rb, &["hl", "etc"], &[]).unwrap(),
+            "named paths count in the order given, as a COPY's sources do"
         );
         assert_eq!(checksum(&ra, &["/"], &[]).unwrap(), sum(&ra));
         assert!(sum(&ra).as_str().starts_with("sha256:"));
@@ -341,7 +367,14 @@ mod tests {
         link(r, "d/loop", "loop");
         link(r, "d/host", "/etc/passwd");
         let a = checksum(r, &[], &[]).unwrap();
-        assert_eq!(checksum(r, &["/d"], &[]).unwrap(), a);
+        // Records are relative to the named path: the same files elsewhere, the same sum.
+        let named = checksum(r, &["/d"], &[]).unwrap();
+        fs::create_dir(r.join("moved")).unwrap();
+        fs::rename(r.join("d"), r.join("moved/e")).unwrap();
+        assert_eq!(checksum(r, &["/moved/e"], &[]).unwrap(), named);
+        fs::rename(r.join("moved/e"), r.join("d")).unwrap();
+        fs::remove_dir(r.join("moved")).unwrap();
+        assert_eq!(checksum(r, &[], &[]).unwrap(), a);
         // The host's /etc/passwd is never read: only the target bytes count.
         fs::remove_file(r.join("d/host")).unwrap();
         link(r, "d/host", "/etc/passwd");
@@ -400,22 +433,24 @@ mod tests {
         for p in ["d", "d/f", "d/l"] {
             lchown(r.join(p), Some(0), Some(0)).unwrap();
         }
-        let mut want = b"strata-checksum-v1\n".to_vec();
+        let mut records = Vec::new();
         let u32be = |n: u32| n.to_be_bytes().to_vec();
         for (path, kind, mode, tail) in [
             ("d", b'd', 0o755, Vec::new()),
             ("d/f", b'f', 0o644, Sha256::digest(b"hi").to_vec()),
             ("d/l", b'l', 0o777, [u32be(1), b"f".to_vec()].concat()),
         ] {
-            want.extend(u32be(path.len() as u32));
-            want.extend(path.as_bytes());
-            want.push(kind);
-            want.extend(u32be(mode));
-            want.extend(u32be(0));
-            want.extend(u32be(0));
-            want.extend(u32be(0));
-            want.extend(tail);
+            records.extend(u32be(path.len() as u32));
+            records.extend(path.as_bytes());
+            records.push(kind);
+            records.extend(u32be(mode));
+            records.extend(u32be(0));
+            records.extend(u32be(0));
+            records.extend(u32be(0));
+            records.extend(tail);
         }
+        let mut want = b"strata-checksum-v2\n".to_vec();
+        want.extend(Sha256::digest(&records));
         assert_eq!(checksum(r, &[], &[]).unwrap(), Digest::of(&want));
     }
 }
