@@ -230,6 +230,34 @@ enum Command {
         #[arg(long, default_value = "gzip")]
         compression: strata::layer::Compression,
     },
+    /// Copy paths of a committed snapshot or image into an active snapshot, as `COPY --from`
+    /// does: symlinks below the named paths are never followed. Arguments are
+    /// `FROM:/PATH... KEY:/DEST` (split at the first `:/`, so image names may hold `:`)
+    Copy {
+        /// Sources `FROM:/PATH`, then the target `KEY:/DEST`
+        #[arg(required = true, num_args = 2..)]
+        args: Vec<String>,
+        /// Leave out paths matching this .dockerignore pattern (repeatable; `!` re-includes)
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Keep each source's path below the destination (`COPY --parents`)
+        #[arg(long)]
+        parents: bool,
+        /// Owner of everything copied, `UID:GID`
+        #[arg(long)]
+        chown: Option<String>,
+    },
+    /// Print the cache-key checksum of paths (all of it by default) of a committed snapshot
+    /// or image: paths, types, modes, owners, xattrs, content and symlink targets, no times
+    Checksum {
+        /// Committed snapshot or image
+        name: String,
+        /// Paths inside it (default: everything)
+        paths: Vec<String>,
+        /// Leave out paths matching this .dockerignore pattern (repeatable)
+        #[arg(long)]
+        exclude: Vec<String>,
+    },
     /// Import an OCI image layout or archive: every layer applied (committed chains are cache
     /// hits), every digest checked, each image tagged
     Import {
@@ -548,6 +576,60 @@ fn images<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
             let report = s.import(source, ref_name.as_deref())?;
             out.imported(&report);
         }
+        Command::Copy {
+            args,
+            exclude,
+            parents,
+            chown,
+        } => {
+            let split = |a: &str| -> Result<(String, String), CliError> {
+                let at = a.find(":/").ok_or_else(|| {
+                    CliError(format!("{a:?}: write NAME:/PATH (the path starts with /)"))
+                })?;
+                Ok((a[..at].to_string(), a[at + 1..].to_string()))
+            };
+            let (target, sources) = args
+                .split_last()
+                .ok_or_else(|| CliError("copy needs sources and a target".into()))?;
+            let (key, dest) = split(target)?;
+            let chown = chown
+                .as_deref()
+                .map(|c| {
+                    let (u, g) = c.split_once(':').unwrap_or((c, c));
+                    match (u.parse::<u32>(), g.parse::<u32>()) {
+                        (Ok(u), Ok(g)) => Ok((u, g)),
+                        _ => Err(CliError(format!("--chown {c:?}: write numeric UID:GID"))),
+                    }
+                })
+                .transpose()?;
+            let opts = strata::copy::CopyOptions {
+                excludes: exclude.clone(),
+                parents: *parents,
+                chown,
+            };
+            // Sources are copied one FROM at a time, in the order given.
+            let mut total = strata::copy::CopyStats::default();
+            for src in sources {
+                let (from, path) = split(src)?;
+                let stats = s.copy(&from, &[path.as_str()], &key, &dest, &opts)?;
+                total.files += stats.files;
+                total.dirs += stats.dirs;
+                total.symlinks += stats.symlinks;
+                total.hardlinks += stats.hardlinks;
+                total.bytes += stats.bytes;
+                total.others += stats.others;
+            }
+            out.copied(&total, &key);
+        }
+        Command::Checksum {
+            name,
+            paths,
+            exclude,
+        } => {
+            let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+            let sum = s.checksum(name, &paths, exclude)?;
+            out.checksum(&sum, name);
+        }
         _ => {}
     }
     Ok(())
@@ -701,7 +783,10 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         cmd @ (Command::Diff { .. } | Command::Apply { .. } | Command::ApplyLayer { .. }) => {
             store.layers(&cmd, out)?
         }
-        cmd @ (Command::Export { .. } | Command::Import { .. }) => store.images(&cmd, out)?,
+        cmd @ (Command::Export { .. }
+        | Command::Import { .. }
+        | Command::Copy { .. }
+        | Command::Checksum { .. }) => store.images(&cmd, out)?,
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }
         | Command::Images

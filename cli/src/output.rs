@@ -211,6 +211,35 @@ impl Output {
         );
     }
 
+    /// What a copy brought.
+    pub(crate) fn copied(&self, c: &strata::copy::CopyStats, key: &str) {
+        if self.json {
+            self.print_json(&json!({
+                "key": key,
+                "files": c.files,
+                "dirs": c.dirs,
+                "symlinks": c.symlinks,
+                "hardlinks": c.hardlinks,
+                "others": c.others,
+                "bytes": c.bytes,
+            }));
+        } else {
+            println!(
+                "copied into {key}: {} file(s), {} dir(s), {} symlink(s), {} hard link(s), {} other(s), {} bytes",
+                c.files, c.dirs, c.symlinks, c.hardlinks, c.others, c.bytes
+            );
+        }
+    }
+
+    /// A checksum.
+    pub(crate) fn checksum(&self, d: &strata::layer::Digest, name: &str) {
+        if self.json {
+            self.print_json(&json!({"name": name, "checksum": d.as_str()}));
+        } else {
+            println!("{d}");
+        }
+    }
+
     /// What import did.
     pub(crate) fn imported(&self, r: &strata::ImportReport) {
         if self.json {

@@ -556,3 +556,74 @@ fn fsck_leaked_mount(backend: &'static str) {
     assert!(!target.exists(), "the mount point is removed too");
     assert_eq!(r.ok(&["fsck"])["clean"], true);
 }
+
+#[test]
+fn copy_checksum_export_import_and_verify_from_the_command_line() {
+    if !can_run("images_cli", false) {
+        return;
+    }
+    for backend in BACKENDS {
+        images_cli(backend);
+    }
+}
+
+fn images_cli(backend: &'static str) {
+    let r = Root::new(backend);
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().to_str().unwrap();
+    r.ok(&["prepare", "a"]);
+    r.ok(&["mount", "a", m]);
+    fs::create_dir_all(mnt.path().join("out")).unwrap();
+    fs::write(mnt.path().join("out/app.bin"), "binary").unwrap();
+    std::os::unix::fs::symlink("/no/such/thing", mnt.path().join("out/dangling")).unwrap();
+    r.ok(&["umount", m]);
+    r.ok(&["commit", "builder", "a"]);
+    r.ok(&["tag", "builder:1", "builder"]);
+    // COPY --from=builder:1 /out /app (the image name holds a ':').
+    r.ok(&["prepare", "b"]);
+    let c = r.ok(&["copy", "builder:1:/out", "b:/app"]);
+    assert_eq!(
+        (c["files"].as_u64(), c["symlinks"].as_u64()),
+        (Some(1), Some(1))
+    );
+    r.ok(&["commit", "final", "b"]);
+    let sum = |name: &str, path: &str| r.ok(&["checksum", name, path])["checksum"].clone();
+    assert_eq!(
+        sum("final", "/app"),
+        sum("builder:1", "/out"),
+        "same files, same checksum"
+    );
+    let e = r.fails(&["copy", "builder:1", "b:/app"], "invalid-argument");
+    assert!(e["message"].as_str().unwrap().contains("NAME:/PATH"), "{e}");
+
+    r.ok(&["tag", "app:1", "final"]);
+    let layout = r.path().join("layout.tar");
+    let l = layout.to_str().unwrap();
+    let x = r.ok(&["export", "app:1", "builder:1", "-o", l, "--verify"]);
+    assert_eq!(x["images"].as_array().unwrap().len(), 2);
+    let fresh = Root::new(backend);
+    let i = fresh.ok(&["import", l]);
+    assert_eq!(i["images"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        fresh.ok(&["checksum", "app:1", "/app"])["checksum"],
+        sum("final", "/app")
+    );
+    assert_eq!(fresh.ok(&["fsck", "--verify"])["clean"], true);
+    // Damage the imported COPY layer on disk: fsck --verify finds it, export refuses it.
+    let layer = fs::read_dir(fresh.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("fs/app/app.bin"))
+        .find(|p| p.exists())
+        .unwrap();
+    fs::write(&layer, "").unwrap();
+    let out = fresh.run(&["fsck", "--verify"]);
+    assert!(!out.status.success(), "fsck --verify exits 1");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["broken"].as_array().unwrap().len(), 1, "{v}");
+    let again = fresh.path().join("again");
+    fresh.fails(
+        &["export", "app:1", "-o", again.to_str().unwrap()],
+        "data-loss",
+    );
+    assert!(!again.exists());
+}
