@@ -17,6 +17,60 @@
 //!     Ok(())
 //! }
 //! ```
+//!
+//! # What a builder uses
+//!
+//! * **Layers** ([`layer`]): [`Store::diff`] writes a committed snapshot as an OCI layer,
+//!   [`Store::apply`] applies one to an active snapshot, [`Store::apply_layer`] applies and
+//!   commits under the layer's chainID (a known chain is a cache hit), [`Store::layer`] says
+//!   what was recorded of it.
+//! * **`COPY --from`**: [`Store::copy`] copies paths of a committed snapshot or image into an
+//!   active one ([`copy::CopyOptions`]: `.dockerignore` excludes, `--parents`, `--chown`);
+//!   symlinks below the named paths are never followed.
+//! * **Cache keys**: [`Store::checksum`] sums paths of a snapshot (content, modes, owners,
+//!   xattrs, symlink targets; no times). Key a step by the checksums of its parent and of
+//!   what it copies, commit with a label `strata.cache-key=KEY`, and look the key up with
+//!   `store.list(&["labels.\"strata.cache-key\"==KEY,kind==committed"])` — one filter
+//!   string, since separate strings are OR'ed.
+//! * **Keeping layers**: [`Store::tag`] names an image (it holds its whole chain), leases
+//!   ([`Store::lease_create`], [`Store::lease_add`]) hold work in progress, [`Store::gc`]
+//!   removes what nothing holds, [`Store::guard`] pins images while they are read.
+//! * **Images in and out**: [`Store::export`] writes OCI layouts and archives (nothing unless
+//!   every layer is there and intact), [`Store::import`] reads them, [`Store::verify`] checks
+//!   stored layers against their recorded content checksums.
+//!
+//! ```no_run
+//! use strata::copy::CopyOptions;
+//! use strata::layer::Digest;
+//! use strata::{Backend, ExportOptions, Labels, Snapshotter, Store};
+//!
+//! /// `COPY --from=builder /out /app` on top of `base`, from the cache when it can be.
+//! fn copy_step<B: Backend>(store: &Store<B>, base: &str) -> strata::Result<String> {
+//!     let key = Digest::of(
+//!         format!(
+//!             "{}|COPY /out /app|{}",
+//!             store.checksum(base, &[], &[])?,
+//!             store.checksum("builder", &["/out"], &[])?
+//!         )
+//!         .as_bytes(),
+//!     );
+//!     let filter = format!("labels.\"strata.cache-key\"=={key},kind==committed");
+//!     if let Some(hit) = store.list(&[filter.as_str()])?.into_iter().next() {
+//!         return Ok(hit.name);
+//!     }
+//!     store.prepare("step", Some(base), Labels::new())?;
+//!     store.copy("builder", &["/out"], "step", "/app", &CopyOptions::default())?;
+//!     let mut labels = Labels::new();
+//!     labels.insert("strata.cache-key".into(), key.to_string());
+//!     store.commit("app-layer", "step", labels)?;
+//!     store.tag("app:1", "app-layer")?;
+//!     store.export(&["app:1"], "app.tar".as_ref(), &ExportOptions::default())?;
+//!     Ok("app-layer".into())
+//! }
+//! ```
+//!
+//! `tests/examples/multistage.rs` in the repository performs a whole multi-stage build this
+//! way, with a prune and a rebuild from the cache.
 
 pub mod backend;
 pub mod checksum;
