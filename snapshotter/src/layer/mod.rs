@@ -11,9 +11,9 @@
 
 pub mod apply;
 pub mod content;
-pub mod oci;
 pub mod diff;
 mod digest;
+pub mod oci;
 
 use std::fmt;
 
