@@ -436,8 +436,8 @@ impl Drop for Containerd {
 }
 
 #[test]
-fn skopeo_reads_exported_layouts_and_ctr_imports_exported_archives() {
-    if !require_privileged("images") || !tool("skopeo") || !tool("ctr") {
+fn skopeo_reads_exported_layouts_and_ctr_and_podman_load_exported_archives() {
+    if !require_privileged("images") || !tool("skopeo") || !tool("ctr") || !tool("podman") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -485,5 +485,31 @@ fn skopeo_reads_exported_layouts_and_ctr_imports_exported_archives() {
         list.lines()
             .any(|l| l.starts_with("app:1 ") && l.contains(manifest.as_str())),
         "ctr lists the image: {list}"
+    );
+    drop(ctrd);
+
+    // podman, with storage of its own in the test's directory.
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .arg("--root")
+            .arg(w.join("podman-root"))
+            .arg("--runroot")
+            .arg(w.join("podman-run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = podman(&["load", "-i", archive.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = podman(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    let list = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        list.lines().any(|l| l.ends_with("app:1")),
+        "podman lists the image: {list}"
     );
 }
