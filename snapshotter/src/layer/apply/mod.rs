@@ -157,85 +157,131 @@ pub fn content_of_layer<R: Read>(mut input: R) -> Result<LayerSummary> {
 }
 
 fn summarize<R: Read>(input: R) -> Result<LayerSummary> {
-    let layer = Path::new("layer");
-    let mut blob = BufReader::new(input);
+    let mut content = ContentSummer::new();
+    let streamed = stream_layer(input, Path::new("layer"), None, |p, data| {
+        let Some((_, parent)) = p.parts.split_last() else {
+            return Ok(());
+        };
+        let key = p.parts.join(&b'/');
+        match p.whiteout()? {
+            Some(Whiteout::Opaque) => content.opaque(&parent.join(&b'/')),
+            Some(Whiteout::Name(target)) => {
+                let mut k = parent.join(&b'/');
+                if !k.is_empty() {
+                    k.push(b'/');
+                }
+                k.extend_from_slice(target);
+                content.record(&k, Record::Deleted);
+            }
+            None => {
+                let record = match p.kind {
+                    tar::EntryType::Link => {
+                        let target = p.link_parts()?.join(&b'/');
+                        content.file(&target).cloned().ok_or_else(|| {
+                            hostile(
+                                &p.shown,
+                                "a hard link to a file the layer does not hold; its content is unknown here",
+                            )
+                        })?
+                    }
+                    tar::EntryType::Directory => p.dir_record(),
+                    tar::EntryType::Regular | tar::EntryType::Continuous => {
+                        let (sha256, size) = super::content::hash_content(data)
+                            .map_err(|e| Error::io(Path::new("layer"), "read the layer", e))?;
+                        p.file_record(sha256, size)
+                    }
+                    _ => p.special_record()?,
+                };
+                content.record(&key, record);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(LayerSummary {
+        content: content.finish(),
+        diff_id: streamed.diff_id,
+        tar_size: streamed.tar_size,
+    })
+}
+
+/// What [`stream_layer`] read.
+struct Streamed {
+    compression: Compression,
+    /// sha256 and size of the uncompressed tar.
+    diff_id: Digest,
+    tar_size: u64,
+    /// sha256 and size of the blob as read.
+    digest: Digest,
+    size: u64,
+}
+
+/// Reads the layer blob `input` (plain, gzip or zstd, told apart by their magic bytes),
+/// handing each entry (its header checked, with its data) to `each`, and reads to the end so
+/// that the digests cover the whole blob; `expected` is checked against the blob's digest.
+/// `at` names the layer's destination in errors.
+fn stream_layer<R: Read>(
+    input: R,
+    at: &Path,
+    expected: Option<&Digest>,
+    mut each: impl FnMut(&Parsed, &mut dyn Read) -> Result<()>,
+) -> Result<Streamed> {
+    let mut blob = BufReader::new(HashReader::new(input));
     let magic = blob
         .fill_buf()
-        .map_err(|e| Error::io(layer, "read the layer", e))?
+        .map_err(|e| Error::io(at, "read the layer", e))?
         .to_vec();
-    let decoded: Box<dyn Read + '_> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(&mut blob))
+    let compression = if magic.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(&mut blob)
-                .map_err(|e| Error::io(layer, "start zstd", e))?,
-        )
+        Compression::Zstd
     } else {
-        Box::new(&mut blob)
+        Compression::None
+    };
+    let decoded: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(&mut blob),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(&mut blob)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(&mut blob)
+                .map_err(|e| Error::io(at, "start zstd", e))?,
+        ),
     };
     let mut tar_reader = HashReader::new(decoded);
-    let mut content = ContentSummer::new();
     {
         let mut archive = tar::Archive::new(&mut tar_reader);
         let entries = archive
             .entries()
-            .map_err(|e| Error::io(layer, "read the layer", e))?;
+            .map_err(|e| Error::io(at, "read the layer", e))?;
         for entry in entries {
-            let mut entry = entry
-                .map_err(|e| Error::io(layer, "read the layer (truncated or not a tar?)", e))?;
+            let mut entry =
+                entry.map_err(|e| Error::io(at, "read the layer (truncated or not a tar?)", e))?;
             if matches!(
                 entry.header().entry_type(),
                 tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
             ) {
                 continue;
             }
-            let p = Parsed::read(&mut entry)?;
-            let Some((_, parent)) = p.parts.split_last() else {
-                continue;
-            };
-            let key = p.parts.join(&b'/');
-            match p.whiteout()? {
-                Some(Whiteout::Opaque) => content.opaque(&parent.join(&b'/')),
-                Some(Whiteout::Name(target)) => {
-                    let mut k = parent.join(&b'/');
-                    if !k.is_empty() {
-                        k.push(b'/');
-                    }
-                    k.extend_from_slice(target);
-                    content.record(&k, Record::Deleted);
-                }
-                None => {
-                    let record = match p.kind {
-                        tar::EntryType::Link => {
-                            let target = p.link_parts()?.join(&b'/');
-                            content.file(&target).cloned().ok_or_else(|| {
-                                hostile(
-                                    &p.shown,
-                                    "a hard link to a file the layer does not hold; its content is unknown here",
-                                )
-                            })?
-                        }
-                        tar::EntryType::Directory => p.dir_record(),
-                        tar::EntryType::Regular | tar::EntryType::Continuous => {
-                            let (sha256, size) = super::content::hash_content(&mut entry)
-                                .map_err(|e| Error::io(layer, "read the layer", e))?;
-                            p.file_record(sha256, size)
-                        }
-                        _ => p.special_record()?,
-                    };
-                    content.record(&key, record);
-                }
-            }
+            let parsed = Parsed::read(&mut entry)?;
+            each(&parsed, &mut entry)?;
         }
     }
-    io::copy(&mut tar_reader, &mut io::sink())
-        .map_err(|e| Error::io(layer, "read the layer", e))?;
+    io::copy(&mut tar_reader, &mut io::sink()).map_err(|e| Error::io(at, "read the layer", e))?;
     let (diff_id, tar_size) = tar_reader.finish();
-    io::copy(&mut blob, &mut io::sink()).map_err(|e| Error::io(layer, "read the layer", e))?;
-    Ok(LayerSummary {
-        content: content.finish(),
+    io::copy(&mut blob, &mut io::sink()).map_err(|e| Error::io(at, "read the layer", e))?;
+    let (digest, size) = blob.into_inner().finish();
+    if let Some(want) = expected {
+        if want != &digest {
+            return Err(Error::invalid(
+                format!("layer digest {want}"),
+                format!("the blob read has digest {digest}; it is not the layer expected"),
+            ));
+        }
+    }
+    Ok(Streamed {
+        compression,
         diff_id,
         tar_size,
+        digest,
+        size,
     })
 }
 
@@ -815,95 +861,42 @@ fn run<R: Read>(
     expected: Option<&Digest>,
     touched: &mut bool,
 ) -> Result<Applied> {
-    let mut blob = BufReader::new(HashReader::new(input));
-    let magic = blob
-        .fill_buf()
-        .map_err(|e| Error::io(root, "read the layer", e))?
-        .to_vec();
-    let compression = if magic.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    };
-    let decoded: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(&mut blob),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(&mut blob)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::with_buffer(&mut blob)
-                .map_err(|e| Error::io(root, "start zstd", e))?,
-        ),
-    };
-    let mut tar_reader = HashReader::new(decoded);
     let mut state = State::default();
-    {
-        let mut archive = tar::Archive::new(&mut tar_reader);
-        let entries = archive
-            .entries()
-            .map_err(|e| Error::io(root, "read the layer", e))?;
-        for entry in entries {
-            let mut entry = entry
-                .map_err(|e| Error::io(root, "read the layer (truncated or not a tar?)", e))?;
-            if matches!(
-                entry.header().entry_type(),
-                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
-            ) {
-                continue;
-            }
-            let parsed = Parsed::read(&mut entry)?;
-            if parsed.parts.is_empty() {
-                continue; // the root itself: its attributes belong to the snapshot
-            }
-            // Names are checked before anything is written for the entry.
-            parsed.whiteout()?;
-            if parsed.kind == tar::EntryType::Link {
-                parsed.link_parts()?;
-            }
-            state.entries += 1;
-            // From here on the entry may change the tree (a refusal above changed nothing).
-            *touched = true;
-            loop {
-                match sink {
-                    Sink::Tree(t) | Sink::Mounted { applier: t, .. } => {
-                        t.entry(&mut state, &parsed, &mut entry)?;
-                        break;
-                    }
-                    Sink::Upper { applier, mount } => {
-                        match applier.entry(&mut state, &parsed, &mut entry)? {
-                            Step::Done => break,
-                            Step::NeedsMount(why) => {
-                                tracing::debug!(entry = %parsed.shown, why, "mounting the snapshot to apply the rest of the layer");
-                                let Some(m) = mount.take() else {
-                                    return Err(Error::invalid(
-                                        format!("layer entry {:?}", parsed.shown),
-                                        "the overlay applier needed a mount twice",
-                                    ));
-                                };
-                                let m = m()?;
-                                let applier = TreeApplier::open(m.path())?;
-                                *sink = Sink::Mounted { mount: m, applier };
-                            }
-                        }
-                    }
+    let streamed = stream_layer(input, root, expected, |parsed, data| {
+        if parsed.parts.is_empty() {
+            return Ok(()); // the root itself: its attributes belong to the snapshot
+        }
+        // Names are checked before anything is written for the entry.
+        parsed.whiteout()?;
+        if parsed.kind == tar::EntryType::Link {
+            parsed.link_parts()?;
+        }
+        state.entries += 1;
+        // From here on the entry may change the tree (a refusal above changed nothing).
+        *touched = true;
+        loop {
+            match sink {
+                Sink::Tree(t) | Sink::Mounted { applier: t, .. } => {
+                    return t.entry(&mut state, parsed, data);
                 }
+                Sink::Upper { applier, mount } => match applier.entry(&mut state, parsed, data)? {
+                    Step::Done => return Ok(()),
+                    Step::NeedsMount(why) => {
+                        tracing::debug!(entry = %parsed.shown, why, "mounting the snapshot to apply the rest of the layer");
+                        let Some(m) = mount.take() else {
+                            return Err(Error::invalid(
+                                format!("layer entry {:?}", parsed.shown),
+                                "the overlay applier needed a mount twice",
+                            ));
+                        };
+                        let m = m()?;
+                        let applier = TreeApplier::open(m.path())?;
+                        *sink = Sink::Mounted { mount: m, applier };
+                    }
+                },
             }
         }
-    }
-    // Read what follows the end-of-archive marker so the digests cover the whole blob.
-    io::copy(&mut tar_reader, &mut io::sink()).map_err(|e| Error::io(root, "read the layer", e))?;
-    let (diff_id, tar_size) = tar_reader.finish();
-
-    io::copy(&mut blob, &mut io::sink()).map_err(|e| Error::io(root, "read the layer", e))?;
-    let (digest, size) = blob.into_inner().finish();
-    if let Some(want) = expected {
-        if want != &digest {
-            return Err(Error::invalid(
-                format!("layer digest {want}"),
-                format!("the blob read has digest {digest}; it is not the layer expected"),
-            ));
-        }
-    }
+    })?;
     let via_mount = matches!(sink, Sink::Mounted { .. });
     match sink {
         Sink::Tree(t) | Sink::Mounted { applier: t, .. } => t.finish(&mut state)?,
@@ -911,14 +904,14 @@ fn run<R: Read>(
     }
     Ok(Applied {
         descriptor: Descriptor {
-            media_type: compression.media_type().to_string(),
-            digest,
-            size,
-            diff_id,
+            media_type: streamed.compression.media_type().to_string(),
+            digest: streamed.digest,
+            size: streamed.size,
+            diff_id: streamed.diff_id,
         },
         content: state.content.finish(),
         entries: state.entries,
-        tar_size,
+        tar_size: streamed.tar_size,
         via_mount,
     })
 }
