@@ -6,7 +6,8 @@
 //! - [`check_directory_equal`]: compares two trees the way `fstest.CheckDirectoryEqual` does;
 //! - [`Mounted`]: a snapshot mounted on a directory, unmounted on drop;
 //! - [`require_root`] and [`require_privileged`]: the gate of the tests that mount;
-//! - [`LayerBuilder`] and [`hostile_corpus`]: layers written header by header.
+//! - [`LayerBuilder`] and [`hostile_corpus`]: layers written header by header;
+//! - [`overlay_store`], [`native_store`]: a store of each backend on a root.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,6 +16,7 @@ mod fstest;
 mod layers;
 mod mounted;
 mod privileged;
+mod stores;
 
 pub use compare::{
     check_directory_equal, check_directory_equal_limit, check_directory_equal_with_applier,
@@ -24,3 +26,4 @@ pub use fstest::{apply, Op};
 pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
+pub use stores::{native_store, overlay_store, overlay_store_with};

@@ -8,32 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use strata::{Backend, ErrorKind, ExportOptions, Labels, Snapshotter, Store, StoreOptions};
-use strata_tests::{apply, check_directory_equal, require_privileged, Mounted, Op};
-
-fn overlay(root: &Path) -> Store<strata_overlay::OverlayBackend> {
-    Store::open(
-        root,
-        strata_overlay::OverlayBackend::open(root, Default::default()).unwrap(),
-        StoreOptions {
-            durable: false,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-fn native(root: &Path) -> Store<strata_native::NativeBackend> {
-    Store::open(
-        root,
-        strata_native::NativeBackend::open(root).unwrap(),
-        StoreOptions {
-            durable: false,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap()
-}
+use strata::{Backend, ErrorKind, ExportOptions, Labels, Snapshotter, Store};
+use strata_tests::{
+    apply, check_directory_equal, native_store, overlay_store, require_privileged, Mounted, Op,
+};
 
 /// Builds `base` and `top` (with a COPY-like layer and a dangling symlink), tags them.
 fn build<B: Backend>(s: &Store<B>, work: &Path) {
@@ -153,14 +131,14 @@ fn export_then_import_gives_the_same_images_on_every_backend() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let o = overlay(&w.join("o1"));
+    let o = overlay_store(&w.join("o1"));
     build(&o, w);
-    round_trip(&o, &overlay(&w.join("o2")), w, "overlay");
-    let n = native(&w.join("n1"));
+    round_trip(&o, &overlay_store(&w.join("o2")), w, "overlay");
+    let n = native_store(&w.join("n1"));
     build(&n, w);
-    round_trip(&n, &native(&w.join("n2")), w, "native");
+    round_trip(&n, &native_store(&w.join("n2")), w, "native");
     // Across backends: the same layers, the same chainIDs.
-    round_trip(&o, &native(&w.join("n3")), w, "overlay-to-native");
+    round_trip(&o, &native_store(&w.join("n3")), w, "overlay-to-native");
 
     // An OCI archive holds the same; importing it gives the same image.
     let archive = w.join("app.tar");
@@ -173,7 +151,7 @@ fn export_then_import_gives_the_same_images_on_every_backend() {
         .unwrap();
     let listing = String::from_utf8(listing.stdout).unwrap();
     assert!(listing.contains("index.json") && listing.contains("oci-layout"));
-    let fresh = overlay(&w.join("o4"));
+    let fresh = overlay_store(&w.join("o4"));
     let r = fresh.import(&archive, Some("renamed:2")).unwrap();
     assert_eq!(r.images[0].0, "renamed:2");
     assert_eq!(
@@ -195,7 +173,7 @@ fn export_refuses_a_missing_layer_before_writing_anything() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let s = overlay(&w.join("root"));
+    let s = overlay_store(&w.join("root"));
     build(&s, w);
     // The base layer's storage goes behind the store's back.
     let base_dir = {
@@ -229,15 +207,15 @@ fn verify_finds_a_damaged_layer_and_export_refuses_it() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let src = overlay(&w.join("src"));
+    let src = overlay_store(&w.join("src"));
     build(&src, w);
     let layout = w.join("layout");
     src.export(&["app:1"], &layout, &ExportOptions::default())
         .unwrap();
     for backend in ["overlay", "native"] {
         match backend {
-            "overlay" => damage_and_verify(&overlay(&w.join("o-dst")), &layout, w),
-            _ => damage_and_verify(&native(&w.join("n-dst")), &layout, w),
+            "overlay" => damage_and_verify(&overlay_store(&w.join("o-dst")), &layout, w),
+            _ => damage_and_verify(&native_store(&w.join("n-dst")), &layout, w),
         }
     }
 }
@@ -286,12 +264,12 @@ fn gc_collects_blobs_that_nothing_holds() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let src = overlay(&w.join("src"));
+    let src = overlay_store(&w.join("src"));
     build(&src, w);
     let layout = w.join("layout");
     src.export(&["app:1", "base:1"], &layout, &ExportOptions::default())
         .unwrap();
-    let s = overlay(&w.join("dst"));
+    let s = overlay_store(&w.join("dst"));
     s.import(&layout, None).unwrap();
     let blobs = || fs::read_dir(w.join("dst/blobs/sha256")).unwrap().count();
     assert_eq!(blobs(), 6, "manifests, configs and layers kept verbatim");
@@ -327,7 +305,7 @@ fn umoci_unpacks_exports_and_strata_imports_umoci_layouts() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let s = overlay(&w.join("root"));
+    let s = overlay_store(&w.join("root"));
     build(&s, w);
     let layout = w.join("layout");
     s.export(&["app:1"], &layout, &ExportOptions::default())
@@ -362,7 +340,7 @@ fn umoci_unpacks_exports_and_strata_imports_umoci_layouts() {
     fs::write(b2.join("rootfs/etc/motd"), "from umoci\n").unwrap();
     std::os::unix::fs::symlink("/no/such/file", b2.join("rootfs/etc/dangling")).unwrap();
     run(&["repack", "--image", &img, b2.to_str().unwrap()]);
-    let dst = overlay(&w.join("dst"));
+    let dst = overlay_store(&w.join("dst"));
     let r = dst.import(&theirs, Some("umoci:made")).unwrap();
     assert_eq!(r.images.len(), 1);
     let v = view(&dst, "umoci:made", "v2", &w.join("v2"));
@@ -442,7 +420,7 @@ fn skopeo_reads_exported_layouts_and_ctr_and_podman_load_exported_archives() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let s = overlay(&w.join("root"));
+    let s = overlay_store(&w.join("root"));
     build(&s, w);
     let layout = w.join("layout");
     let report = s

@@ -9,36 +9,11 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use strata::{Backend, ErrorKind, Labels, Snapshotter, Store, StoreOptions};
+use strata::{Backend, ErrorKind, Labels, Snapshotter, Store};
 use strata_tests::{
-    check_directory_equal, hostile_corpus, require_privileged, snapshot_of, HostileCase,
-    LayerBuilder, Mounted,
+    check_directory_equal, hostile_corpus, native_store, overlay_store_with, require_privileged,
+    snapshot_of, HostileCase, LayerBuilder, Mounted,
 };
-
-fn overlay(root: &Path, apply_mounted: bool) -> Store<strata_overlay::OverlayBackend> {
-    Store::open(
-        root,
-        strata_overlay::OverlayBackend::open(root, Default::default()).unwrap(),
-        StoreOptions {
-            durable: false,
-            apply_mounted,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap()
-}
-
-fn native(root: &Path) -> Store<strata_native::NativeBackend> {
-    Store::open(
-        root,
-        strata_native::NativeBackend::open(root).unwrap(),
-        StoreOptions {
-            durable: false,
-            ..StoreOptions::default()
-        },
-    )
-    .unwrap()
-}
 
 /// Commits `base`: two layers, so that the applier has lowers to look through.
 fn build_base<B: Backend>(s: &Store<B>, work: &Path, outside: &Path) {
@@ -120,8 +95,8 @@ fn attributes(root: &Path) -> BTreeMap<PathBuf, Attributes> {
 /// checks that the merged trees agree. Returns whether the direct apply needed a mount.
 fn parity(work: &Path, name: &str, layer: &[u8], check: impl Fn(&Path)) -> bool {
     let root = work.join("root");
-    let direct = overlay(&root, false);
-    let mounted = overlay(&root, true);
+    let direct = overlay_store_with(&root, false);
+    let mounted = overlay_store_with(&root, true);
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -185,7 +160,7 @@ fn the_upper_directory_applier_matches_a_mounted_apply() {
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("victim"), "precious").unwrap();
     build_base(
-        &overlay(&tmp.path().join("root"), false),
+        &overlay_store_with(&tmp.path().join("root"), false),
         tmp.path(),
         &outside,
     );
@@ -417,13 +392,13 @@ fn hostile_layers_stay_inside_the_snapshot_on_every_backend() {
     for (name, apply_mounted) in [("overlay", false), ("overlay, through a mount", true)] {
         let work = tmp.path().join(name);
         fs::create_dir(&work).unwrap();
-        let s = overlay(&work.join("root"), apply_mounted);
+        let s = overlay_store_with(&work.join("root"), apply_mounted);
         build_base(&s, &work, &outside);
         hostile_on(&s, name, &work, &outside);
     }
     let work = tmp.path().join("native");
     fs::create_dir(&work).unwrap();
-    let s = native(&work.join("root"));
+    let s = native_store(&work.join("root"));
     build_base(&s, &work, &outside);
     hostile_on(&s, "native", &work, &outside);
     assert_eq!(

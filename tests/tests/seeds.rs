@@ -18,33 +18,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use strata::copy::CopyOptions;
-use strata::{Backend, ErrorKind, ExportOptions, Labels, Snapshotter, Store, StoreOptions};
-use strata_tests::{check_directory_equal, require_privileged, Mounted};
-
-fn opts() -> StoreOptions {
-    StoreOptions {
-        durable: false,
-        ..StoreOptions::default()
-    }
-}
-
-fn overlay(root: &Path) -> Store<strata_overlay::OverlayBackend> {
-    Store::open(
-        root,
-        strata_overlay::OverlayBackend::open(root, Default::default()).unwrap(),
-        opts(),
-    )
-    .unwrap()
-}
-
-fn native(root: &Path) -> Store<strata_native::NativeBackend> {
-    Store::open(
-        root,
-        strata_native::NativeBackend::open(root).unwrap(),
-        opts(),
-    )
-    .unwrap()
-}
+use strata::{Backend, ErrorKind, ExportOptions, Labels, Snapshotter, Store};
+use strata_tests::{
+    check_directory_equal, native_store, overlay_store, require_privileged, Mounted,
+};
 
 /// The example program, which `cargo test` builds next to the test binaries.
 fn example(name: &str) -> PathBuf {
@@ -162,8 +139,8 @@ fn seed_000_export_while_gc_runs() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    export_beside_gc(&overlay(&tmp.path().join("o")), tmp.path(), "overlay");
-    export_beside_gc(&native(&tmp.path().join("n")), tmp.path(), "native");
+    export_beside_gc(&overlay_store(&tmp.path().join("o")), tmp.path(), "overlay");
+    export_beside_gc(&native_store(&tmp.path().join("n")), tmp.path(), "native");
 }
 
 /// Seed 001: three stages, two feeding the last; one layout; a fresh store; a rebuild after
@@ -273,11 +250,15 @@ fn seed_001_a_multi_stage_cache_in_one_layout() {
         fs::create_dir(w.join(d)).unwrap();
     }
     three_stages(
-        &overlay(&w.join("o1")),
-        &overlay(&w.join("o2")),
+        &overlay_store(&w.join("o1")),
+        &overlay_store(&w.join("o2")),
         &w.join("o"),
     );
-    three_stages(&native(&w.join("n1")), &native(&w.join("n2")), &w.join("n"));
+    three_stages(
+        &native_store(&w.join("n1")),
+        &native_store(&w.join("n2")),
+        &w.join("n"),
+    );
 }
 
 /// Seed 002: an imported image whose last layer is a COPY; its stored content is damaged.
@@ -345,8 +326,16 @@ fn seed_002_a_copy_layer_that_came_back_empty_is_refused() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    damaged_copy(&overlay(&w.join("o1")), &overlay(&w.join("o2")), w);
-    damaged_copy(&native(&w.join("n1")), &native(&w.join("n2")), w);
+    damaged_copy(
+        &overlay_store(&w.join("o1")),
+        &overlay_store(&w.join("o2")),
+        w,
+    );
+    damaged_copy(
+        &native_store(&w.join("n1")),
+        &native_store(&w.join("n2")),
+        w,
+    );
 }
 
 /// Seed 004: a base full of dangling symlinks; `/` without `/opt`, then `/opt`.
@@ -418,8 +407,8 @@ fn seed_004_dangling_symlinks_are_content_not_errors() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    let o = dangling(&overlay(&w.join("o")), w);
-    let n = dangling(&native(&w.join("n")), w);
+    let o = dangling(&overlay_store(&w.join("o")), w);
+    let n = dangling(&native_store(&w.join("n")), w);
     assert_eq!(
         o, n,
         "the same tree gives the same checksum on every backend"
