@@ -333,63 +333,65 @@ fn labels(pairs: Vec<(String, String)>) -> Labels {
     pairs.into_iter().collect()
 }
 
+/// The backends this build has.
+const BACKENDS: &[&str] = &[
+    "overlay",
+    "native",
+    #[cfg(feature = "btrfs")]
+    "btrfs",
+];
+
 /// A store over whichever backend the root uses.
 pub(crate) enum AnyStore {
     /// Plain copies.
     Native(Store<NativeBackend>),
     /// overlayfs.
     Overlay(Store<OverlayBackend>),
+    /// btrfs subvolumes.
+    #[cfg(feature = "btrfs")]
+    Btrfs(Store<strata_btrfs::BtrfsBackend>),
+}
+
+/// Runs `$body` with `$s` bound to the store, whatever its backend.
+macro_rules! with_store {
+    ($store:expr, $s:ident => $body:expr) => {
+        match $store {
+            AnyStore::Native($s) => $body,
+            AnyStore::Overlay($s) => $body,
+            #[cfg(feature = "btrfs")]
+            AnyStore::Btrfs($s) => $body,
+        }
+    };
 }
 
 impl AnyStore {
     /// The store as the trait builders use.
     pub(crate) fn snapshotter(&self) -> &dyn Snapshotter {
-        match self {
-            AnyStore::Native(s) => s,
-            AnyStore::Overlay(s) => s,
-        }
+        with_store!(self, s => s)
     }
 
     fn cleanup_report(&self) -> strata::Result<strata::store::CleanupReport> {
-        match self {
-            AnyStore::Native(s) => s.cleanup_report(),
-            AnyStore::Overlay(s) => s.cleanup_report(),
-        }
+        with_store!(self, s => s.cleanup_report())
     }
 
     fn layers(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
-        match self {
-            AnyStore::Native(s) => layers(s, cmd, out),
-            AnyStore::Overlay(s) => layers(s, cmd, out),
-        }
+        with_store!(self, s => layers(s, cmd, out))
     }
 
     fn fsck(&self, repair: bool) -> strata::Result<strata::FsckReport> {
-        match self {
-            AnyStore::Native(s) => s.fsck(repair),
-            AnyStore::Overlay(s) => s.fsck(repair),
-        }
+        with_store!(self, s => s.fsck(repair))
     }
 
     fn verify(&self) -> strata::Result<strata::VerifyReport> {
-        match self {
-            AnyStore::Native(s) => s.verify(&[]),
-            AnyStore::Overlay(s) => s.verify(&[]),
-        }
+        with_store!(self, s => s.verify(&[]))
     }
 
     fn images(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
-        match self {
-            AnyStore::Native(s) => images(s, cmd, out),
-            AnyStore::Overlay(s) => images(s, cmd, out),
-        }
+        with_store!(self, s => images(s, cmd, out))
     }
 
     fn tracker(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
-        match self {
-            AnyStore::Native(s) => tracker(s, cmd, out),
-            AnyStore::Overlay(s) => tracker(s, cmd, out),
-        }
+        with_store!(self, s => tracker(s, cmd, out))
     }
 }
 
@@ -461,8 +463,15 @@ fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnySto
                 .map_err(|e| Error::backend("", "open", "overlay", e))?;
             Ok(AnyStore::Overlay(Store::open(root, backend, opts)?))
         }
+        #[cfg(feature = "btrfs")]
+        "btrfs" => {
+            let backend = strata_btrfs::BtrfsBackend::open(root)
+                .map_err(|e| Error::backend("", "open", "btrfs", e))?;
+            Ok(AnyStore::Btrfs(Store::open(root, backend, opts)?))
+        }
         other => Err(CliError(format!(
-            "unknown backend {other:?}: this strata was built with overlay and native"
+            "unknown backend {other:?}: this strata was built with {}",
+            BACKENDS.join(", ")
         ))
         .into()),
     }

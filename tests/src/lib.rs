@@ -7,13 +7,15 @@
 //! - [`Mounted`]: a snapshot mounted on a directory, unmounted on drop;
 //! - [`require_root`] and [`require_privileged`]: the gate of the tests that mount;
 //! - [`LayerBuilder`] and [`hostile_corpus`]: layers written header by header;
-//! - [`overlay_store`], [`native_store`]: a store of each backend on a root.
+//! - [`overlay_store`], [`native_store`]: a store of each backend on a root;
+//! - [`LoopBtrfs`]: a loop-backed btrfs a test makes and removes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod compare;
 mod fstest;
 mod layers;
+mod loopfs;
 mod mounted;
 mod privileged;
 mod stores;
@@ -24,6 +26,7 @@ pub use compare::{
 };
 pub use fstest::{apply, Op};
 pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
+pub use loopfs::LoopBtrfs;
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
 pub use stores::{native_store, overlay_store, overlay_store_with};

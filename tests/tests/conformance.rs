@@ -28,3 +28,9 @@ conformance!(overlay, |root| {
         strata_overlay::OverlayBackend::open(root, strata_overlay::OverlayOptions::default())?;
     strata::Store::open(root, backend, strata::StoreOptions::default())
 });
+
+#[cfg(feature = "btrfs")]
+conformance!(btrfs, |root| {
+    let backend = strata_btrfs::BtrfsBackend::open(root)?;
+    strata::Store::open(root, backend, strata::StoreOptions::default())
+});

@@ -992,7 +992,7 @@ pub type Case = fn(&dyn Snapshotter, &Path, &str);
 /// `root/` for the store and `work/` for the case, the store closed at the end.
 pub fn run(backend: &str, case: Case, open: fn(&Path) -> Opened) {
     let gate = format!("the {backend} conformance suite");
-    let allowed = if backend.starts_with("overlay") {
+    let allowed = if backend.starts_with("overlay") || backend.starts_with("btrfs") {
         require_privileged(&gate)
     } else {
         require_root(&gate)
@@ -1008,6 +1008,11 @@ pub fn run(backend: &str, case: Case, open: fn(&Path) -> Opened) {
         .unwrap();
     let root: PathBuf = tmp.path().join("root");
     mkdir_all(&root);
+    // The btrfs backend needs its root on btrfs: a loop-backed one of the test's own,
+    // unmounted and detached after the store is closed.
+    let _btrfs = backend
+        .starts_with("btrfs")
+        .then(|| strata_tests::LoopBtrfs::mount_at(&root, 512 << 20));
     let s = open(&root).unwrap_or_else(|e| panic!("Failed to initialize snapshotter: {e}"));
     let work = tmp.path().join("work");
     mkdir_all(&work);

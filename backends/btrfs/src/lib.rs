@@ -1,0 +1,309 @@
+//! strata's btrfs backend: one subvolume per snapshot.
+//!
+//! Layout under the store root: `snapshots/<id>/fs` is the snapshot's subvolume. A new
+//! snapshot is built as `snapshots/.tmp-<id>/fs` — a new subvolume, or a writable snapshot of
+//! the parent's subvolume — and the directory is renamed into place, so [`Backend::ids`]
+//! never lists a half-made one.
+//!
+//! **Commit costs at most one btrfs transaction.** containerd commits by taking a read-only
+//! snapshot of the active subvolume and deleting it (two operations, each a transaction); the
+//! read-only flag set in place is one more. Here a commit only syncs the filesystem when the
+//! store asks for durability (one transaction) and records the usage: immutability lives in
+//! the metadata — a committed snapshot has no mounts of its own, and every view of it is a
+//! read-only bind mount — so no flag is needed on the subvolume. Views are read-only
+//! snapshots (the flag is part of the snapshot ioctl, not an extra transaction).
+//!
+//! Mounts are bind mounts of the subvolume's directory, which work from the host's mount
+//! namespace (no `subvolid=` needed). A view of a committed chain is a read-only bind of the
+//! top subvolume, which holds the whole tree.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use strata::fsutil;
+use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
+
+/// `BTRFS_SUPER_MAGIC` from `statfs(2)`.
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+
+/// The btrfs backend's errors. Each names the path and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum BtrfsError {
+    /// A file-system operation failed.
+    #[error("{path}: {context}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A libbtrfsutil call failed.
+    #[error("{path}: {context}: {source}")]
+    Btrfs {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// What libbtrfsutil said.
+        #[source]
+        source: libbtrfsutil::Error,
+    },
+    /// The store root is not on btrfs.
+    #[error(
+        "{path} is on {found}, not btrfs: put the store root on a btrfs filesystem \
+         (e.g. scripts/btrfs-loop DIR makes a loop-backed one and mounts it on DIR)"
+    )]
+    NotBtrfs {
+        /// The root.
+        path: PathBuf,
+        /// The filesystem found (its magic number when it has no better name).
+        found: String,
+    },
+    /// The filesystem is full.
+    #[error("{path}: {context}: no space left on the btrfs filesystem; free space (strata gc) or grow it")]
+    NoSpace {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+    },
+    /// Committed snapshots have no mounts of their own.
+    #[error("snapshot {id} is committed: mount a view of it instead")]
+    Committed {
+        /// The snapshot id.
+        id: u64,
+    },
+    /// A view of no snapshot was asked for.
+    #[error("a view needs at least one committed snapshot")]
+    EmptyChain,
+}
+
+impl BackendError for BtrfsError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            BtrfsError::Io { .. } | BtrfsError::Btrfs { .. } | BtrfsError::NoSpace { .. } => {
+                ErrorKind::Internal
+            }
+            BtrfsError::NotBtrfs { .. } | BtrfsError::Committed { .. } => {
+                ErrorKind::FailedPrecondition
+            }
+            BtrfsError::EmptyChain => ErrorKind::InvalidArgument,
+        }
+    }
+}
+
+fn io_err(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> BtrfsError {
+    let path = path.to_path_buf();
+    move |source| {
+        if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            BtrfsError::NoSpace { path, context }
+        } else {
+            BtrfsError::Io {
+                path,
+                context,
+                source,
+            }
+        }
+    }
+}
+
+fn btrfs_err(path: &Path, context: &'static str) -> impl FnOnce(libbtrfsutil::Error) -> BtrfsError {
+    let path = path.to_path_buf();
+    move |source| {
+        if source.errno() == rustix::io::Errno::NOSPC.raw_os_error() {
+            BtrfsError::NoSpace { path, context }
+        } else {
+            BtrfsError::Btrfs {
+                path,
+                context,
+                source,
+            }
+        }
+    }
+}
+
+/// The name of the filesystem of magic number `magic`, for messages.
+fn fs_name(magic: i64) -> String {
+    match magic {
+        0xef53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        0x6969 => "nfs".into(),
+        m => format!("a filesystem with magic {m:#x}"),
+    }
+}
+
+/// The btrfs backend.
+#[derive(Debug, Clone)]
+pub struct BtrfsBackend {
+    dirs: fsutil::SnapshotDirs,
+}
+
+impl BtrfsBackend {
+    /// Opens the backend under the store `root`, which must be on btrfs, creating
+    /// `root/snapshots` if needed.
+    pub fn open(root: &Path) -> Result<BtrfsBackend, BtrfsError> {
+        let st = rustix::fs::statfs(root)
+            .map_err(|e| io_err(root, "look at the filesystem")(e.into()))?;
+        #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+        let magic = st.f_type as i64;
+        if magic != BTRFS_SUPER_MAGIC {
+            return Err(BtrfsError::NotBtrfs {
+                path: root.to_path_buf(),
+                found: fs_name(magic),
+            });
+        }
+        let dirs = fsutil::SnapshotDirs::open(root).map_err(io_err(
+            &root.join("snapshots"),
+            "create the snapshots directory",
+        ))?;
+        Ok(BtrfsBackend { dirs })
+    }
+
+    /// The subvolume of snapshot `id`.
+    pub fn fs_path(&self, id: u64) -> PathBuf {
+        self.dirs.fs(id)
+    }
+
+    fn build(
+        &self,
+        id: u64,
+        kind: Kind,
+        tmp: &Path,
+        parents: &[u64],
+        opts: &CreateOptions,
+    ) -> Result<(), BtrfsError> {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(tmp)
+            .map_err(io_err(tmp, "create the temporary directory"))?;
+        let sub = tmp.join("fs");
+        match parents.first() {
+            None => {
+                libbtrfsutil::create_subvolume(&sub)
+                    .map_err(btrfs_err(&sub, "create a subvolume"))?;
+                fs::set_permissions(&sub, fs::Permissions::from_mode(0o755))
+                    .map_err(io_err(&sub, "set the root directory's mode"))?;
+            }
+            Some(&parent) => {
+                let src = self.fs_path(parent);
+                libbtrfsutil::CreateSnapshotOptions::new()
+                    .readonly(kind == Kind::View)
+                    .create(&src, &sub)
+                    .map_err(btrfs_err(&src, "snapshot the parent's subvolume"))?;
+            }
+        }
+        let dir = self.dirs.dir(id);
+        fs::rename(tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
+        if opts.durable {
+            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
+                self.dirs.snapshots(),
+                "sync the snapshots directory",
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the subvolume `sub` if there is one, then its directory `dir`.
+    fn remove_dir(&self, dir: &Path) -> Result<(), BtrfsError> {
+        let sub = dir.join("fs");
+        match libbtrfsutil::is_subvolume(&sub) {
+            Ok(true) => {
+                // A read-only view must be made writable before it can be deleted by a
+                // process without CAP_SYS_ADMIN; as root, deletion works either way.
+                libbtrfsutil::delete_subvolume(&sub)
+                    .map_err(btrfs_err(&sub, "delete the subvolume"))?;
+            }
+            Ok(false) => {}
+            Err(e) if e.errno() == rustix::io::Errno::NOENT.raw_os_error() => {}
+            Err(e) => return Err(btrfs_err(&sub, "look at the subvolume")(e)),
+        }
+        fsutil::remove_tree(dir).map_err(io_err(dir, "remove the snapshot's directory"))
+    }
+}
+
+impl Backend for BtrfsBackend {
+    type Error = BtrfsError;
+
+    fn name(&self) -> &'static str {
+        "btrfs"
+    }
+
+    fn create(
+        &self,
+        id: u64,
+        kind: Kind,
+        parents: &[u64],
+        opts: &CreateOptions,
+    ) -> Result<(), BtrfsError> {
+        let tmp = self.dirs.tmp(id);
+        self.remove_dir(&tmp)?;
+        let result = self.build(id, kind, &tmp, parents, opts);
+        if result.is_err() {
+            // No half-made subvolume stays behind (ENOSPC included).
+            if let Err(e) = self.remove_dir(&tmp) {
+                tracing::warn!(path = %tmp.display(), error = %e, "could not remove the temporary subvolume of a failed create");
+            }
+        }
+        result
+    }
+
+    fn commit(&self, id: u64, _parents: &[u64], durable: bool) -> Result<Usage, BtrfsError> {
+        let sub = self.fs_path(id);
+        if durable {
+            // One transaction: the layer's data and metadata reach the disk.
+            libbtrfsutil::sync(&sub).map_err(btrfs_err(&sub, "sync the layer"))?;
+        }
+        fsutil::disk_usage(&sub).map_err(io_err(&sub, "measure the layer"))
+    }
+
+    fn mounts(&self, id: u64, kind: Kind, _parents: &[u64]) -> Result<Vec<Mount>, BtrfsError> {
+        match kind {
+            Kind::Active => Ok(vec![Mount::bind(&self.fs_path(id), false)]),
+            Kind::View => Ok(vec![Mount::bind(&self.fs_path(id), true)]),
+            Kind::Committed => Err(BtrfsError::Committed { id }),
+        }
+    }
+
+    fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, BtrfsError> {
+        match chain.first() {
+            Some(&top) => Ok(vec![Mount::bind(&self.fs_path(top), true)]),
+            None => Err(BtrfsError::EmptyChain),
+        }
+    }
+
+    fn remove(&self, id: u64) -> Result<(), BtrfsError> {
+        self.remove_dir(&self.dirs.dir(id))?;
+        self.remove_dir(&self.dirs.tmp(id))
+    }
+
+    fn usage(&self, id: u64) -> Result<Usage, BtrfsError> {
+        let sub = self.fs_path(id);
+        fsutil::disk_usage(&sub).map_err(io_err(&sub, "measure the snapshot"))
+    }
+
+    fn exists(&self, id: u64) -> Result<bool, BtrfsError> {
+        let sub = self.fs_path(id);
+        match libbtrfsutil::is_subvolume(&sub) {
+            Ok(is) => Ok(is),
+            Err(e) if e.errno() == rustix::io::Errno::NOENT.raw_os_error() => Ok(false),
+            Err(e) => Err(btrfs_err(&sub, "look for the subvolume")(e)),
+        }
+    }
+
+    fn layer_path(&self, id: u64) -> Option<PathBuf> {
+        Some(self.fs_path(id))
+    }
+
+    fn ids(&self) -> Result<Vec<u64>, BtrfsError> {
+        self.dirs
+            .ids()
+            .map_err(io_err(self.dirs.snapshots(), "list snapshots"))
+    }
+}

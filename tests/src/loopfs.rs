@@ -1,0 +1,69 @@
+//! A loop-backed btrfs filesystem a test makes for itself: a sparse image file, a loop device
+//! attached for it, `mkfs.btrfs`, a mount — and on drop exactly those undone, in reverse.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A btrfs filesystem mounted on a directory, backed by a loop device and a sparse file.
+pub struct LoopBtrfs {
+    mountpoint: PathBuf,
+    image: PathBuf,
+    device: String,
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/deps installs btrfs-progs)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+impl LoopBtrfs {
+    /// Makes a `size`-byte btrfs (sparse image beside `mountpoint`) and mounts it there.
+    pub fn mount_at(mountpoint: &Path, size: u64) -> LoopBtrfs {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let image = mountpoint.with_extension("btrfs.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(size).unwrap();
+        drop(f);
+        let device = run(Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image));
+        let fs = LoopBtrfs {
+            mountpoint: mountpoint.to_path_buf(),
+            image,
+            device,
+        };
+        run(Command::new("mkfs.btrfs").arg("-q").arg(&fs.device));
+        run(Command::new("mount").arg(&fs.device).arg(&fs.mountpoint));
+        fs
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        // Busy for a moment when a child process still held a descriptor into it.
+        for _ in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.mountpoint)
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
