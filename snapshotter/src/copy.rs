@@ -243,7 +243,7 @@ impl Copier<'_> {
     /// Whether `comps` resolves (inside the destination root) to a directory.
     fn is_dir(&self, comps: &[Vec<u8>]) -> bool {
         comps.is_empty()
-            || rustix::fs::openat2(
+            || crate::fsutil::openat2(
                 &self.dst_root_fd,
                 OsStr::from_bytes(&comps.join(&b'/')),
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -270,7 +270,7 @@ impl Copier<'_> {
             let name = OsStr::from_bytes(c);
             let sub = comps[..=i].join(&b'/');
             let at = self.dst_root.join(OsStr::from_bytes(&sub));
-            let opened = rustix::fs::openat2(
+            let opened = crate::fsutil::openat2(
                 &self.dst_root_fd,
                 OsStr::from_bytes(&sub),
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -582,7 +582,7 @@ impl Copier<'_> {
             return Ok(false);
         };
         let fparent_path = fparent.join(&b'/');
-        let parent = rustix::fs::openat2(
+        let parent = crate::fsutil::openat2(
             &self.dst_root_fd,
             if fparent.is_empty() {
                 OsStr::new(".")
@@ -896,7 +896,7 @@ pub(crate) fn resolve_named(
     } else {
         OsStr::from_bytes(&rel)
     };
-    let fd = match rustix::fs::openat2(
+    let fd = match crate::fsutil::openat2(
         root_fd,
         p,
         OFlags::PATH | OFlags::CLOEXEC,

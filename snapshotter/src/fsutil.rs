@@ -199,3 +199,22 @@ pub fn xattrs<Fd: rustix::fd::AsFd>(fd: Fd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)
     out.sort();
     Ok(out)
 }
+
+/// `openat2(2)`, retried while the kernel answers EAGAIN: with `RESOLVE_IN_ROOT` or
+/// `RESOLVE_BENEATH` it does when a rename or a mount anywhere raced with resolving `..`, and
+/// asks the caller to try again.
+pub fn openat2<Fd: rustix::fd::AsFd, P: rustix::path::Arg + Copy>(
+    dirfd: Fd,
+    path: P,
+    oflags: rustix::fs::OFlags,
+    mode: rustix::fs::Mode,
+    resolve: rustix::fs::ResolveFlags,
+) -> rustix::io::Result<rustix::fd::OwnedFd> {
+    let mut tries = 0;
+    loop {
+        match rustix::fs::openat2(&dirfd, path, oflags, mode, resolve) {
+            Err(rustix::io::Errno::AGAIN) if tries < 1000 => tries += 1,
+            other => return other,
+        }
+    }
+}

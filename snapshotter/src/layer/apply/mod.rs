@@ -948,7 +948,7 @@ impl TreeApplier {
         for (i, c) in parts.iter().enumerate() {
             let name = OsStr::from_bytes(c);
             let sub_path = join(&parts[..=i]);
-            let opened = rustix::fs::openat2(
+            let opened = crate::fsutil::openat2(
                 &self.root_fd,
                 &sub_path,
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -1103,7 +1103,7 @@ impl TreeApplier {
 
     fn finish(&self, state: &mut State) -> Result<()> {
         finish_dir_times(state, &self.root, |rel| {
-            match rustix::fs::openat2(
+            match crate::fsutil::openat2(
                 &self.root_fd,
                 rel,
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,

@@ -128,7 +128,7 @@ impl UpperApplier {
             return Ok(None);
         };
         let path = if key.is_empty() { b".".as_slice() } else { key };
-        match rustix::fs::openat2(
+        match crate::fsutil::openat2(
             root,
             OsStr::from_bytes(path),
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
