@@ -36,6 +36,37 @@ use crate::types::{Info, Kind, Labels, Usage};
 /// The database file's name inside the store root.
 pub(crate) const DB_FILE: &str = "metadata.db";
 
+/// On btrfs, makes SQLite's shared-memory file (`metadata.db-shm`, which SQLite maps into
+/// memory) a no-copy-on-write file before SQLite opens it. Pages of a copy-on-write file
+/// need new space each time they are written, so on a full btrfs a store to the mapping
+/// would kill the process with SIGBUS instead of returning "disk full"; SQLite allocates the
+/// pages with write(2) when it grows the file, and a no-COW file is rewritten in place. Best
+/// effort: anything unexpected leaves SQLite to create the file as usual.
+fn prepare_shm_on_btrfs(root: &Path, db: &Path) {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let on_btrfs = rustix::fs::statfs(root).is_ok_and(|st| st.f_type as i64 == BTRFS_SUPER_MAGIC);
+    if !on_btrfs {
+        return;
+    }
+    let mut shm = db.as_os_str().to_owned();
+    shm.push("-shm");
+    let Ok(fd) = rustix::fs::open(
+        Path::new(&shm),
+        rustix::fs::OFlags::CREATE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    ) else {
+        return;
+    };
+    // The flag only takes on an empty file; one in use by another process already has it.
+    if rustix::fs::fstat(&fd).is_ok_and(|st| st.st_size == 0) {
+        let flags = rustix::fs::ioctl_getflags(&fd).unwrap_or(rustix::fs::IFlags::empty());
+        if let Err(e) = rustix::fs::ioctl_setflags(&fd, flags | rustix::fs::IFlags::NOCOW) {
+            tracing::debug!(error = %e, "could not make the SQLite shm file no-COW");
+        }
+    }
+}
+
 /// Schema migrations; entry `i` moves a database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -230,6 +261,7 @@ impl Meta {
     /// Opens (creating and migrating as needed) the database of `root`.
     pub fn open(root: &Path, lock_timeout: Duration) -> Result<Meta> {
         let path = root.join(DB_FILE);
+        prepare_shm_on_btrfs(root, &path);
         let conn = Connection::open(&path).map_err(|e| Error::Metadata {
             path: path.clone(),
             context: "open".into(),
