@@ -3,7 +3,7 @@
 //! export whose import gives back the same files.
 //!
 //! ```console
-//! # cargo run -p strata-tests --example multistage -- [overlay|native] [ROOT]
+//! # cargo run -p strata-tests --example multistage -- [overlay|native|btrfs] [DIR]
 //! ```
 //!
 //! The cache key of a step is the sha256 of its parent's checksum, the instruction, and the
@@ -222,6 +222,23 @@ fn main() -> Res<()> {
         ..StoreOptions::default()
     };
     match backend.as_str() {
+        // The work directory must be on btrfs (scripts/btrfs-loop DIR makes one).
+        #[cfg(feature = "btrfs")]
+        "btrfs" => {
+            let open = |r: &Path| -> Res<Store<strata_btrfs::BtrfsBackend>> {
+                std::fs::create_dir_all(r)?;
+                Ok(Store::open(
+                    r,
+                    strata_btrfs::BtrfsBackend::open(r)?,
+                    opts(),
+                )?)
+            };
+            run(
+                &open(&work.join("store"))?,
+                &open(&work.join("fresh"))?,
+                &work,
+            )
+        }
         "native" => {
             let open = |r: &Path| -> Res<Store<strata_native::NativeBackend>> {
                 Ok(Store::open(

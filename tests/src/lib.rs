@@ -29,4 +29,6 @@ pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
 pub use loopfs::LoopBtrfs;
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
+#[cfg(feature = "btrfs")]
+pub use stores::{btrfs_store, BtrfsStore};
 pub use stores::{native_store, overlay_store, overlay_store_with};

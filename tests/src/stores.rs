@@ -34,3 +34,32 @@ pub fn overlay_store_with(root: &Path, apply_mounted: bool) -> Store<OverlayBack
 pub fn native_store(root: &Path) -> Store<NativeBackend> {
     Store::open(root, NativeBackend::open(root).unwrap(), options(false)).unwrap()
 }
+
+/// A btrfs store on a loop-backed btrfs of its own; derefs to the store. The store is
+/// dropped before the filesystem is unmounted and detached.
+#[cfg(feature = "btrfs")]
+pub struct BtrfsStore {
+    store: Store<strata_btrfs::BtrfsBackend>,
+    _fs: crate::LoopBtrfs,
+}
+
+#[cfg(feature = "btrfs")]
+impl std::ops::Deref for BtrfsStore {
+    type Target = Store<strata_btrfs::BtrfsBackend>;
+    fn deref(&self) -> &Self::Target {
+        &self.store
+    }
+}
+
+/// A btrfs store on a fresh `size`-byte loop-backed btrfs mounted on `root`.
+#[cfg(feature = "btrfs")]
+pub fn btrfs_store(root: &Path, size: u64) -> BtrfsStore {
+    let fs = crate::LoopBtrfs::mount_at(root, size);
+    let store = Store::open(
+        root,
+        strata_btrfs::BtrfsBackend::open(root).unwrap(),
+        options(false),
+    )
+    .unwrap();
+    BtrfsStore { store, _fs: fs }
+}

@@ -139,6 +139,15 @@ fn export_then_import_gives_the_same_images_on_every_backend() {
     round_trip(&n, &native_store(&w.join("n2")), w, "native");
     // Across backends: the same layers, the same chainIDs.
     round_trip(&o, &native_store(&w.join("n3")), w, "overlay-to-native");
+    #[cfg(feature = "btrfs")]
+    {
+        let b = strata_tests::btrfs_store(&w.join("b1"), 512 << 20);
+        build(&*b, w);
+        let b2 = strata_tests::btrfs_store(&w.join("b2"), 512 << 20);
+        round_trip(&*b, &*b2, w, "btrfs");
+        let b3 = strata_tests::btrfs_store(&w.join("b3"), 512 << 20);
+        round_trip(&o, &*b3, w, "overlay-to-btrfs");
+    }
 
     // An OCI archive holds the same; importing it gives the same image.
     let archive = w.join("app.tar");

@@ -401,6 +401,14 @@ fn hostile_layers_stay_inside_the_snapshot_on_every_backend() {
     let s = native_store(&work.join("root"));
     build_base(&s, &work, &outside);
     hostile_on(&s, "native", &work, &outside);
+    #[cfg(feature = "btrfs")]
+    {
+        let work = tmp.path().join("btrfs");
+        fs::create_dir(&work).unwrap();
+        let s = strata_tests::btrfs_store(&work.join("root"), 512 << 20);
+        build_base(&*s, &work, &outside);
+        hostile_on(&*s, "btrfs", &work, &outside);
+    }
     assert_eq!(
         fs::read_to_string(outside.join("victim")).unwrap(),
         "precious"

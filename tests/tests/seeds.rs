@@ -59,13 +59,18 @@ fn seed_000_prune_then_rebuild_from_the_cache_then_export() {
         "{} is missing: cargo test builds the examples",
         bin.display()
     );
-    for backend in ["overlay", "native"] {
+    let backends: &[&str] = &[
+        "overlay",
+        "native",
+        #[cfg(feature = "btrfs")]
+        "btrfs",
+    ];
+    for backend in backends {
         let tmp = tempfile::tempdir().unwrap();
-        let out = Command::new(&bin)
-            .arg(backend)
-            .arg(tmp.path())
-            .output()
-            .unwrap();
+        // btrfs needs its directory on btrfs: one of the test's own.
+        let dir = tmp.path().join("work");
+        let _fs = (*backend == "btrfs").then(|| strata_tests::LoopBtrfs::mount_at(&dir, 512 << 20));
+        let out = Command::new(&bin).arg(backend).arg(&dir).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -141,6 +146,12 @@ fn seed_000_export_while_gc_runs() {
     let tmp = tempfile::tempdir().unwrap();
     export_beside_gc(&overlay_store(&tmp.path().join("o")), tmp.path(), "overlay");
     export_beside_gc(&native_store(&tmp.path().join("n")), tmp.path(), "native");
+    #[cfg(feature = "btrfs")]
+    export_beside_gc(
+        &*strata_tests::btrfs_store(&tmp.path().join("b"), 512 << 20),
+        tmp.path(),
+        "btrfs",
+    );
 }
 
 /// Seed 001: three stages, two feeding the last; one layout; a fresh store; a rebuild after
@@ -246,7 +257,7 @@ fn seed_001_a_multi_stage_cache_in_one_layout() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let w = tmp.path();
-    for d in ["o", "n"] {
+    for d in ["o", "n", "b"] {
         fs::create_dir(w.join(d)).unwrap();
     }
     three_stages(
@@ -258,6 +269,12 @@ fn seed_001_a_multi_stage_cache_in_one_layout() {
         &native_store(&w.join("n1")),
         &native_store(&w.join("n2")),
         &w.join("n"),
+    );
+    #[cfg(feature = "btrfs")]
+    three_stages(
+        &*strata_tests::btrfs_store(&w.join("b1"), 512 << 20),
+        &*strata_tests::btrfs_store(&w.join("b2"), 512 << 20),
+        &w.join("b"),
     );
 }
 
@@ -336,6 +353,12 @@ fn seed_002_a_copy_layer_that_came_back_empty_is_refused() {
         &native_store(&w.join("n2")),
         w,
     );
+    #[cfg(feature = "btrfs")]
+    damaged_copy(
+        &*strata_tests::btrfs_store(&w.join("b1"), 512 << 20),
+        &*strata_tests::btrfs_store(&w.join("b2"), 512 << 20),
+        w,
+    );
 }
 
 /// Seed 004: a base full of dangling symlinks; `/` without `/opt`, then `/opt`.
@@ -412,5 +435,11 @@ fn seed_004_dangling_symlinks_are_content_not_errors() {
     assert_eq!(
         o, n,
         "the same tree gives the same checksum on every backend"
+    );
+    #[cfg(feature = "btrfs")]
+    assert_eq!(
+        dangling(&*strata_tests::btrfs_store(&w.join("b"), 512 << 20), w),
+        o,
+        "btrfs too"
     );
 }

@@ -126,6 +126,13 @@ fn the_same_change_set_is_the_same_layer_on_every_backend() {
         d_native.diff_id, d_overlay.diff_id,
         "same changes, same diffID"
     );
+    #[cfg(feature = "btrfs")]
+    {
+        let t3 = tempfile::tempdir().unwrap();
+        let b = strata_tests::btrfs_store(&t3.path().join("root"), 512 << 20);
+        let d_btrfs = round_trip(&*b, t3.path());
+        assert_eq!(d_btrfs.diff_id, d_native.diff_id, "btrfs too");
+    }
 }
 
 #[test]

@@ -302,8 +302,17 @@ impl Backend for BtrfsBackend {
     }
 
     fn ids(&self) -> Result<Vec<u64>, BtrfsError> {
-        self.dirs
+        let listed = self
+            .dirs
             .ids()
-            .map_err(io_err(self.dirs.snapshots(), "list snapshots"))
+            .map_err(io_err(self.dirs.snapshots(), "list snapshots"))?;
+        // A directory whose subvolume was deleted behind strata's back holds no snapshot.
+        let mut ids = Vec::with_capacity(listed.len());
+        for id in listed {
+            if self.exists(id)? {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 }

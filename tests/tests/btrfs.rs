@@ -1,0 +1,168 @@
+//! The btrfs backend's own promises: a root not on btrfs is refused with a clear error, a
+//! full filesystem fails cleanly and leaves the store usable with no half-made subvolume, a
+//! subvolume deleted behind strata's back is reported by fsck and never exported.
+
+#![cfg(feature = "btrfs")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::Path;
+
+use strata::{ErrorKind, ExportOptions, Labels, Snapshotter};
+use strata_tests::{btrfs_store, require_privileged, Mounted};
+
+#[test]
+fn a_root_not_on_btrfs_is_refused_naming_what_it_is() {
+    if !require_privileged("btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let e = strata_btrfs::BtrfsBackend::open(tmp.path()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("not btrfs") && msg.contains("scripts/btrfs-loop"),
+        "{msg}"
+    );
+    assert!(
+        !tmp.path().join("snapshots").exists(),
+        "nothing was created"
+    );
+}
+
+/// Subvolumes under `root/snapshots`, by name.
+fn subvolumes(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root.join("snapshots")).unwrap() {
+        let dir = e.unwrap().path();
+        if libbtrfsutil_is_subvolume(&dir.join("fs")) {
+            out.push(dir.file_name().unwrap().to_string_lossy().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn libbtrfsutil_is_subvolume(p: &Path) -> bool {
+    // A subvolume's root directory has inode number 256.
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.ino() == 256)
+}
+
+#[test]
+fn a_full_filesystem_fails_cleanly_and_the_store_stays_usable() {
+    if !require_privileged("btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = btrfs_store(&root, 256 << 20);
+    s.prepare("base-a", None, Labels::new()).unwrap();
+    s.commit("base", "base-a", Labels::new()).unwrap();
+    let mounts = s.prepare("fill-a", None, Labels::new()).unwrap();
+    let m = Mounted::new(&mounts, &tmp.path().join("m"));
+    // A build step fills the filesystem.
+    let mut i = 0;
+    let full = loop {
+        if let Err(e) = fs::write(m.path().join(format!("f{i}")), vec![7u8; 8 << 20]) {
+            break e;
+        }
+        i += 1;
+        assert!(i < 1000, "the filesystem never filled up");
+    };
+    assert_eq!(full.raw_os_error(), Some(28), "ENOSPC: {full}");
+    // strata's own operations fail with clear errors, and make nothing half.
+    let layer = strata_tests::LayerBuilder::new()
+        .file("big", &vec![1u8; 64 << 20])
+        .bytes();
+    let mut errors = Vec::new();
+    if let Err(e) = s.prepare("more", Some("base"), Labels::new()) {
+        errors.push(e.to_string());
+    }
+    if let Err(e) = s.apply_layer(Some("base"), None, None, layer.as_slice()) {
+        errors.push(e.to_string());
+    }
+    assert!(!errors.is_empty(), "a full filesystem refused nothing");
+    for e in &errors {
+        assert!(
+            e.contains("full") || e.contains("space"),
+            "the error says the disk is full: {e}"
+        );
+    }
+    // The build frees its space: everything works again, and no half-made subvolume is left.
+    for j in 0..i {
+        fs::remove_file(m.path().join(format!("f{j}"))).unwrap();
+    }
+    m.unmount();
+    libbtrfsutil_sync(&root);
+    let _ = s.remove("more");
+    s.prepare("after", Some("base"), Labels::new()).unwrap();
+    s.commit("after-c", "after", Labels::new()).unwrap();
+    let a = s
+        .apply_layer(Some("base"), None, None, layer.as_slice())
+        .unwrap();
+    assert!(!a.cached);
+    s.remove("fill-a").unwrap();
+    s.cleanup().unwrap();
+    let names = subvolumes(&root);
+    assert!(!names.iter().any(|n| n.starts_with(".tmp")), "{names:?}");
+    let report = s.fsck(false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// Commits the filesystem's transaction, so freed space is free again.
+fn libbtrfsutil_sync(root: &Path) {
+    let out = std::process::Command::new("btrfs")
+        .args(["filesystem", "sync"])
+        .arg(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_subvolume_deleted_behind_strata_is_reported_and_never_exported() {
+    if !require_privileged("btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = btrfs_store(&root, 512 << 20);
+    let m = Mounted::new(
+        &s.prepare("a", None, Labels::new()).unwrap(),
+        &tmp.path().join("m"),
+    );
+    fs::write(m.path().join("file"), "data").unwrap();
+    m.unmount();
+    s.commit("base", "a", Labels::new()).unwrap();
+    s.prepare("b", Some("base"), Labels::new()).unwrap();
+    s.commit("top", "b", Labels::new()).unwrap();
+    s.tag("app:1", "top").unwrap();
+    // Someone deletes the base layer's subvolume.
+    let base_dir = {
+        let g = s.guard(&["app:1"]).unwrap();
+        g.layers()[0].path.clone().unwrap()
+    };
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "delete"])
+        .arg(&base_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = s.fsck(false).unwrap();
+    assert_eq!(report.broken.len(), 1, "{report:?}");
+    assert_eq!(report.broken[0].0, "base");
+    let out = tmp.path().join("out");
+    let e = s
+        .export(&["app:1"], &out, &ExportOptions::default())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DataLoss, "{e}");
+    assert!(!out.exists());
+}
