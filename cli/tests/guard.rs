@@ -107,9 +107,23 @@ fn a_guarded_export_never_sees_a_missing_file_on_native() {
     });
 }
 
+#[cfg(feature = "btrfs")]
+#[test]
+fn a_guarded_export_never_sees_a_missing_file_on_btrfs() {
+    if !can_run() {
+        return;
+    }
+    export_under_churn("btrfs", |root| {
+        let b = strata_btrfs::BtrfsBackend::open(root).unwrap();
+        Store::open(root, b, StoreOptions::default()).unwrap()
+    });
+}
+
 fn export_under_churn<B: Backend>(backend: &'static str, open: fn(&Path) -> Store<B>) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
+    // btrfs roots live on a loop-backed btrfs of the test's own.
+    let _fs = (backend == "btrfs").then(|| strata_tests::LoopBtrfs::mount_at(&root, 1 << 30));
     let mnt = tmp.path().join("mnt");
     fs::create_dir_all(&mnt).unwrap();
     let s = Arc::new(open(&root));

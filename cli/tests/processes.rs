@@ -44,20 +44,26 @@ fn can_run(what: &str, need_failpoints: bool) -> bool {
 }
 
 struct Root {
+    // Dropped in this order: the btrfs filesystem (if any) before its directory.
+    fs: Option<strata_tests::LoopBtrfs>,
     dir: tempfile::TempDir,
     backend: &'static str,
 }
 
 impl Root {
     fn new(backend: &'static str) -> Root {
-        Root {
-            dir: tempfile::tempdir().unwrap(),
-            backend,
-        }
+        let dir = tempfile::tempdir().unwrap();
+        // The btrfs backend needs its root on btrfs: a loop-backed one of the test's own.
+        let fs = (backend == "btrfs")
+            .then(|| strata_tests::LoopBtrfs::mount_at(&dir.path().join("btrfs"), 512 << 20));
+        Root { fs, dir, backend }
     }
 
     fn path(&self) -> &Path {
-        self.dir.path()
+        match &self.fs {
+            Some(fs) => fs.path(),
+            None => self.dir.path(),
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -176,7 +182,12 @@ impl Root {
     }
 }
 
-const BACKENDS: [&str; 2] = ["native", "overlay"];
+const BACKENDS: &[&str] = &[
+    "native",
+    "overlay",
+    #[cfg(feature = "btrfs")]
+    "btrfs",
+];
 
 #[test]
 fn crash_during_prepare_leaves_a_consistent_store() {
