@@ -137,3 +137,14 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 }
+
+/// The mounts of a snapshot in a backend whose snapshots each hold their whole tree (native,
+/// btrfs): a read-write bind mount of `tree` for an Active snapshot, a read-only one for a
+/// View, and `None` for a Committed snapshot, which has no mounts of its own.
+pub fn whole_tree_mounts(kind: Kind, tree: &std::path::Path) -> Option<Vec<Mount>> {
+    match kind {
+        Kind::Active => Some(vec![Mount::bind(tree, false)]),
+        Kind::View => Some(vec![Mount::bind(tree, true)]),
+        Kind::Committed => None,
+    }
+}

@@ -166,11 +166,8 @@ impl Backend for NativeBackend {
     }
 
     fn mounts(&self, id: u64, kind: Kind, _parents: &[u64]) -> Result<Vec<Mount>, NativeError> {
-        match kind {
-            Kind::Active => Ok(vec![Mount::bind(&self.fs_path(id), false)]),
-            Kind::View => Ok(vec![Mount::bind(&self.fs_path(id), true)]),
-            Kind::Committed => Err(NativeError::Committed { id }),
-        }
+        strata::backend::whole_tree_mounts(kind, &self.fs_path(id))
+            .ok_or(NativeError::Committed { id })
     }
 
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, NativeError> {
