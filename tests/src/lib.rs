@@ -26,7 +26,7 @@ pub use compare::{
 };
 pub use fstest::{apply, Op};
 pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
-pub use loopfs::LoopBtrfs;
+pub use loopfs::{run_ok, LoopBtrfs};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
 #[cfg(feature = "btrfs")]

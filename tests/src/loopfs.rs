@@ -11,16 +11,19 @@ pub struct LoopBtrfs {
     device: String,
 }
 
-fn run(cmd: &mut Command) -> String {
+/// Runs `cmd` and expects success; returns its standard output. A failure shows the command
+/// and everything it printed; a missing program is named (scripts/deps installs them).
+pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/deps installs btrfs-progs)"));
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/deps installs the tools tests run)"));
     assert!(
         out.status.success(),
-        "{cmd:?}: {}",
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl LoopBtrfs {
@@ -31,16 +34,20 @@ impl LoopBtrfs {
         let f = std::fs::File::create(&image).unwrap();
         f.set_len(size).unwrap();
         drop(f);
-        let device = run(Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&image));
+        let device = run_ok(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image),
+        )
+        .trim()
+        .to_string();
         let fs = LoopBtrfs {
             mountpoint: mountpoint.to_path_buf(),
             image,
             device,
         };
-        run(Command::new("mkfs.btrfs").arg("-q").arg(&fs.device));
-        run(Command::new("mount").arg(&fs.device).arg(&fs.mountpoint));
+        run_ok(Command::new("mkfs.btrfs").arg("-q").arg(&fs.device));
+        run_ok(Command::new("mount").arg(&fs.device).arg(&fs.mountpoint));
         fs
     }
 

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 
 use strata::{ErrorKind, ExportOptions, Labels, Snapshotter};
-use strata_tests::{btrfs_store, require_privileged, Mounted};
+use strata_tests::{btrfs_store, require_privileged, run_ok, Mounted};
 
 #[test]
 fn a_root_not_on_btrfs_is_refused_naming_what_it_is() {
@@ -111,15 +111,10 @@ fn a_full_filesystem_fails_cleanly_and_the_store_stays_usable() {
 
 /// Commits the filesystem's transaction, so freed space is free again.
 fn libbtrfsutil_sync(root: &Path) {
-    let out = std::process::Command::new("btrfs")
-        .args(["filesystem", "sync"])
-        .arg(root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("btrfs")
+            .args(["filesystem", "sync"])
+            .arg(root),
     );
 }
 
@@ -146,15 +141,10 @@ fn a_subvolume_deleted_behind_strata_is_reported_and_never_exported() {
         let g = s.guard(&["app:1"]).unwrap();
         g.layers()[0].path.clone().unwrap()
     };
-    let out = std::process::Command::new("btrfs")
-        .args(["subvolume", "delete"])
-        .arg(&base_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new("btrfs")
+            .args(["subvolume", "delete"])
+            .arg(&base_dir),
     );
     let report = s.fsck(false).unwrap();
     assert_eq!(report.broken.len(), 1, "{report:?}");

@@ -12,8 +12,8 @@ use strata::layer::apply::{apply_layer, ApplyOutcome};
 use strata::layer::diff::{write_layer, DiffOptions};
 use strata::layer::{Compression, Digest};
 use strata_tests::{
-    apply, check_directory_equal, hostile_corpus, require_privileged, snapshot_of, HostileCase,
-    LayerBuilder as Hostile, Op,
+    apply, check_directory_equal, hostile_corpus, require_privileged, run_ok, snapshot_of,
+    HostileCase, LayerBuilder as Hostile, Op,
 };
 
 /// A base tree and a changed copy of it, built with the suite's appliers.
@@ -271,17 +271,6 @@ fn layers_written_by_gnu_tar_and_python_apply() {
         "python"
     );
     let _ = std::io::stdout().flush();
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn umoci_available() -> bool {
