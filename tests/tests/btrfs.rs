@@ -156,3 +156,52 @@ fn a_subvolume_deleted_behind_strata_is_reported_and_never_exported() {
     assert_eq!(e.kind(), ErrorKind::DataLoss, "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn usage_counts_what_the_layer_changed_without_walking_the_tree() {
+    if !require_privileged("btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = btrfs_store(&root, 512 << 20);
+    let m = Mounted::new(
+        &s.prepare("base-a", None, Labels::new()).unwrap(),
+        &tmp.path().join("m"),
+    );
+    fs::create_dir(m.path().join("lib")).unwrap();
+    for i in 0..500 {
+        fs::write(m.path().join(format!("lib/f{i}")), vec![1u8; 16 << 10]).unwrap();
+    }
+    m.unmount();
+    // These stores do not sync at commit; written-back data is what a tree search counts.
+    libbtrfsutil_sync(&root);
+    s.commit("base", "base-a", Labels::new()).unwrap();
+    let base = s.usage("base").unwrap();
+    assert!(base.size >= 500 * (16 << 10), "{base:?}");
+    assert!(base.inodes >= 501, "{base:?}");
+
+    // An empty layer on top of it holds nothing of its own.
+    s.prepare("empty-a", Some("base"), Labels::new()).unwrap();
+    s.commit("empty", "empty-a", Labels::new()).unwrap();
+    assert_eq!(s.usage("empty").unwrap().size, 0);
+
+    // A layer that writes 3 MiB holds about 3 MiB, not the base's 8 MiB as well.
+    let m = Mounted::new(
+        &s.prepare("top-a", Some("base"), Labels::new()).unwrap(),
+        &tmp.path().join("m"),
+    );
+    for i in 0..3 {
+        fs::write(m.path().join(format!("new{i}")), vec![2u8; 1 << 20]).unwrap();
+    }
+    m.unmount();
+    libbtrfsutil_sync(&root);
+    s.commit("top", "top-a", Labels::new()).unwrap();
+    let top = s.usage("top").unwrap();
+    assert!(
+        top.size >= 3 << 20 && top.size < 4 << 20,
+        "the layer's own bytes: {top:?}"
+    );
+    // The three files and the root directory they were added to.
+    assert_eq!(top.inodes, 4, "{top:?}");
+}
