@@ -730,7 +730,14 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             s.remove(&key)?;
             out.done(&format!("removed {key}"));
         }
-        Command::Stat { key } => out.info(&s.stat(&key)?),
+        Command::Stat { key } => {
+            let info = s.stat(&key)?;
+            let layer = match info.kind {
+                strata::Kind::Committed => with_store!(&store, st => st.layer(&key))?,
+                _ => None,
+            };
+            out.info_with_layer(&info, layer.as_ref());
+        }
         Command::Ls { filters } => {
             let f: Vec<&str> = filters.iter().map(String::as_str).collect();
             out.list(&s.list(&f)?);

@@ -68,6 +68,35 @@ impl Output {
         }
     }
 
+    /// A snapshot, with what is recorded of it as a layer (diffID, chainID, content
+    /// checksum, size) when it has a record.
+    pub(crate) fn info_with_layer(&self, info: &Info, layer: Option<&strata::LayerRecord>) {
+        let Some(l) = layer else {
+            return self.info(info);
+        };
+        if self.json {
+            let mut v = info_json(info);
+            if let Value::Object(map) = &mut v {
+                map.insert(
+                    "layer".into(),
+                    json!({
+                        "diffID": l.diff_id,
+                        "chainID": l.chain_id,
+                        "content": l.content,
+                        "tarSize": l.tar_size,
+                    }),
+                );
+            }
+            self.print_json(&v);
+            return;
+        }
+        self.info(info);
+        println!("diffID:  {}", l.diff_id);
+        println!("chainID: {}", l.chain_id);
+        println!("content: {}", l.content);
+        println!("tar:     {} bytes", l.tar_size);
+    }
+
     /// A list of snapshots.
     pub(crate) fn list(&self, infos: &[Info]) {
         if self.json {

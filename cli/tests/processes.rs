@@ -615,6 +615,14 @@ fn images_cli(backend: &'static str) {
     let fresh = Root::new(backend);
     let i = fresh.ok(&["import", l]);
     assert_eq!(i["images"].as_array().unwrap().len(), 2);
+    // stat shows what is recorded of an imported layer: it is named by its chainID.
+    let top = i["images"][0]["snapshot"].as_str().unwrap().to_string();
+    let st = fresh.ok(&["stat", &top]);
+    assert_eq!(st["layer"]["chainID"], top.as_str(), "{st}");
+    assert!(st["layer"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
     assert_eq!(
         fresh.ok(&["checksum", "app:1", "/app"])["checksum"],
         sum("final", "/app")
