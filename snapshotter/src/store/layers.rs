@@ -200,7 +200,7 @@ impl<B: Backend> Store<B> {
     /// is the diffID any export of it gets — and its diffID, chainID, content checksum and
     /// size are recorded, below it first.
     pub(crate) fn chain_id_of(&self, name: &str) -> Result<Digest> {
-        let (row, _) = self.row(name)?;
+        let (row, parents) = self.row(name)?;
         if let Some(layer) = self.with_meta(|m| m.read(name)?.layer(row.id))? {
             return Digest::parse(&layer.chain_id).map_err(|e| Error::precondition(name, e));
         }
@@ -222,7 +222,6 @@ impl<B: Backend> Store<B> {
             }
             None => None,
         };
-        let (_, parents) = self.row(name)?;
         let summary = {
             let _guard = self.guard(&[name])?;
             self.summarize(name, row.id, &parents)?
