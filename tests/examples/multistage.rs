@@ -206,6 +206,15 @@ fn run<B: Backend>(store: &Store<B>, fresh: &Store<B>, work: &Path) -> Res<()> {
     }
 }
 
+/// Runs the story on two stores of one backend: the builder's and a fresh one to import into.
+fn run_with<B: Backend>(work: &Path, open: impl Fn(&Path) -> Res<Store<B>>) -> Res<()> {
+    run(
+        &open(&work.join("store"))?,
+        &open(&work.join("fresh"))?,
+        work,
+    )
+}
+
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
     let backend = args.next().unwrap_or_else(|| "overlay".into());
@@ -224,48 +233,27 @@ fn main() -> Res<()> {
     match backend.as_str() {
         // The work directory must be on btrfs (scripts/btrfs-loop DIR makes one).
         #[cfg(feature = "btrfs")]
-        "btrfs" => {
-            let open = |r: &Path| -> Res<Store<strata_btrfs::BtrfsBackend>> {
-                std::fs::create_dir_all(r)?;
-                Ok(Store::open(
-                    r,
-                    strata_btrfs::BtrfsBackend::open(r)?,
-                    opts(),
-                )?)
-            };
-            run(
-                &open(&work.join("store"))?,
-                &open(&work.join("fresh"))?,
-                &work,
-            )
-        }
-        "native" => {
-            let open = |r: &Path| -> Res<Store<strata_native::NativeBackend>> {
-                Ok(Store::open(
-                    r,
-                    strata_native::NativeBackend::open(r)?,
-                    opts(),
-                )?)
-            };
-            run(
-                &open(&work.join("store"))?,
-                &open(&work.join("fresh"))?,
-                &work,
-            )
-        }
-        _ => {
-            let open = |r: &Path| -> Res<Store<strata_overlay::OverlayBackend>> {
-                Ok(Store::open(
-                    r,
-                    strata_overlay::OverlayBackend::open(r, Default::default())?,
-                    opts(),
-                )?)
-            };
-            run(
-                &open(&work.join("store"))?,
-                &open(&work.join("fresh"))?,
-                &work,
-            )
-        }
+        "btrfs" => run_with(&work, |r| {
+            std::fs::create_dir_all(r)?;
+            Ok(Store::open(
+                r,
+                strata_btrfs::BtrfsBackend::open(r)?,
+                opts(),
+            )?)
+        }),
+        "native" => run_with(&work, |r| {
+            Ok(Store::open(
+                r,
+                strata_native::NativeBackend::open(r)?,
+                opts(),
+            )?)
+        }),
+        _ => run_with(&work, |r| {
+            Ok(Store::open(
+                r,
+                strata_overlay::OverlayBackend::open(r, Default::default())?,
+                opts(),
+            )?)
+        }),
     }
 }

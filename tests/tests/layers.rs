@@ -54,17 +54,7 @@ fn trees(base: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn cp_a(from: &Path, to: &Path) {
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("cp").arg("-a").arg(from).arg(to));
 }
 
 #[test]
@@ -353,25 +343,16 @@ fn umoci_unpacks_strata_layers_and_strata_applies_umoci_layers() {
 
 /// Sets every time below `dir` to one instant, so that tools that write times agree.
 fn pin_times(dir: &Path) {
-    let out = Command::new("find")
-        .arg(dir)
-        .args([
-            "-depth",
-            "-exec",
-            "touch",
-            "-h",
-            "-d",
-            "@1000000000",
-            "{}",
-            "+",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
+    run_ok(Command::new("find").arg(dir).args([
+        "-depth",
+        "-exec",
+        "touch",
+        "-h",
+        "-d",
+        "@1000000000",
         "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        "+",
+    ]));
 }
 
 #[test]
