@@ -71,8 +71,8 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Creates the storage of a new snapshot `id` of `kind` on top of `parents`.
     ///
-    /// Work happens in a temporary place that is renamed into place at the end: when this
-    /// fails or the process dies, [`Backend::ids`] does not list `id`, and
+    /// When this fails or the process dies, [`Backend::ids`] does not list `id` (work happens
+    /// in a temporary place renamed into place at the end, or the last step is atomic), and
     /// [`Backend::remove`] clears whatever temporary state is left.
     fn create(
         &self,
@@ -86,6 +86,25 @@ pub trait Backend: Send + Sync + 'static {
     /// content must be on stable storage when this returns. Returns the usage of its own layer,
     /// which the store records so that `usage` of a Committed snapshot costs nothing.
     fn commit(&self, id: u64, parents: &[u64], durable: bool) -> Result<Usage, Self::Error>;
+
+    /// Whether a durable commit leaves a *spare*: a writable snapshot of the new layer, made by
+    /// [`Backend::make_spare`], that the next prepare on the layer takes as its storage
+    /// instead of creating any. Worth it where making that snapshot is what makes the layer
+    /// durable anyway (btrfs: the snapshot ioctl writes the source's data and commits a
+    /// transaction, the one a commit needs), so the child's prepare costs no transaction.
+    fn makes_spares(&self) -> bool {
+        false
+    }
+
+    /// Makes the storage `spare`: a writable snapshot of the Active snapshot `id`, which is
+    /// about to be committed; its content must be durable when this returns. `spare` is later
+    /// either taken as the storage of an Active child of `id` (as if [`Backend::create`] had
+    /// made it) or removed with [`Backend::remove`]. Only called when
+    /// [`Backend::makes_spares`] says so.
+    fn make_spare(&self, id: u64, spare: u64) -> Result<(), Self::Error> {
+        let _ = (id, spare);
+        Ok(())
+    }
 
     /// The mounts that present snapshot `id` of `kind` with its `parents`.
     fn mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Result<Vec<Mount>, Self::Error>;

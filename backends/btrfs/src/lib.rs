@@ -1,17 +1,18 @@
 //! strata's btrfs backend: one subvolume per snapshot.
 //!
-//! Layout under the store root: `snapshots/<id>/fs` is the snapshot's subvolume. A new
-//! snapshot is built as `snapshots/.tmp-<id>/fs` — a new subvolume, or a writable snapshot of
-//! the parent's subvolume — and the directory is renamed into place, so [`Backend::ids`]
-//! never lists a half-made one.
+//! Layout under the store root: `snapshots/<id>/fs` is the snapshot's subvolume — a new
+//! subvolume, or a writable snapshot of the parent's. It appears atomically, so
+//! [`Backend::ids`] (which lists only directories holding a subvolume) never shows a
+//! half-made one.
 //!
-//! **Commit costs at most one btrfs transaction.** containerd commits by taking a read-only
+//! **A durable layer costs one btrfs transaction.** containerd commits by taking a read-only
 //! snapshot of the active subvolume and deleting it (two operations, each a transaction); the
-//! read-only flag set in place is one more. Here a commit only syncs the filesystem when the
-//! store asks for durability (one transaction) and records the usage: immutability lives in
-//! the metadata — a committed snapshot has no mounts of its own, and every view of it is a
-//! read-only bind mount — so no flag is needed on the subvolume. Views are read-only
-//! snapshots (the flag is part of the snapshot ioctl, not an extra transaction).
+//! read-only flag set in place is one more. Here immutability lives in the metadata — a
+//! committed snapshot has no mounts of its own, and every view of it is a read-only bind
+//! mount — so no flag is needed. A durable commit's one transaction is a snapshot of the
+//! layer ([`Backend::make_spare`]): the ioctl writes the layer's pending data and commits,
+//! and the snapshot becomes the storage of the layer's next child, whose prepare then costs
+//! no transaction. Views are read-only snapshots (the flag is part of the snapshot ioctl).
 //!
 //! Mounts are bind mounts of the subvolume's directory, which work from the host's mount
 //! namespace (no `subvolid=` needed). A view of a committed chain is a read-only bind of the
@@ -175,39 +176,36 @@ impl BtrfsBackend {
 
     fn build(
         &self,
-        id: u64,
         kind: Kind,
-        tmp: &Path,
+        dir: &Path,
         parents: &[u64],
         opts: &CreateOptions,
     ) -> Result<(), BtrfsError> {
         fs::DirBuilder::new()
             .mode(0o700)
-            .create(tmp)
-            .map_err(io_err(tmp, "create the temporary directory"))?;
-        let sub = tmp.join("fs");
+            .create(dir)
+            .map_err(io_err(dir, "create the snapshot's directory"))?;
+        let sub = dir.join("fs");
         match parents.first() {
             None => {
                 libbtrfsutil::create_subvolume(&sub)
                     .map_err(btrfs_err(&sub, "create a subvolume"))?;
                 fs::set_permissions(&sub, fs::Permissions::from_mode(0o755))
                     .map_err(io_err(&sub, "set the root directory's mode"))?;
+                if opts.durable {
+                    // Creating a subvolume does not commit a transaction; this does.
+                    libbtrfsutil::sync(&sub).map_err(btrfs_err(&sub, "sync the new subvolume"))?;
+                }
             }
             Some(&parent) => {
                 let src = self.fs_path(parent);
+                // The snapshot ioctl commits a transaction, which also makes the directory
+                // made above durable: the snapshot is on disk when this returns.
                 libbtrfsutil::CreateSnapshotOptions::new()
                     .readonly(kind == Kind::View)
                     .create(&src, &sub)
                     .map_err(btrfs_err(&src, "snapshot the parent's subvolume"))?;
             }
-        }
-        let dir = self.dirs.dir(id);
-        fs::rename(tmp, &dir).map_err(io_err(&dir, "rename the new snapshot into place"))?;
-        if opts.durable {
-            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
-                self.dirs.snapshots(),
-                "sync the snapshots directory",
-            ))?;
         }
         Ok(())
     }
@@ -274,13 +272,25 @@ impl Backend for BtrfsBackend {
         parents: &[u64],
         opts: &CreateOptions,
     ) -> Result<(), BtrfsError> {
-        let tmp = self.dirs.tmp(id);
-        self.remove_dir(&tmp)?;
-        let result = self.build(id, kind, &tmp, parents, opts);
+        // Left by an older version of strata, which built snapshots there.
+        self.remove_dir(&self.dirs.tmp(id))?;
+        let dir = self.dirs.dir(id);
+        // Ids are never reused, so a directory at a new id is what a crash left between its
+        // creation and the subvolume's; a subvolume there would be a store bug, never data
+        // to delete.
+        if self.exists(id)? {
+            return Err(BtrfsError::Io {
+                path: self.fs_path(id),
+                context: "create a snapshot: a subvolume is already there (run strata fsck)",
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            });
+        }
+        self.remove_dir(&dir)?;
+        let result = self.build(kind, &dir, parents, opts);
         if result.is_err() {
             // No half-made subvolume stays behind (ENOSPC included).
-            if let Err(e) = self.remove_dir(&tmp) {
-                tracing::warn!(path = %tmp.display(), error = %e, "could not remove the temporary subvolume of a failed create");
+            if let Err(e) = self.remove_dir(&dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "could not remove the subvolume of a failed create");
             }
         }
         result
@@ -289,10 +299,29 @@ impl Backend for BtrfsBackend {
     fn commit(&self, id: u64, _parents: &[u64], durable: bool) -> Result<Usage, BtrfsError> {
         let sub = self.fs_path(id);
         if durable {
-            // One transaction: the layer's data and metadata reach the disk.
+            // One transaction: the layer's data and metadata reach the disk. (With spares,
+            // the store has make_spare do this instead and asks for no sync here.)
             libbtrfsutil::sync(&sub).map_err(btrfs_err(&sub, "sync the layer"))?;
         }
         self.layer_usage(&sub)
+    }
+
+    fn makes_spares(&self) -> bool {
+        true
+    }
+
+    fn make_spare(&self, id: u64, spare: u64) -> Result<(), BtrfsError> {
+        // The snapshot ioctl writes the source's pending data and commits a transaction: the
+        // layer is durable, and its child's storage exists, in that one transaction.
+        self.create(
+            spare,
+            Kind::Active,
+            &[id],
+            &CreateOptions {
+                durable: true,
+                ..CreateOptions::default()
+            },
+        )
     }
 
     fn mounts(&self, id: u64, kind: Kind, _parents: &[u64]) -> Result<Vec<Mount>, BtrfsError> {
