@@ -304,6 +304,7 @@ impl Output {
             self.print_json(&json!({
                 "clean": r.is_clean(),
                 "orphans": r.orphans,
+                "spares": r.spares,
                 "broken": r.broken.iter().map(|(k, why)| json!({"name": k, "reason": why})).collect::<Vec<_>>(),
                 "interrupted": r.interrupted,
                 "stale_guards": r.stale_guards,
@@ -314,6 +315,10 @@ impl Output {
             return;
         }
         println!("orphaned storage: {}", r.orphans.len());
+        println!(
+            "spares (storage made at commit for the next prepare): {}",
+            r.spares.len()
+        );
         println!("broken snapshots: {}", r.broken.len());
         for (k, why) in &r.broken {
             println!("  {k}: {why}");

@@ -161,6 +161,17 @@ CREATE TRIGGER leases_release_blobs AFTER DELETE ON leases BEGIN
     DELETE FROM blob_holders WHERE holder = 'lease:' || OLD.name;
 END;
 "#,
+    r#"
+CREATE TABLE spares (
+    id         INTEGER PRIMARY KEY,
+    parent_id  INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE INDEX spares_parent ON spares(parent_id);
+CREATE TRIGGER snapshots_drop_spares AFTER DELETE ON snapshots BEGIN
+    DELETE FROM spares WHERE parent_id = OLD.id;
+END;
+"#,
 ];
 
 /// What is recorded of a layer applied by `apply_layer`.
@@ -710,7 +721,66 @@ impl Tx<'_> {
             .map_err(|e| self.e("mark broken", e))
     }
 
-    /// Deletes row `id`, its labels and its entries in (expired) leases.
+    /// Records `id` as a spare of the committed snapshot `parent`: storage a backend made at
+    /// the commit, for the next Active child of `parent` to take.
+    pub fn spare_add(&self, id: u64, parent: u64, now: SystemTime) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO spares (id, parent_id, created_ns) VALUES (?1, ?2, ?3)")
+            .and_then(|mut s| s.execute(params![db_id(id), db_id(parent), to_ns(now)]))
+            .map(|_| ())
+            .map_err(|e| self.e("record a spare", e))
+    }
+
+    /// Takes (deletes and returns) a spare of `parent`, if it has one.
+    pub fn spare_take(&self, parent: u64) -> Result<Option<u64>> {
+        self.tx
+            .prepare_cached(
+                "DELETE FROM spares WHERE id = (SELECT min(id) FROM spares WHERE parent_id = ?1)
+                 RETURNING id",
+            )
+            .and_then(|mut s| {
+                s.query_row([db_id(parent)], |r| r.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|id| id.map(id_of))
+            .map_err(|e| self.e("take a spare", e))
+    }
+
+    /// Every spare.
+    pub fn all_spares(&self) -> Result<Vec<u64>> {
+        self.tx
+            .prepare_cached("SELECT id FROM spares ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map([], |r| r.get::<_, i64>(0))?
+                    .map(|r| r.map(id_of))
+                    .collect()
+            })
+            .map_err(|e| self.e("list spares", e))
+    }
+
+    /// Forgets spare `id` (its storage is then reclaimed by cleanup, if any).
+    pub fn spare_drop(&self, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM spares WHERE id = ?1")
+            .and_then(|mut s| s.execute([db_id(id)]))
+            .map(|_| ())
+            .map_err(|e| self.e("drop a spare", e))
+    }
+
+    /// The spares of `parent`.
+    pub fn spares_of(&self, parent: u64) -> Result<Vec<u64>> {
+        self.tx
+            .prepare_cached("SELECT id FROM spares WHERE parent_id = ?1 ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map([db_id(parent)], |r| r.get::<_, i64>(0))?
+                    .map(|r| r.map(id_of))
+                    .collect()
+            })
+            .map_err(|e| self.e("list spares", e))
+    }
+
+    /// Deletes row `id`, its labels and its entries in (expired) leases. Its spares go with
+    /// it (a trigger); their storage is then unknown, so cleanup reclaims it.
     pub fn delete(&self, id: u64) -> Result<()> {
         self.tx
             .prepare_cached("DELETE FROM lease_snapshots WHERE snapshot_id = ?1")
@@ -1113,11 +1183,14 @@ impl Tx<'_> {
             .map_err(|e| self.e("check the gc.root label", e))
     }
 
-    /// Every id that has a row or a journal entry.
+    /// Every id that has a row, a journal entry or a spare.
     pub fn known_ids(&self) -> Result<std::collections::HashSet<u64>> {
         let mut stmt = self
             .tx
-            .prepare_cached("SELECT id FROM snapshots UNION SELECT snapshot_id FROM journal")
+            .prepare_cached(
+                "SELECT id FROM snapshots UNION SELECT snapshot_id FROM journal
+                 UNION SELECT id FROM spares",
+            )
             .map_err(|e| self.e("list ids", e))?;
         let ids = stmt
             .query_map([], |r| r.get::<_, i64>(0))

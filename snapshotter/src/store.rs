@@ -162,6 +162,19 @@ pub(crate) fn dead_owner(root: &Path, token: &str) -> Option<DeadOwner> {
     }
 }
 
+/// The journal key of spare `id`: NUL-prefixed, so no snapshot key can take it.
+fn spare_key(id: u64) -> String {
+    format!("\0spare {id}")
+}
+
+/// What step 1 of a create did.
+enum Created {
+    /// Took a spare as the new snapshot's storage and recorded it: id, parent chain.
+    Taken(u64, Vec<u64>),
+    /// Allocated an id and journaled the create: id, parent, parent chain, journal seq.
+    Journaled(u64, Option<u64>, Vec<u64>, i64),
+}
+
 pub(crate) fn check_key(what: &str, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid(format!("{what} \"\""), "must not be empty"));
@@ -303,7 +316,7 @@ impl<B: Backend> Store<B> {
         }
 
         // Step 1: check, allocate, journal.
-        let (id, parent_id, parents, seq) = self.with_meta(|m| {
+        let created = self.with_meta(|m| {
             let tx = m.write(key)?;
             if tx.key_taken(key)? {
                 return Err(Error::AlreadyExists { key: key.into() });
@@ -335,11 +348,47 @@ impl<B: Backend> Store<B> {
                 }
             };
             let parents = tx.chain(parent_id)?;
+            // A spare left by the parent's commit is this snapshot's storage, already made
+            // and durable: taking it is the whole create. One whose storage is gone (deleted
+            // behind strata's back) is dropped and the snapshot made the usual way.
+            if let (Kind::Active, false, Some(p)) = (kind, volatile, parent_id) {
+                while let Some(spare) = tx.spare_take(p)? {
+                    if !self.backend.exists(spare).unwrap_or(false) {
+                        tracing::warn!(key, spare, "a spare's storage is missing; making the snapshot instead");
+                        continue;
+                    }
+                    let now = SystemTime::now();
+                    let row = Row {
+                        id: spare,
+                        key: key.into(),
+                        kind,
+                        parent_id,
+                        created: now,
+                        updated: now,
+                        usage: None,
+                        volatile,
+                        broken: None,
+                    };
+                    tx.insert(&row, &labels)?;
+                    tx.commit()?;
+                    return Ok(Created::Taken(spare, parents));
+                }
+            }
             let id = tx.next_id()?;
             let seq = tx.journal_add(JournalOp::Create, id, key, parent_id, &self.owner.token)?;
             tx.commit()?;
-            Ok((id, parent_id, parents, seq))
+            Ok(Created::Journaled(id, parent_id, parents, seq))
         })?;
+        let (id, parent_id, parents, seq) = match created {
+            Created::Taken(id, parents) => {
+                failpoint("create-after-commit");
+                return self
+                    .backend
+                    .mounts(id, kind, &parents)
+                    .map_err(|e| self.backend_err(key, "mounts", e));
+            }
+            Created::Journaled(id, parent_id, parents, seq) => (id, parent_id, parents, seq),
+        };
         failpoint("create-before-backend");
 
         // Step 2: the backend builds the storage.
@@ -593,7 +642,7 @@ impl<B: Backend> Snapshotter for Store<B> {
     fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
         check_key("name", name)?;
         check_key("key", key)?;
-        let (row, parents, seq) = self.with_meta(|m| {
+        let (row, parents, seq, spare) = self.with_meta(|m| {
             let tx = m.write(key)?;
             let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             if row.kind != Kind::Active {
@@ -628,16 +677,46 @@ impl<B: Backend> Snapshotter for Store<B> {
                 row.parent_id,
                 &self.owner.token,
             )?;
+            // A spare is journaled like any create, under a key no snapshot can have.
+            let spare = if self.opts.durable && self.backend.makes_spares() {
+                let spare = tx.next_id()?;
+                let spare_seq = tx.journal_add(
+                    JournalOp::Create,
+                    spare,
+                    &spare_key(spare),
+                    Some(row.id),
+                    &self.owner.token,
+                )?;
+                Some((spare, spare_seq))
+            } else {
+                None
+            };
             tx.commit()?;
-            Ok((row, parents, seq))
+            Ok((row, parents, seq, spare))
         })?;
         failpoint("commit-before-backend");
 
-        let usage = match self.backend.commit(row.id, &parents, self.opts.durable) {
+        // The spare's snapshot is what makes the layer durable; without one, the commit syncs.
+        let spare = spare.and_then(|(spare, spare_seq)| {
+            match self.backend.make_spare(row.id, spare) {
+                Ok(()) => Some((spare, spare_seq)),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "could not make a spare for the next prepare; syncing instead");
+                    self.abandon(&spare_key(spare), spare_seq, spare);
+                    None
+                }
+            }
+        });
+        failpoint("commit-after-spare");
+        let durable = self.opts.durable && spare.is_none();
+        let usage = match self.backend.commit(row.id, &parents, durable) {
             Ok(u) => u,
             Err(e) => {
                 let err = self.backend_err(key, "commit", e);
                 let err = self.broken(key, row.id, err);
+                if let Some((spare, spare_seq)) = spare {
+                    self.abandon(&spare_key(spare), spare_seq, spare);
+                }
                 let _ = self.with_meta(|m| {
                     let tx = m.write(key)?;
                     tx.journal_remove(seq)?;
@@ -653,6 +732,10 @@ impl<B: Backend> Snapshotter for Store<B> {
             tx.mark_committed(row.id, name, usage)?;
             tx.replace_labels(row.id, &labels)?;
             tx.journal_remove(seq)?;
+            if let Some((spare, spare_seq)) = spare {
+                tx.spare_add(spare, row.id, SystemTime::now())?;
+                tx.journal_remove(spare_seq)?;
+            }
             tx.commit()
         })?;
         failpoint("commit-after-commit");
@@ -661,7 +744,7 @@ impl<B: Backend> Snapshotter for Store<B> {
 
     fn remove(&self, key: &str) -> Result<()> {
         check_key("key", key)?;
-        let (id, seq) = self.with_meta(|m| {
+        let (id, seq, spares) = self.with_meta(|m| {
             let tx = m.write(key)?;
             let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             if tx.has_children(row.id)? {
@@ -685,6 +768,7 @@ impl<B: Backend> Snapshotter for Store<B> {
                     format!("cannot remove it: {holder} holds it; untag the image or remove the lease first"),
                 ));
             }
+            let spares = tx.spares_of(row.id)?;
             tx.delete(row.id)?;
             let seq = if self.opts.sync_remove {
                 Some(tx.journal_add(JournalOp::Remove, row.id, key, None, &self.owner.token)?)
@@ -692,13 +776,19 @@ impl<B: Backend> Snapshotter for Store<B> {
                 None
             };
             tx.commit()?;
-            Ok((row.id, seq))
+            Ok((row.id, seq, spares))
         })?;
         if let Some(seq) = seq {
             failpoint("remove-before-backend");
             self.backend
                 .remove(id)
                 .map_err(|e| self.backend_err(key, "remove", e))?;
+            // Unknown to the metadata now; cleanup reclaims any that stays.
+            for spare in spares {
+                if let Err(e) = self.backend.remove(spare) {
+                    tracing::warn!(key, spare, error = %e, "could not remove a spare; cleanup will retry");
+                }
+            }
             failpoint("remove-after-backend");
             self.with_meta(|m| {
                 let tx = m.write(key)?;

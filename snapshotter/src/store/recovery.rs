@@ -24,6 +24,10 @@ use crate::error::Result;
 pub struct FsckReport {
     /// Ids with storage but no row and no operation in flight.
     pub orphans: Vec<u64>,
+    /// Spares with their storage in place: made by a commit for the next prepare on that
+    /// layer to take (btrfs), not snapshots. A spare whose storage is missing is dropped
+    /// (with repair): the next prepare then makes its snapshot the usual way.
+    pub spares: Vec<u64>,
     /// Snapshots whose storage is missing or that were marked broken, with the reason.
     pub broken: Vec<(String, String)>,
     /// Interrupted operations of dead processes, as `op key`.
@@ -103,10 +107,28 @@ impl<B: Backend> Store<B> {
             .map_err(|e| self.backend_err("", "list storage", e))?
             .into_iter()
             .collect();
-        let (rows, known) = self.with_meta(|m| {
+        let (rows, known, spares) = self.with_meta(|m| {
             let tx = m.read("")?;
-            Ok((tx.all_rows()?, tx.known_ids()?))
+            Ok((tx.all_rows()?, tx.known_ids()?, tx.all_spares()?))
         })?;
+        for spare in spares {
+            let present = ids.contains(&spare)
+                || self
+                    .backend
+                    .exists(spare)
+                    .map_err(|e| self.backend_err("", "check a spare's storage", e))?;
+            if present {
+                r.spares.push(spare);
+            } else if repair {
+                self.with_meta(|m| {
+                    let tx = m.write("")?;
+                    tx.spare_drop(spare)?;
+                    tx.commit()
+                })?;
+                r.repaired
+                    .push(format!("dropped spare {spare}, whose storage is missing"));
+            }
+        }
         r.orphans = ids
             .iter()
             .copied()
