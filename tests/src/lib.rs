@@ -30,5 +30,5 @@ pub use loopfs::{run_ok, LoopBtrfs};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
 #[cfg(feature = "btrfs")]
-pub use stores::{btrfs_store, BtrfsStore};
+pub use stores::{btrfs_store, durable_btrfs_store, BtrfsStore};
 pub use stores::{native_store, overlay_store, overlay_store_with};

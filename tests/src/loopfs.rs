@@ -55,20 +55,51 @@ impl LoopBtrfs {
     pub fn path(&self) -> &Path {
         &self.mountpoint
     }
+
+    /// How many transactions the filesystem has committed since it was mounted (the
+    /// kernel's `commit_stats`).
+    pub fn commits(&self) -> u64 {
+        let uuid = run_ok(
+            Command::new("blkid")
+                .args(["-p", "-s", "UUID", "-o", "value"])
+                .arg(&self.device),
+        );
+        let stats =
+            std::fs::read_to_string(format!("/sys/fs/btrfs/{}/commit_stats", uuid.trim())).unwrap();
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("commits "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no commit count in commit_stats: {stats}"))
+    }
 }
 
 impl Drop for LoopBtrfs {
     fn drop(&mut self) {
         // Busy for a moment when a child process still held a descriptor into it.
-        for _ in 0..50 {
-            let ok = Command::new("umount")
-                .arg(&self.mountpoint)
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                break;
+        let umount = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            if lazy {
+                cmd.arg("--lazy");
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            cmd.arg(&self.mountpoint)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let unmounted = (0..50).any(|_| {
+            umount(false) || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                false
+            }
+        });
+        if !unmounted {
+            // Still busy (something in the test kept a descriptor): detach it so that the
+            // loop device goes once the last user does, rather than never.
+            eprintln!(
+                "{} still busy; unmounting lazily",
+                self.mountpoint.display()
+            );
+            umount(true);
         }
         let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
         let _ = std::fs::remove_file(&self.image);

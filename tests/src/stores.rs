@@ -40,7 +40,15 @@ pub fn native_store(root: &Path) -> Store<NativeBackend> {
 #[cfg(feature = "btrfs")]
 pub struct BtrfsStore {
     store: Store<strata_btrfs::BtrfsBackend>,
-    _fs: crate::LoopBtrfs,
+    fs: crate::LoopBtrfs,
+}
+
+#[cfg(feature = "btrfs")]
+impl BtrfsStore {
+    /// The filesystem under the store.
+    pub fn fs(&self) -> &crate::LoopBtrfs {
+        &self.fs
+    }
 }
 
 #[cfg(feature = "btrfs")]
@@ -54,12 +62,30 @@ impl std::ops::Deref for BtrfsStore {
 /// A btrfs store on a fresh `size`-byte loop-backed btrfs mounted on `root`.
 #[cfg(feature = "btrfs")]
 pub fn btrfs_store(root: &Path, size: u64) -> BtrfsStore {
+    btrfs_store_with(root, size, options(false))
+}
+
+/// A btrfs store that syncs (the default outside tests) on a fresh `size`-byte loop-backed
+/// btrfs mounted on `root` with no periodic transaction (`commit=3600`), so that a test can
+/// count the transactions strata commits.
+#[cfg(feature = "btrfs")]
+pub fn durable_btrfs_store(root: &Path, size: u64) -> BtrfsStore {
+    let opts = StoreOptions {
+        durable: true,
+        ..StoreOptions::default()
+    };
+    let store = btrfs_store_with(root, size, opts);
+    crate::run_ok(
+        std::process::Command::new("mount")
+            .args(["-o", "remount,commit=3600"])
+            .arg(root),
+    );
+    store
+}
+
+#[cfg(feature = "btrfs")]
+fn btrfs_store_with(root: &Path, size: u64, opts: StoreOptions) -> BtrfsStore {
     let fs = crate::LoopBtrfs::mount_at(root, size);
-    let store = Store::open(
-        root,
-        strata_btrfs::BtrfsBackend::open(root).unwrap(),
-        options(false),
-    )
-    .unwrap();
-    BtrfsStore { store, _fs: fs }
+    let store = Store::open(root, strata_btrfs::BtrfsBackend::open(root).unwrap(), opts).unwrap();
+    BtrfsStore { store, fs }
 }

@@ -8,8 +8,8 @@
 use std::fs;
 use std::path::Path;
 
-use strata::{ErrorKind, ExportOptions, Labels, Snapshotter};
-use strata_tests::{btrfs_store, require_privileged, run_ok, Mounted};
+use strata::{ErrorKind, ExportOptions, Labels, Snapshotter, Store};
+use strata_tests::{btrfs_store, durable_btrfs_store, require_privileged, run_ok, Mounted};
 
 #[test]
 fn a_root_not_on_btrfs_is_refused_naming_what_it_is() {
@@ -55,9 +55,16 @@ fn a_full_filesystem_fails_cleanly_and_the_store_stays_usable() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    let s = btrfs_store(&root, 256 << 20);
+    // Durable, as outside tests: commits make spares (a snapshot each) or sync.
+    let s = durable_btrfs_store(&root, 256 << 20);
     s.prepare("base-a", None, Labels::new()).unwrap();
     s.commit("base", "base-a", Labels::new()).unwrap();
+    let small = Mounted::new(
+        &s.prepare("small-a", None, Labels::new()).unwrap(),
+        &tmp.path().join("small"),
+    );
+    fs::write(small.path().join("kept"), b"kept").unwrap();
+    small.unmount();
     let mounts = s.prepare("fill-a", None, Labels::new()).unwrap();
     let m = Mounted::new(&mounts, &tmp.path().join("m"));
     // A build step fills the filesystem.
@@ -81,6 +88,16 @@ fn a_full_filesystem_fails_cleanly_and_the_store_stays_usable() {
     if let Err(e) = s.apply_layer(Some("base"), None, None, layer.as_slice()) {
         errors.push(e.to_string());
     }
+    // A commit on a full filesystem either commits (its data intact, checked below) or fails
+    // cleanly, leaving the snapshot active to commit again later.
+    let small_committed = match s.commit("small", "small-a", Labels::new()) {
+        Ok(()) => true,
+        Err(e) => {
+            errors.push(e.to_string());
+            assert_eq!(s.stat("small-a").unwrap().kind, strata::Kind::Active);
+            false
+        }
+    };
     assert!(!errors.is_empty(), "a full filesystem refused nothing");
     for e in &errors {
         assert!(
@@ -95,6 +112,16 @@ fn a_full_filesystem_fails_cleanly_and_the_store_stays_usable() {
     m.unmount();
     libbtrfsutil_sync(&root);
     let _ = s.remove("more");
+    if !small_committed {
+        s.commit("small", "small-a", Labels::new()).unwrap();
+    }
+    let view = Mounted::new(
+        &s.view("small-v", Some("small"), Labels::new()).unwrap(),
+        &tmp.path().join("small"),
+    );
+    assert_eq!(fs::read(view.path().join("kept")).unwrap(), b"kept");
+    view.unmount();
+    s.remove("small-v").unwrap();
     s.prepare("after", Some("base"), Labels::new()).unwrap();
     s.commit("after-c", "after", Labels::new()).unwrap();
     let a = s
@@ -204,4 +231,160 @@ fn usage_counts_what_the_layer_changed_without_walking_the_tree() {
     );
     // The three files and the root directory they were added to.
     assert_eq!(top.inodes, 4, "{top:?}");
+}
+
+/// Writes `files` (name, content) into the Active snapshot `key` through its mount.
+fn write_into(s: &Store<strata_btrfs::BtrfsBackend>, key: &str, at: &Path, files: &[(&str, &str)]) {
+    let m = Mounted::new(&s.mounts(key).unwrap(), at);
+    for (name, content) in files {
+        fs::write(m.path().join(name), content).unwrap();
+    }
+    m.unmount();
+}
+
+/// The files at the top of a view of `name`, with their contents.
+fn files_of(s: &Store<strata_btrfs::BtrfsBackend>, name: &str, at: &Path) -> Vec<(String, String)> {
+    let view = format!("files-of-{name}");
+    let m = Mounted::new(&s.view(&view, Some(name), Labels::new()).unwrap(), at);
+    let mut out: Vec<(String, String)> = fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let content = fs::read_to_string(e.path()).unwrap();
+            (e.file_name().to_string_lossy().into_owned(), content)
+        })
+        .collect();
+    m.unmount();
+    s.remove(&view).unwrap();
+    out.sort();
+    out
+}
+
+/// A durable commit's one transaction is the snapshot that becomes the next prepare's
+/// storage (a spare), so a chain costs one btrfs transaction per layer: the prepare on a
+/// committed parent costs none, and every layer keeps exactly its own content.
+#[test]
+fn a_durable_chain_costs_one_btrfs_transaction_per_layer() {
+    if !require_privileged("btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let s = durable_btrfs_store(&tmp.path().join("root"), 512 << 20);
+    let fs = s.fs();
+    let m = tmp.path().join("m");
+    s.prepare("l0", None, Labels::new()).unwrap();
+    write_into(&s, "l0", &m, &[("f0", "0")]);
+    s.commit("c0", "l0", Labels::new()).unwrap();
+    const LAYERS: u64 = 20;
+    let mut commit_transactions = 0;
+    for i in 1..=LAYERS {
+        let before = fs.commits();
+        s.prepare(
+            &format!("l{i}"),
+            Some(&format!("c{}", i - 1)),
+            Labels::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            fs.commits(),
+            before,
+            "layer {i}: prepare committed a transaction"
+        );
+        let name = format!("f{i}");
+        write_into(&s, &format!("l{i}"), &m, &[(&name, &i.to_string())]);
+        let before = fs.commits();
+        s.commit(&format!("c{i}"), &format!("l{i}"), Labels::new())
+            .unwrap();
+        let spent = fs.commits() - before;
+        assert!(
+            spent >= 1,
+            "layer {i}: a durable commit committed no transaction"
+        );
+        commit_transactions += spent;
+    }
+    // SQLite's checkpoint may fsync once in a while; nothing else costs a transaction.
+    assert!(
+        commit_transactions <= LAYERS + 1,
+        "{commit_transactions} transactions for {LAYERS} commits"
+    );
+    let top = files_of(&s, &format!("c{LAYERS}"), &m);
+    assert_eq!(top.len() as u64, LAYERS + 1);
+    let middle = files_of(&s, "c10", &m);
+    let want: Vec<(String, String)> = {
+        let mut v: Vec<_> = (0..=10).map(|i| (format!("f{i}"), i.to_string())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        middle, want,
+        "a parent changed when its children were written"
+    );
+}
+
+/// A spare is storage, never a snapshot: the first child takes it, a second child of the same
+/// parent is made the usual way, both start from the parent's content and stay apart; a spare
+/// deleted behind strata's back is dropped and the child made anyway; removing the parent
+/// reclaims its spare.
+#[test]
+fn spares_are_taken_once_replaced_when_lost_and_reclaimed_with_their_layer() {
+    if !require_privileged("btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let s = durable_btrfs_store(&root, 512 << 20);
+    let m = tmp.path().join("m");
+    s.prepare("base-a", None, Labels::new()).unwrap();
+    write_into(&s, "base-a", &m, &[("base", "b")]);
+    s.commit("base", "base-a", Labels::new()).unwrap();
+    let spares = s.fsck(false).unwrap().spares;
+    assert_eq!(spares.len(), 1, "a durable commit leaves one spare");
+
+    s.prepare("a", Some("base"), Labels::new()).unwrap();
+    assert!(
+        s.fsck(false).unwrap().spares.is_empty(),
+        "the first child took it"
+    );
+    s.prepare("b", Some("base"), Labels::new()).unwrap();
+    write_into(&s, "a", &m, &[("a", "1")]);
+    write_into(&s, "b", &m, &[("b", "2")]);
+    s.commit("ca", "a", Labels::new()).unwrap();
+    s.commit("cb", "b", Labels::new()).unwrap();
+    let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+    assert_eq!(
+        files_of(&s, "ca", &m),
+        vec![pair("a", "1"), pair("base", "b")]
+    );
+    assert_eq!(
+        files_of(&s, "cb", &m),
+        vec![pair("b", "2"), pair("base", "b")]
+    );
+    assert_eq!(files_of(&s, "base", &m), vec![pair("base", "b")]);
+
+    // ca's spare, deleted behind strata's back.
+    let report = s.fsck(false).unwrap();
+    assert_eq!(report.spares.len(), 2, "{report:?}");
+    let lost = report.spares[0];
+    run_ok(
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "delete"])
+            .arg(s.backend().fs_path(lost)),
+    );
+    assert_eq!(s.fsck(false).unwrap().spares.len(), 1);
+    s.prepare("x", Some("ca"), Labels::new()).unwrap();
+    write_into(&s, "x", &m, &[("x", "3")]);
+    s.commit("cx", "x", Labels::new()).unwrap();
+    assert_eq!(
+        files_of(&s, "cx", &m),
+        vec![pair("a", "1"), pair("base", "b"), pair("x", "3")]
+    );
+
+    // Everything removed: no subvolume stays, spares included.
+    for k in ["cx", "ca", "cb", "base"] {
+        s.remove(k).unwrap();
+    }
+    let report = s.cleanup_report().unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(subvolumes(&root), Vec::<String>::new());
+    assert!(s.fsck(false).unwrap().is_clean());
 }
