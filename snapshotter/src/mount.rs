@@ -272,7 +272,24 @@ fn mount_overlay(
                 );
                 LOWERDIR_PLUS.store(LOWERDIR_PLUS_NO, Ordering::Relaxed);
             }
-            Err(FsconfigError::Failed(e)) => return Err(e),
+            Err(FsconfigError::CreateInvalid(e))
+                if LOWERDIR_PLUS.load(Ordering::Relaxed) == LOWERDIR_PLUS_UNKNOWN =>
+            {
+                // Before Linux 6.5 overlayfs parsed fsconfig options the old way: `lowerdir+`
+                // is taken, and refused only here, as one EINVAL among others. mount(2)
+                // decides: if it works, the kernel simply has no `lowerdir+`.
+                return match mount_overlay_legacy(&o, source, target, flags, readonly, mode) {
+                    Ok(()) => {
+                        tracing::debug!(
+                            "the kernel refused fsconfig lowerdir+ at create; overlays go through mount(2)"
+                        );
+                        LOWERDIR_PLUS.store(LOWERDIR_PLUS_NO, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(_) => Err(e),
+                };
+            }
+            Err(FsconfigError::Failed(e) | FsconfigError::CreateInvalid(e)) => return Err(e),
         }
     }
     mount_overlay_legacy(&o, source, target, flags, readonly, mode)
@@ -281,6 +298,9 @@ fn mount_overlay(
 enum FsconfigError {
     /// The kernel lacks the new mount API or `lowerdir+`.
     Unsupported,
+    /// The overlay's creation failed with EINVAL: bad options, or (Linux < 6.5) a kernel that
+    /// took `lowerdir+` without knowing it.
+    CreateInvalid(io::Error),
     /// The mount failed for another reason.
     Failed(io::Error),
 }
@@ -361,8 +381,14 @@ fn mount_overlay_fsconfig(
         };
         r.map_err(|e| FsconfigError::Failed(with_messages(&fd, e, k)))?;
     }
-    rustix::mount::fsconfig_create(&fd)
-        .map_err(|e| FsconfigError::Failed(with_messages(&fd, e, "create the overlay")))?;
+    rustix::mount::fsconfig_create(&fd).map_err(|e| {
+        let err = with_messages(&fd, e, "create the overlay");
+        if e == Errno::INVAL {
+            FsconfigError::CreateInvalid(err)
+        } else {
+            FsconfigError::Failed(err)
+        }
+    })?;
     let mut attrs = MountAttrFlags::empty();
     if readonly {
         attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
