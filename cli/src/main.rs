@@ -45,7 +45,8 @@ struct Global {
     #[arg(long, global = true, env = "STRATA_ROOT")]
     root: Option<PathBuf>,
 
-    /// Storage backend: overlay or native [default: the one recorded in the root, else overlay]
+    /// Storage backend: overlay, native, btrfs or devmapper (those built in) [default: the one
+    /// recorded in the root, else overlay]
     #[arg(long, global = true, env = "STRATA_BACKEND")]
     backend: Option<String>,
 
@@ -203,6 +204,9 @@ enum Command {
         #[arg(long)]
         digest: Option<String>,
     },
+    /// The device-mapper thin pool of a devmapper store
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Check the store: interrupted operations, orphaned storage, broken snapshots, stale
     /// export guards, leaked mounts. Exit status 1 when anything is wrong
     Fsck {
@@ -329,6 +333,97 @@ fn parse_label_edit(s: &str) -> Result<(String, Option<String>), String> {
     }
 }
 
+/// `pool` subcommands.
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Make a loop-backed thin pool (sparse files under ROOT/pool) and its base device, for
+    /// development and tests; after a reboot the store re-attaches it on open
+    Create {
+        /// Size of the data file (K, M, G, T suffixes: powers of 1024)
+        #[arg(long, default_value = "8G", value_parser = parse_size)]
+        data_size: u64,
+        /// Size of the metadata file
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        meta_size: u64,
+        /// Data block size: a multiple of 64K between 64K and 1G
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        block_size: u64,
+        /// Low-water mark, in data blocks
+        #[arg(long, default_value_t = 1024)]
+        low_water_mark: u64,
+        /// Size of the base device, and so of every snapshot
+        #[arg(long, default_value = "10G", value_parser = parse_size)]
+        base_size: u64,
+        /// Filesystem of the base device: ext4 or xfs
+        #[arg(long, default_value = "ext4")]
+        fs: String,
+    },
+}
+
+/// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 8G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `pool create`.
+fn pool(root: &Path, global: &Global, cmd: PoolCommand, out: &Output) -> Result<(), Failure> {
+    if global.backend.as_deref().is_some_and(|b| b != "devmapper") {
+        return Err(
+            CliError("pool is for devmapper stores: pass --backend devmapper".into()).into(),
+        );
+    }
+    #[cfg(feature = "devmapper")]
+    {
+        let PoolCommand::Create {
+            data_size,
+            meta_size,
+            block_size,
+            low_water_mark,
+            base_size,
+            fs,
+        } = cmd;
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
+        let opts = strata_devmapper::PoolOptions {
+            data_size,
+            meta_size,
+            block_size,
+            low_water_mark,
+            base_size,
+            fs,
+        };
+        let cfg = strata_devmapper::DevmapperBackend::create_pool(root, &opts)
+            .map_err(|e| Error::backend("", "pool create", "devmapper", e))?;
+        out.done(&format!(
+            "made thin pool {} ({} data, {} metadata) with a {} base device of {} bytes",
+            cfg.pool, cfg.data_size, cfg.meta_size, cfg.fs, cfg.base_size
+        ));
+        Ok(())
+    }
+    #[cfg(not(feature = "devmapper"))]
+    {
+        let _ = (root, cmd, out);
+        Err(CliError("this strata was built without the devmapper feature".into()).into())
+    }
+}
+
 fn labels(pairs: Vec<(String, String)>) -> Labels {
     pairs.into_iter().collect()
 }
@@ -339,6 +434,8 @@ const BACKENDS: &[&str] = &[
     "native",
     #[cfg(feature = "btrfs")]
     "btrfs",
+    #[cfg(feature = "devmapper")]
+    "devmapper",
 ];
 
 /// A store over whichever backend the root uses.
@@ -350,6 +447,9 @@ pub(crate) enum AnyStore {
     /// btrfs subvolumes.
     #[cfg(feature = "btrfs")]
     Btrfs(Store<strata_btrfs::BtrfsBackend>),
+    /// device-mapper thin devices.
+    #[cfg(feature = "devmapper")]
+    Devmapper(Store<strata_devmapper::DevmapperBackend>),
 }
 
 /// Runs `$body` with `$s` bound to the store, whatever its backend.
@@ -360,6 +460,8 @@ macro_rules! with_store {
             AnyStore::Overlay($s) => $body,
             #[cfg(feature = "btrfs")]
             AnyStore::Btrfs($s) => $body,
+            #[cfg(feature = "devmapper")]
+            AnyStore::Devmapper($s) => $body,
         }
     };
 }
@@ -468,6 +570,12 @@ fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnySto
             let backend = strata_btrfs::BtrfsBackend::open(root)
                 .map_err(|e| Error::backend("", "open", "btrfs", e))?;
             Ok(AnyStore::Btrfs(Store::open(root, backend, opts)?))
+        }
+        #[cfg(feature = "devmapper")]
+        "devmapper" => {
+            let backend = strata_devmapper::DevmapperBackend::open(root)
+                .map_err(|e| Error::backend("", "open", "devmapper", e))?;
+            Ok(AnyStore::Devmapper(Store::open(root, backend, opts)?))
         }
         other => Err(CliError(format!(
             "unknown backend {other:?}: this strata was built with {}",
@@ -696,6 +804,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
     match cli.command {
         Command::Bench(args) => return bench::run(&cli.global, args, out),
+        Command::Pool(cmd) => return pool(&root, &cli.global, cmd, out),
         Command::Umount { target } => {
             strata::mount::unmount(&target)?;
             out.done(&format!("unmounted {}", target.display()));
@@ -808,7 +917,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         | Command::Images
         | Command::Lease { .. }
         | Command::Gc { .. }) => store.tracker(&cmd, out)?,
-        Command::Umount { .. } | Command::Bench(_) => {}
+        Command::Umount { .. } | Command::Bench(_) | Command::Pool(_) => {}
     }
     s.close()?;
     Ok(())

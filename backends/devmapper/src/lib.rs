@@ -1,0 +1,734 @@
+//! strata's device-mapper thin backend: one thin device per snapshot, in one thin pool.
+//!
+//! The pool is either one strata made on two loop-backed sparse files under the store root
+//! ([`DevmapperBackend::create_pool`]) or one the user made and named; `devmapper.json` in the
+//! root records which ([`pool::PoolConfig`]). Thin id 0 is the base device, formatted once
+//! (ext4 by default, or xfs); snapshot `id`'s thin id is the store's id, which is never reused
+//! — so a crash between a kernel operation and its metadata transaction can never leave two
+//! snapshots claiming one thin id (containerd's issue #5646), and rolling back is deleting
+//! that id.
+//!
+//! Prepare = `create_snap <id> <parent or 0>` (the origin suspended and resumed when it is
+//! active), then the device is activated and its mount returned: `/dev/dm-<minor>` of type
+//! ext4/xfs (xfs snapshots mount with `nouuid`: they share the base's UUID). Views are the
+//! same, activated and mounted read-only. Commit flushes the device, records its mapped
+//! blocks (so usage stays O(1) after deactivation) and deactivates it; committed devices are
+//! only activated again, read-only, for a diff or as an active origin. Remove discards the
+//! whole device (a loop-backed pool gets the space back in its data file), deactivates it and
+//! deletes the thin id.
+//!
+//! All device-mapper work is ioctls through the `devicemapper` crate (no `dmsetup`); loop
+//! devices are attached with `losetup` and filesystems made with `mkfs`, once per pool.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use devicemapper::{DevId, Device, DmFlags, DmName, DmOptions, DM};
+use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
+
+pub mod pool;
+mod sys;
+
+pub use pool::{PoolConfig, PoolOptions};
+
+/// The base device's thin id; snapshots use the store's ids, which start at 1.
+const BASE: u64 = 0;
+
+/// The backend's errors. Each names the device, pool or path and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum DmapError {
+    /// The kernel has no usable device-mapper.
+    #[error(
+        "device-mapper is not available ({reason}): load it with `modprobe dm-thin-pool` \
+         (kernel options CONFIG_BLK_DEV_DM and CONFIG_DM_THIN_PROVISIONING), or use another \
+         backend (overlay, btrfs, native)"
+    )]
+    Unavailable {
+        /// What the probe found.
+        reason: String,
+    },
+    /// A device-mapper call failed.
+    #[error("{about}: {context}: {source}")]
+    Dm {
+        /// The device or pool concerned.
+        about: String,
+        /// What was being done.
+        context: &'static str,
+        /// What the crate said.
+        #[source]
+        source: devicemapper::DmError,
+    },
+    /// A file-system operation failed.
+    #[error("{path}: {context}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A helper program failed.
+    #[error("{path}: {command} failed: {output}")]
+    Tool {
+        /// The path it worked on.
+        path: PathBuf,
+        /// The command.
+        command: String,
+        /// What it printed on standard error.
+        output: String,
+    },
+    /// `devmapper.json` is missing or unreadable.
+    #[error("{path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store has no pool yet.
+    #[error(
+        "{root} has no thin pool: make one with `strata --root {root} --backend devmapper pool \
+         create --data-size SIZE --meta-size SIZE`",
+        root = .root.display()
+    )]
+    NoPool {
+        /// The store root.
+        root: PathBuf,
+    },
+    /// The named pool does not exist.
+    #[error("thin pool {pool:?} not found ({reason}): check `dmsetup ls --target thin-pool`")]
+    PoolMissing {
+        /// The pool's name.
+        pool: String,
+        /// What device-mapper said.
+        reason: String,
+    },
+    /// The named device is not a thin pool.
+    #[error("device-mapper device {pool:?} is a {target} device, not a thin pool")]
+    NotAPool {
+        /// The device's name.
+        pool: String,
+        /// Its target type.
+        target: String,
+    },
+    /// The pool is out of data or metadata space.
+    #[error("thin pool {pool:?} is out of space while trying to {context}: remove snapshots (strata gc) or grow the pool")]
+    NoSpace {
+        /// The pool's name.
+        pool: String,
+        /// What was being done.
+        context: &'static str,
+    },
+    /// Committed snapshots have no mounts of their own.
+    #[error("snapshot {id} is committed: mount a view of it instead")]
+    Committed {
+        /// The snapshot id.
+        id: u64,
+    },
+    /// A view of no snapshot was asked for.
+    #[error("a view needs at least one committed snapshot")]
+    EmptyChain,
+    /// The id does not fit a thin id (24 bits).
+    #[error("snapshot id {id} does not fit a thin device id (at most 16777215)")]
+    IdTooLarge {
+        /// The id.
+        id: u64,
+    },
+}
+
+impl DmapError {
+    pub(crate) fn dm(about: &str, context: &'static str, source: devicemapper::DmError) -> Self {
+        DmapError::Dm {
+            about: about.to_string(),
+            context,
+            source,
+        }
+    }
+
+    pub(crate) fn io(path: &Path, context: &'static str, source: io::Error) -> Self {
+        DmapError::Io {
+            path: path.to_path_buf(),
+            context,
+            source,
+        }
+    }
+}
+
+impl BackendError for DmapError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            DmapError::Unavailable { .. }
+            | DmapError::NoPool { .. }
+            | DmapError::PoolMissing { .. }
+            | DmapError::NotAPool { .. }
+            | DmapError::Committed { .. } => ErrorKind::FailedPrecondition,
+            DmapError::EmptyChain | DmapError::IdTooLarge { .. } => ErrorKind::InvalidArgument,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Opens device-mapper and checks that the thin targets are there.
+pub fn probe() -> Result<DM, DmapError> {
+    let dm = DM::new().map_err(|e| DmapError::Unavailable {
+        reason: format!("opening /dev/mapper/control: {e}"),
+    })?;
+    let targets = dm.list_versions().map_err(|e| DmapError::Unavailable {
+        reason: format!("listing its targets: {e}"),
+    })?;
+    let has = |t: &str| targets.iter().any(|(name, ..)| name == t);
+    if !has("thin-pool") || !has("thin") {
+        return Err(DmapError::Unavailable {
+            reason: "the thin-pool target is not loaded".into(),
+        });
+    }
+    Ok(dm)
+}
+
+/// The device-mapper thin backend.
+pub struct DevmapperBackend {
+    dm: DM,
+    root: PathBuf,
+    cfg: PoolConfig,
+    pool_dev: Device,
+    /// `root/devices`: a file per thin id strata created, named by the id.
+    devices: PathBuf,
+}
+
+impl std::fmt::Debug for DevmapperBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevmapperBackend")
+            .field("root", &self.root)
+            .field("pool", &self.cfg.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+fn thin_id(id: u64) -> Result<u64, DmapError> {
+    if id >= 1 << 24 {
+        return Err(DmapError::IdTooLarge { id });
+    }
+    Ok(id)
+}
+
+impl DevmapperBackend {
+    /// Makes a loop-backed pool for the store at `root` (sparse files under `root/pool`) and
+    /// its base device, and records them in `root/devmapper.json`.
+    pub fn create_pool(root: &Path, opts: &PoolOptions) -> Result<PoolConfig, DmapError> {
+        let dm = probe()?;
+        if PoolConfig::load(root)?.is_some() {
+            return Err(DmapError::Config {
+                path: root.join(pool::CONFIG),
+                reason: "this store already has a pool".into(),
+            });
+        }
+        if !opts.block_size.is_multiple_of(64 << 10)
+            || !((64 << 10)..=(1 << 30)).contains(&opts.block_size)
+        {
+            return Err(DmapError::Config {
+                path: root.join(pool::CONFIG),
+                reason: format!(
+                    "block size {} is not a multiple of 64 KiB between 64 KiB and 1 GiB",
+                    opts.block_size
+                ),
+            });
+        }
+        if opts.fs != "ext4" && opts.fs != "xfs" {
+            return Err(DmapError::Config {
+                path: root.join(pool::CONFIG),
+                reason: format!("filesystem {:?}: ext4 or xfs", opts.fs),
+            });
+        }
+        let dir = root.join("pool");
+        fs::create_dir_all(&dir)
+            .map_err(|e| DmapError::io(&dir, "create the pool directory", e))?;
+        let files = pool::LoopFiles {
+            data: PathBuf::from("pool/data"),
+            meta: PathBuf::from("pool/meta"),
+        };
+        for (rel, size) in [(&files.data, opts.data_size), (&files.meta, opts.meta_size)] {
+            let path = root.join(rel);
+            // A new sparse file: all zeros, which is what fresh pool metadata must start as.
+            let f = fs::File::create(&path)
+                .map_err(|e| DmapError::io(&path, "create the pool file", e))?;
+            f.set_len(size)
+                .map_err(|e| DmapError::io(&path, "size the pool file", e))?;
+        }
+        let canonical =
+            fs::canonicalize(root).map_err(|e| DmapError::io(root, "resolve the store root", e))?;
+        let tag = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            canonical.hash(&mut h);
+            format!("{:08x}", h.finish() as u32)
+        };
+        let cfg = PoolConfig {
+            pool: format!("strata-{tag}-pool"),
+            prefix: format!("strata-{tag}"),
+            loop_files: Some(files),
+            data_size: opts.data_size,
+            meta_size: opts.meta_size,
+            block_sectors: opts.block_size / 512,
+            low_water_mark: opts.low_water_mark,
+            base_size: opts.base_size,
+            fs: opts.fs.clone(),
+        };
+        let pool_dev = pool::activate(&dm, root, &cfg, true)?;
+        let backend = DevmapperBackend {
+            dm,
+            root: root.to_path_buf(),
+            devices: root.join("devices"),
+            cfg,
+            pool_dev,
+        };
+        backend.make_base()?;
+        backend.cfg.save(root)?;
+        Ok(backend.cfg)
+    }
+
+    /// Opens the backend of the store at `root`: re-attaches a loop-backed pool after a reboot
+    /// and checks a named one.
+    pub fn open(root: &Path) -> Result<DevmapperBackend, DmapError> {
+        let cfg = PoolConfig::load(root)?.ok_or_else(|| DmapError::NoPool {
+            root: root.to_path_buf(),
+        })?;
+        let dm = probe()?;
+        let pool_dev = pool::activate(&dm, root, &cfg, false)?;
+        let devices = root.join("devices");
+        fs::create_dir_all(&devices)
+            .map_err(|e| DmapError::io(&devices, "create the devices directory", e))?;
+        Ok(DevmapperBackend {
+            dm,
+            root: root.to_path_buf(),
+            cfg,
+            pool_dev,
+            devices,
+        })
+    }
+
+    /// Takes down the store's loop-backed pool: every thin device of the store, the pool, its
+    /// linear devices and loop devices, then deletes the pool files and `devmapper.json`.
+    /// Snapshot data is gone afterwards; for tests and `pool destroy`.
+    pub fn destroy_pool(root: &Path) -> Result<(), DmapError> {
+        let cfg = PoolConfig::load(root)?.ok_or_else(|| DmapError::NoPool {
+            root: root.to_path_buf(),
+        })?;
+        let Some(files) = cfg.loop_files.clone() else {
+            return Err(DmapError::Config {
+                path: root.join(pool::CONFIG),
+                reason: format!(
+                    "pool {:?} was not made by strata: it is the user's to remove",
+                    cfg.pool
+                ),
+            });
+        };
+        let dm = probe()?;
+        let devices = dm
+            .list_devices()
+            .map_err(|e| DmapError::dm(&cfg.pool, "list devices", e))?;
+        let thin_prefix = format!("{}-", cfg.prefix);
+        let mut names: Vec<String> = devices
+            .iter()
+            .map(|(n, ..)| n.to_string())
+            .filter(|n| {
+                n.strip_prefix(&thin_prefix)
+                    .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        names.push(cfg.pool.clone());
+        names.push(format!("{}-data", cfg.pool));
+        names.push(format!("{}-meta", cfg.pool));
+        for name in names {
+            let present = devices.iter().any(|(n, ..)| n.to_string() == name);
+            if !present {
+                continue;
+            }
+            dm.device_remove(&DevId::Name(pool::dm_name(&name)?), DmOptions::default())
+                .map_err(|e| DmapError::dm(&name, "remove the device", e))?;
+        }
+        for rel in [&files.data, &files.meta] {
+            let file = root.join(rel);
+            pool::detach_loops(&file)?;
+            match fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DmapError::io(&file, "delete the pool file", e)),
+            }
+        }
+        let config = root.join(pool::CONFIG);
+        fs::remove_file(&config)
+            .map_err(|e| DmapError::io(&config, "delete the pool configuration", e))
+    }
+
+    /// The recorded pool configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn name(&self, thin: u64) -> String {
+        format!("{}-{thin}", self.cfg.prefix)
+    }
+
+    fn message(&self, msg: &str, context: &'static str) -> Result<(), DmapError> {
+        let pool = pool::dm_name(&self.cfg.pool)?;
+        self.dm
+            .target_msg(&DevId::Name(pool), None, msg)
+            .map(|_| ())
+            .map_err(|e| self.space_or(e, context))
+    }
+
+    /// A device-mapper error, or [`DmapError::NoSpace`] when the pool is out of space.
+    fn space_or(&self, e: devicemapper::DmError, context: &'static str) -> DmapError {
+        let full = self
+            .dm
+            .table_status(
+                &DevId::Name(match DmName::new(&self.cfg.pool) {
+                    Ok(n) => n,
+                    Err(_) => return DmapError::dm(&self.cfg.pool, context, e),
+                }),
+                DmOptions::default(),
+            )
+            .ok()
+            .and_then(|(_, t)| t.first().map(|l| l.3.clone()))
+            .is_some_and(|status| status.contains("out_of_data_space") || status.contains(" ro "));
+        if full {
+            DmapError::NoSpace {
+                pool: self.cfg.pool.clone(),
+                context,
+            }
+        } else {
+            DmapError::dm(&self.cfg.pool, context, e)
+        }
+    }
+
+    /// The device node of active thin device `thin`, if it is active.
+    fn node(&self, thin: u64) -> Result<Option<PathBuf>, DmapError> {
+        let name = self.name(thin);
+        match self.dm.device_info(&DevId::Name(pool::dm_name(&name)?)) {
+            Ok(info) => Ok(Some(PathBuf::from(format!(
+                "/dev/dm-{}",
+                info.device().minor
+            )))),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Activates thin device `thin` (read-only when asked) and returns its device node.
+    fn activate(&self, thin: u64, readonly: bool) -> Result<PathBuf, DmapError> {
+        if let Some(node) = self.node(thin)? {
+            return Ok(node);
+        }
+        let name = self.name(thin);
+        let dm_name = pool::dm_name(&name)?;
+        let id = DevId::Name(dm_name);
+        self.dm
+            .device_create(dm_name, None, DmOptions::default())
+            .map_err(|e| DmapError::dm(&name, "create the device", e))?;
+        let table = [(
+            0u64,
+            self.cfg.base_sectors().0,
+            "thin".to_string(),
+            format!("{} {}", self.pool_dev, thin),
+        )];
+        let flags = if readonly {
+            DmFlags::DM_READONLY
+        } else {
+            DmFlags::empty()
+        };
+        let loaded = self
+            .dm
+            .table_load(&id, &table, DmOptions::default().set_flags(flags))
+            .and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
+        if let Err(e) = loaded {
+            let _ = self.dm.device_remove(&id, DmOptions::default());
+            return Err(DmapError::dm(&name, "activate the device", e));
+        }
+        self.node(thin)?.ok_or_else(|| DmapError::Io {
+            path: PathBuf::from(&name),
+            context: "find the activated device",
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })
+    }
+
+    /// Deactivates thin device `thin` if it is active. A device still open (mounted) is
+    /// removed by the kernel when its last user closes it (deferred removal).
+    fn deactivate(&self, thin: u64) -> Result<(), DmapError> {
+        let name = self.name(thin);
+        let dm_name = pool::dm_name(&name)?;
+        if self.node(thin)?.is_none() {
+            return Ok(());
+        }
+        self.dm
+            .device_remove(
+                &DevId::Name(dm_name),
+                DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+            )
+            .map(|_| ())
+            .map_err(|e| DmapError::dm(&name, "deactivate the device", e))
+    }
+
+    /// How many users have thin device `thin` open (a mount is one); 0 when inactive.
+    fn open_count(&self, thin: u64) -> Result<i32, DmapError> {
+        let name = self.name(thin);
+        match self.dm.device_info(&DevId::Name(pool::dm_name(&name)?)) {
+            Ok(info) => Ok(info.open_count()),
+            Err(_) => Ok(0),
+        }
+    }
+
+    /// `create_snap new origin`, suspending the origin around it when it is active.
+    fn snapshot(&self, new: u64, origin: u64) -> Result<(), DmapError> {
+        let origin_name = self.name(origin);
+        let active = self.node(origin)?.is_some();
+        let dm_name = pool::dm_name(&origin_name)?;
+        let id = DevId::Name(dm_name);
+        if active {
+            self.dm
+                .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+                .map_err(|e| DmapError::dm(&origin_name, "suspend the origin", e))?;
+        }
+        let made = self.message(&format!("create_snap {new} {origin}"), "create a snapshot");
+        if active {
+            self.dm
+                .device_suspend(&id, DmOptions::default())
+                .map_err(|e| DmapError::dm(&origin_name, "resume the origin", e))?;
+        }
+        made
+    }
+
+    /// Creates, formats and deactivates the base device (thin id 0).
+    fn make_base(&self) -> Result<(), DmapError> {
+        self.message(&format!("create_thin {BASE}"), "create the base device")?;
+        let node = self.activate(BASE, false)?;
+        let mut cmd = std::process::Command::new(format!("mkfs.{}", self.cfg.fs));
+        if self.cfg.fs == "ext4" {
+            // Initialise everything now: lazy initialisation would keep writing into every
+            // snapshot's first mount.
+            cmd.args([
+                "-q",
+                "-E",
+                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+            ]);
+        } else {
+            cmd.args(["-q", "-K"]);
+        }
+        cmd.arg(&node);
+        let made = pool::run(&mut cmd, &node)
+            .map(|_| ())
+            .and_then(|()| self.empty_root(&node));
+        let flushed = self.flush(&node);
+        self.deactivate(BASE)?;
+        made?;
+        flushed
+    }
+
+    /// Removes `lost+found` from the new filesystem on `node`: a layer holds what was put in
+    /// it, and an empty image must diff to an empty layer (fsck recreates it when needed).
+    fn empty_root(&self, node: &Path) -> Result<(), DmapError> {
+        if self.cfg.fs != "ext4" {
+            return Ok(());
+        }
+        let at = self.root.join(".base-mount");
+        fs::create_dir_all(&at).map_err(|e| DmapError::io(&at, "create a mount point", e))?;
+        rustix::mount::mount(
+            node,
+            &at,
+            &self.cfg.fs,
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .map_err(|e| DmapError::io(node, "mount the base device", e.into()))?;
+        let removed = fs::remove_dir(at.join("lost+found"));
+        let unmounted = rustix::mount::unmount(&at, rustix::mount::UnmountFlags::empty());
+        let _ = fs::remove_dir(&at);
+        removed.map_err(|e| DmapError::io(&at, "remove lost+found from the base device", e))?;
+        unmounted.map_err(|e| DmapError::io(&at, "unmount the base device", e.into()))
+    }
+
+    /// Flushes device `node` to the pool (and the pool's metadata to its device).
+    fn flush(&self, node: &Path) -> Result<(), DmapError> {
+        fs::File::open(node)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| DmapError::io(node, "flush the device", e))
+    }
+
+    /// Mapped bytes of thin device `thin`, which must be active.
+    fn mapped(&self, thin: u64) -> Result<u64, DmapError> {
+        let name = self.name(thin);
+        let (_, status) = self
+            .dm
+            .table_status(&DevId::Name(pool::dm_name(&name)?), DmOptions::default())
+            .map_err(|e| DmapError::dm(&name, "read the device's status", e))?;
+        // "<nr mapped sectors> <highest mapped sector>", or "Fail".
+        let sectors = status
+            .first()
+            .and_then(|l| l.3.split_whitespace().next())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(sectors * 512)
+    }
+
+    fn marker(&self, id: u64) -> PathBuf {
+        self.devices.join(id.to_string())
+    }
+
+    fn mount_of(&self, node: &Path, readonly: bool) -> Mount {
+        let mut options = vec![if readonly { "ro" } else { "rw" }.to_string()];
+        if self.cfg.fs == "xfs" {
+            options.push("nouuid".into());
+        } else if readonly {
+            // Never replay a journal on a read-only mount of a layer.
+            options.push("noload".into());
+        }
+        Mount {
+            fs_type: self.cfg.fs.clone(),
+            source: node.to_string_lossy().into_owned(),
+            options,
+        }
+    }
+}
+
+impl Backend for DevmapperBackend {
+    type Error = DmapError;
+
+    fn name(&self) -> &'static str {
+        "devmapper"
+    }
+
+    fn create(
+        &self,
+        id: u64,
+        kind: Kind,
+        parents: &[u64],
+        _opts: &CreateOptions,
+    ) -> Result<(), DmapError> {
+        let thin = thin_id(id)?;
+        let origin = parents.first().copied().unwrap_or(BASE);
+        let result = self
+            .snapshot(thin, origin)
+            .and_then(|()| self.activate(thin, kind == Kind::View))
+            .and_then(|_| {
+                // dm-thin commits its metadata after every message: the new thin id is on
+                // disk already, durable or not. The marker says strata made it.
+                let marker = self.marker(id);
+                fs::write(&marker, b"").map_err(|e| DmapError::io(&marker, "record the device", e))
+            });
+        if result.is_err() {
+            // No half-made device stays behind.
+            if let Err(e) = self.remove(id) {
+                tracing::warn!(id, error = %e, "could not remove the device of a failed create");
+            }
+        }
+        result
+    }
+
+    fn commit(&self, id: u64, _parents: &[u64], _durable: bool) -> Result<Usage, DmapError> {
+        let thin = thin_id(id)?;
+        let node = self.activate(thin, false)?;
+        // A filesystem still mounted (containerd commits so) may hold dirty pages the device
+        // has not seen: only a sync of every filesystem reaches them. Then the device's flush
+        // reaches the pool's metadata (dm-thin commits it on a flush): the layer is durable.
+        if self.open_count(thin)? > 0 {
+            rustix::fs::sync();
+        }
+        self.flush(&node)?;
+        let size = self.mapped(thin)?;
+        self.deactivate(thin)?;
+        Ok(Usage { size, inodes: 0 })
+    }
+
+    fn mounts(&self, id: u64, kind: Kind, _parents: &[u64]) -> Result<Vec<Mount>, DmapError> {
+        if kind == Kind::Committed {
+            return Err(DmapError::Committed { id });
+        }
+        let node = self.activate(thin_id(id)?, kind == Kind::View)?;
+        Ok(vec![self.mount_of(&node, kind == Kind::View)])
+    }
+
+    fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, DmapError> {
+        let top = *chain.first().ok_or(DmapError::EmptyChain)?;
+        let node = self.activate(thin_id(top)?, true)?;
+        Ok(vec![self.mount_of(&node, true)])
+    }
+
+    fn remove(&self, id: u64) -> Result<(), DmapError> {
+        let thin = thin_id(id)?;
+        // Give the blocks back (a loop-backed pool punches holes in its data file).
+        if let Ok(node) = self.activate(thin, false) {
+            let discarded = fs::OpenOptions::new()
+                .write(true)
+                .open(&node)
+                .and_then(|f| sys::discard(&f, 0, self.cfg.base_size));
+            if let Err(e) = discarded {
+                tracing::warn!(id, error = %e, "could not discard the device before deleting it");
+            }
+        }
+        self.deactivate(thin)?;
+        match self.message(&format!("delete {thin}"), "delete the thin device") {
+            Ok(()) => {}
+            // Never created (a rolled-back create) or already deleted.
+            Err(DmapError::Dm { .. }) if !self.thin_exists(thin) => {}
+            Err(e) => return Err(e),
+        }
+        let marker = self.marker(id);
+        match fs::remove_file(&marker) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DmapError::io(&marker, "forget the device", e)),
+        }
+    }
+
+    fn usage(&self, id: u64) -> Result<Usage, DmapError> {
+        let thin = thin_id(id)?;
+        let was_active = self.node(thin)?.is_some();
+        self.activate(thin, true)?;
+        let size = self.mapped(thin);
+        if !was_active {
+            self.deactivate(thin)?;
+        }
+        Ok(Usage {
+            size: size?,
+            inodes: 0,
+        })
+    }
+
+    fn ids(&self) -> Result<Vec<u64>, DmapError> {
+        let mut ids = Vec::new();
+        let entries = fs::read_dir(&self.devices)
+            .map_err(|e| DmapError::io(&self.devices, "list devices", e))?;
+        for e in entries {
+            let e = e.map_err(|e| DmapError::io(&self.devices, "list devices", e))?;
+            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn exists(&self, id: u64) -> Result<bool, DmapError> {
+        Ok(self.marker(id).exists() && self.thin_exists(thin_id(id)?))
+    }
+}
+
+impl DevmapperBackend {
+    /// Whether the pool has thin id `thin`: activating a device for an id the pool does not
+    /// have fails.
+    fn thin_exists(&self, thin: u64) -> bool {
+        match self.node(thin) {
+            Ok(Some(_)) => true,
+            _ => {
+                let ok = self.activate(thin, true).is_ok();
+                let _ = self.deactivate(thin);
+                ok
+            }
+        }
+    }
+}
