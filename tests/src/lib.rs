@@ -13,6 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod compare;
+#[cfg(feature = "devmapper")]
+mod dmpool;
 mod fstest;
 mod layers;
 mod loopfs;
@@ -24,6 +26,8 @@ pub use compare::{
     check_directory_equal, check_directory_equal_limit, check_directory_equal_with_applier,
     MAX_DIFFERENCES,
 };
+#[cfg(feature = "devmapper")]
+pub use dmpool::DevmapperPool;
 pub use fstest::{apply, Op};
 pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
 pub use loopfs::{run_ok, LoopBtrfs};

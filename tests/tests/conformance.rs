@@ -34,3 +34,9 @@ conformance!(btrfs, |root| {
     let backend = strata_btrfs::BtrfsBackend::open(root)?;
     strata::Store::open(root, backend, strata::StoreOptions::default())
 });
+
+#[cfg(feature = "devmapper")]
+conformance!(devmapper, |root| {
+    let backend = strata_devmapper::DevmapperBackend::open(root)?;
+    strata::Store::open(root, backend, strata::StoreOptions::default())
+});

@@ -992,7 +992,10 @@ pub type Case = fn(&dyn Snapshotter, &Path, &str);
 /// `root/` for the store and `work/` for the case, the store closed at the end.
 pub fn run(backend: &str, case: Case, open: fn(&Path) -> Opened) {
     let gate = format!("the {backend} conformance suite");
-    let allowed = if backend.starts_with("overlay") || backend.starts_with("btrfs") {
+    let allowed = if ["overlay", "btrfs", "devmapper"]
+        .iter()
+        .any(|b| backend.starts_with(b))
+    {
         require_privileged(&gate)
     } else {
         require_root(&gate)
@@ -1013,6 +1016,12 @@ pub fn run(backend: &str, case: Case, open: fn(&Path) -> Opened) {
     let _btrfs = backend
         .starts_with("btrfs")
         .then(|| strata_tests::LoopBtrfs::mount_at(&root, 512 << 20));
+    // The devmapper backend needs a thin pool: a loop-backed one of the test's own, taken down
+    // after the store is closed.
+    #[cfg(feature = "devmapper")]
+    let _pool = backend
+        .starts_with("devmapper")
+        .then(|| strata_tests::DevmapperPool::create(&root));
     let s = open(&root).unwrap_or_else(|e| panic!("Failed to initialize snapshotter: {e}"));
     let work = tmp.path().join("work");
     mkdir_all(&work);
