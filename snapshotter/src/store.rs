@@ -315,6 +315,22 @@ impl<B: Backend> Store<B> {
             ));
         }
 
+        // The row a new snapshot gets, once its storage is there.
+        let new_row = |id: u64, parent_id: Option<u64>| {
+            let now = SystemTime::now();
+            Row {
+                id,
+                key: key.into(),
+                kind,
+                parent_id,
+                created: now,
+                updated: now,
+                usage: None,
+                volatile,
+                broken: None,
+            }
+        };
+
         // Step 1: check, allocate, journal.
         let created = self.with_meta(|m| {
             let tx = m.write(key)?;
@@ -357,19 +373,7 @@ impl<B: Backend> Store<B> {
                         tracing::warn!(key, spare, "a spare's storage is missing; making the snapshot instead");
                         continue;
                     }
-                    let now = SystemTime::now();
-                    let row = Row {
-                        id: spare,
-                        key: key.into(),
-                        kind,
-                        parent_id,
-                        created: now,
-                        updated: now,
-                        usage: None,
-                        volatile,
-                        broken: None,
-                    };
-                    tx.insert(&row, &labels)?;
+                    tx.insert(&new_row(spare, parent_id), &labels)?;
                     tx.commit()?;
                     return Ok(Created::Taken(spare, parents));
                 }
@@ -404,18 +408,7 @@ impl<B: Backend> Store<B> {
         failpoint("create-after-backend");
 
         // Step 3: record it.
-        let now = SystemTime::now();
-        let row = Row {
-            id,
-            key: key.into(),
-            kind,
-            parent_id,
-            created: now,
-            updated: now,
-            usage: None,
-            volatile,
-            broken: None,
-        };
+        let row = new_row(id, parent_id);
         let recorded = self.with_meta(|m| {
             let tx = m.write(key)?;
             tx.insert(&row, &labels)?;
