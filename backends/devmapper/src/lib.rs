@@ -24,16 +24,16 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use devicemapper::{DevId, Device, DmFlags, DmName, DmOptions, DM};
+use devicemapper::{DevId, Device, DmFlags, DmOptions, DM};
 use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
 
 pub mod pool;
 mod sys;
 
-pub use pool::{PoolConfig, PoolOptions};
+pub use pool::{PoolConfig, PoolOptions, PoolStatus};
 
-/// The base device's thin id; snapshots use the store's ids, which start at 1.
-const BASE: u64 = 0;
+/// Thin ids are 24 bits.
+const THIN_IDS: u64 = 1 << 24;
 
 /// The backend's errors. Each names the device, pool or path and what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,17 @@ pub enum DmapError {
         /// What was being done.
         context: &'static str,
     },
+    /// A device to delete is still open.
+    #[error(
+        "device {device} is still open ({open} user(s)): unmount it (see `strata fsck`); \
+         `strata cleanup` deletes it afterwards"
+    )]
+    Busy {
+        /// The device's name.
+        device: String,
+        /// How many have it open.
+        open: i32,
+    },
     /// Committed snapshots have no mounts of their own.
     #[error("snapshot {id} is committed: mount a view of it instead")]
     Committed {
@@ -132,10 +143,26 @@ pub enum DmapError {
     #[error("a view needs at least one committed snapshot")]
     EmptyChain,
     /// The id does not fit a thin id (24 bits).
-    #[error("snapshot id {id} does not fit a thin device id (at most 16777215)")]
+    #[error(
+        "snapshot id {id} does not fit a thin device id: thin ids start at {offset} in this \
+         pool and end at 16777215"
+    )]
     IdTooLarge {
         /// The id.
         id: u64,
+        /// The pool's first thin id for this store.
+        offset: u64,
+    },
+    /// A thin id strata wanted is already used in a shared pool.
+    #[error(
+        "thin id {thin} is already used in pool {pool:?}: give this store other ids with \
+         `pool use {pool} --thin-id-offset N`"
+    )]
+    ThinIdInUse {
+        /// The pool's name.
+        pool: String,
+        /// The thin id.
+        thin: u64,
     },
 }
 
@@ -164,8 +191,11 @@ impl BackendError for DmapError {
             | DmapError::NoPool { .. }
             | DmapError::PoolMissing { .. }
             | DmapError::NotAPool { .. }
-            | DmapError::Committed { .. } => ErrorKind::FailedPrecondition,
+            | DmapError::Committed { .. }
+            | DmapError::ThinIdInUse { .. }
+            | DmapError::NoSpace { .. } => ErrorKind::FailedPrecondition,
             DmapError::EmptyChain | DmapError::IdTooLarge { .. } => ErrorKind::InvalidArgument,
+            DmapError::Busy { .. } => ErrorKind::Busy,
             _ => ErrorKind::Internal,
         }
     }
@@ -188,6 +218,61 @@ pub fn probe() -> Result<DM, DmapError> {
     Ok(dm)
 }
 
+/// How to use a pool the user made (`strata --backend devmapper pool use NAME`).
+#[derive(Debug, Clone)]
+pub struct UsePool {
+    /// Bytes of the base device.
+    pub base_size: u64,
+    /// `ext4` or `xfs`.
+    pub fs: String,
+    /// The base device's thin id; snapshots take the ids above it.
+    pub thin_offset: u64,
+}
+
+impl Default for UsePool {
+    fn default() -> UsePool {
+        UsePool {
+            base_size: 10 << 30,
+            fs: "ext4".into(),
+            // The upper half of the 24-bit id space: tools that number thin devices from 0 or
+            // 1 (containerd's devmapper snapshotter does) stay below it.
+            thin_offset: 1 << 23,
+        }
+    }
+}
+
+fn check_fs(root: &Path, fs: &str) -> Result<(), DmapError> {
+    if fs == "ext4" || fs == "xfs" {
+        return Ok(());
+    }
+    Err(DmapError::Config {
+        path: root.join(pool::CONFIG),
+        reason: format!("filesystem {fs:?}: ext4 or xfs"),
+    })
+}
+
+/// A short tag of the store root's canonical path: device names of different stores differ.
+fn tag(root: &Path) -> Result<String, DmapError> {
+    use std::hash::{Hash, Hasher};
+    let canonical =
+        fs::canonicalize(root).map_err(|e| DmapError::io(root, "resolve the store root", e))?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    canonical.hash(&mut h);
+    Ok(format!("{:08x}", h.finish() as u32))
+}
+
+/// Deletes the store's pool configuration and device records.
+fn forget(root: &Path) -> Result<(), DmapError> {
+    let devices = root.join("devices");
+    match fs::remove_dir_all(&devices) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DmapError::io(&devices, "delete the device records", e)),
+    }
+    let config = root.join(pool::CONFIG);
+    fs::remove_file(&config).map_err(|e| DmapError::io(&config, "delete the pool configuration", e))
+}
+
 /// The device-mapper thin backend.
 pub struct DevmapperBackend {
     dm: DM,
@@ -205,13 +290,6 @@ impl std::fmt::Debug for DevmapperBackend {
             .field("pool", &self.cfg.pool)
             .finish_non_exhaustive()
     }
-}
-
-fn thin_id(id: u64) -> Result<u64, DmapError> {
-    if id >= 1 << 24 {
-        return Err(DmapError::IdTooLarge { id });
-    }
-    Ok(id)
 }
 
 impl DevmapperBackend {
@@ -236,12 +314,7 @@ impl DevmapperBackend {
                 ),
             });
         }
-        if opts.fs != "ext4" && opts.fs != "xfs" {
-            return Err(DmapError::Config {
-                path: root.join(pool::CONFIG),
-                reason: format!("filesystem {:?}: ext4 or xfs", opts.fs),
-            });
-        }
+        check_fs(root, &opts.fs)?;
         let dir = root.join("pool");
         fs::create_dir_all(&dir)
             .map_err(|e| DmapError::io(&dir, "create the pool directory", e))?;
@@ -257,14 +330,7 @@ impl DevmapperBackend {
             f.set_len(size)
                 .map_err(|e| DmapError::io(&path, "size the pool file", e))?;
         }
-        let canonical =
-            fs::canonicalize(root).map_err(|e| DmapError::io(root, "resolve the store root", e))?;
-        let tag = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            canonical.hash(&mut h);
-            format!("{:08x}", h.finish() as u32)
-        };
+        let tag = tag(root)?;
         let cfg = PoolConfig {
             pool: format!("strata-{tag}-pool"),
             prefix: format!("strata-{tag}"),
@@ -275,8 +341,57 @@ impl DevmapperBackend {
             low_water_mark: opts.low_water_mark,
             base_size: opts.base_size,
             fs: opts.fs.clone(),
+            thin_offset: 0,
         };
         let pool_dev = pool::activate(&dm, root, &cfg, true)?;
+        let backend = DevmapperBackend {
+            dm,
+            root: root.to_path_buf(),
+            devices: root.join("devices"),
+            cfg,
+            pool_dev,
+        };
+        backend.make_base()?;
+        backend.cfg.save(root)?;
+        Ok(backend.cfg)
+    }
+
+    /// Makes the store at `root` keep its snapshots in `pool`, an existing thin pool the user
+    /// made (and keeps): creates and formats the base device at thin id `opts.thin_offset`,
+    /// and records the pool in `root/devmapper.json`. Snapshot `id` gets thin id
+    /// `thin_offset + id`, so the pool's other users must leave that range alone.
+    pub fn use_pool(root: &Path, pool: &str, opts: &UsePool) -> Result<PoolConfig, DmapError> {
+        let dm = probe()?;
+        if PoolConfig::load(root)?.is_some() {
+            return Err(DmapError::Config {
+                path: root.join(pool::CONFIG),
+                reason: "this store already has a pool".into(),
+            });
+        }
+        check_fs(root, &opts.fs)?;
+        if opts.thin_offset >= THIN_IDS - 1 {
+            return Err(DmapError::IdTooLarge {
+                id: 1,
+                offset: opts.thin_offset,
+            });
+        }
+        let tag = tag(root)?;
+        let mut cfg = PoolConfig {
+            pool: pool.to_string(),
+            prefix: format!("strata-{tag}"),
+            loop_files: None,
+            data_size: 0,
+            meta_size: 0,
+            block_sectors: 0,
+            low_water_mark: 0,
+            base_size: opts.base_size,
+            fs: opts.fs.clone(),
+            thin_offset: opts.thin_offset,
+        };
+        let pool_dev = pool::activate(&dm, root, &cfg, false)?;
+        if let Some(p) = pool::params(&dm, &cfg.pool)? {
+            (cfg.data_size, cfg.block_sectors, cfg.low_water_mark) = p;
+        }
         let backend = DevmapperBackend {
             dm,
             root: root.to_path_buf(),
@@ -309,21 +424,29 @@ impl DevmapperBackend {
         })
     }
 
-    /// Takes down the store's loop-backed pool: every thin device of the store, the pool, its
-    /// linear devices and loop devices, then deletes the pool files and `devmapper.json`.
-    /// Snapshot data is gone afterwards; for tests and `pool destroy`.
+    /// Takes down the store's pool: for a loop-backed pool strata made, every thin device of
+    /// the store, the pool, its linear devices and loop devices, then the pool files; for a
+    /// pool the user named, the store's thin devices (deactivated and deleted from the pool,
+    /// which stays). Then deletes `devmapper.json` and the device records. Snapshot data is
+    /// gone afterwards; for tests and `pool destroy`.
     pub fn destroy_pool(root: &Path) -> Result<(), DmapError> {
         let cfg = PoolConfig::load(root)?.ok_or_else(|| DmapError::NoPool {
             root: root.to_path_buf(),
         })?;
         let Some(files) = cfg.loop_files.clone() else {
-            return Err(DmapError::Config {
-                path: root.join(pool::CONFIG),
-                reason: format!(
-                    "pool {:?} was not made by strata: it is the user's to remove",
-                    cfg.pool
-                ),
-            });
+            let backend = DevmapperBackend::open(root)?;
+            let mut ids = backend.ids()?;
+            ids.sort_unstable();
+            // Children before parents, then the base.
+            for id in ids.into_iter().rev() {
+                backend.remove(id)?;
+            }
+            let base = cfg.thin_offset;
+            backend.deactivate(base)?;
+            if backend.thin_exists(base) {
+                backend.message(&format!("delete {base}"), "delete the base device")?;
+            }
+            return forget(root);
         };
         let dm = probe()?;
         let devices = dm
@@ -358,9 +481,7 @@ impl DevmapperBackend {
                 Err(e) => return Err(DmapError::io(&file, "delete the pool file", e)),
             }
         }
-        let config = root.join(pool::CONFIG);
-        fs::remove_file(&config)
-            .map_err(|e| DmapError::io(&config, "delete the pool configuration", e))
+        forget(root)
     }
 
     /// The recorded pool configuration.
@@ -371,6 +492,15 @@ impl DevmapperBackend {
     /// The store root.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The thin id of snapshot `id`: the pool's offset for this store plus the id.
+    fn thin(&self, id: u64) -> Result<u64, DmapError> {
+        let offset = self.cfg.thin_offset;
+        match offset.checked_add(id) {
+            Some(t) if t < THIN_IDS => Ok(t),
+            _ => Err(DmapError::IdTooLarge { id, offset }),
+        }
     }
 
     fn name(&self, thin: u64) -> String {
@@ -387,19 +517,7 @@ impl DevmapperBackend {
 
     /// A device-mapper error, or [`DmapError::NoSpace`] when the pool is out of space.
     fn space_or(&self, e: devicemapper::DmError, context: &'static str) -> DmapError {
-        let full = self
-            .dm
-            .table_status(
-                &DevId::Name(match DmName::new(&self.cfg.pool) {
-                    Ok(n) => n,
-                    Err(_) => return DmapError::dm(&self.cfg.pool, context, e),
-                }),
-                DmOptions::default(),
-            )
-            .ok()
-            .and_then(|(_, t)| t.first().map(|l| l.3.clone()))
-            .is_some_and(|status| status.contains("out_of_data_space") || status.contains(" ro "));
-        if full {
+        if self.status().is_ok_and(|s| s.full()) {
             DmapError::NoSpace {
                 pool: self.cfg.pool.clone(),
                 context,
@@ -407,6 +525,11 @@ impl DevmapperBackend {
         } else {
             DmapError::dm(&self.cfg.pool, context, e)
         }
+    }
+
+    /// How full the pool is.
+    pub fn status(&self) -> Result<PoolStatus, DmapError> {
+        pool::status(&self.dm, &self.cfg.pool, self.cfg.block_sectors * 512)
     }
 
     /// The device node of active thin device `thin`, if it is active.
@@ -506,8 +629,18 @@ impl DevmapperBackend {
 
     /// Creates, formats and deactivates the base device (thin id 0).
     fn make_base(&self) -> Result<(), DmapError> {
-        self.message(&format!("create_thin {BASE}"), "create the base device")?;
-        let node = self.activate(BASE, false)?;
+        let base = self.cfg.thin_offset;
+        if let Err(e) = self.message(&format!("create_thin {base}"), "create the base device") {
+            return Err(if self.thin_exists(base) {
+                DmapError::ThinIdInUse {
+                    pool: self.cfg.pool.clone(),
+                    thin: base,
+                }
+            } else {
+                e
+            });
+        }
+        let node = self.activate(base, false)?;
         let mut cmd = std::process::Command::new(format!("mkfs.{}", self.cfg.fs));
         if self.cfg.fs == "ext4" {
             // Initialise everything now: lazy initialisation would keep writing into every
@@ -525,7 +658,7 @@ impl DevmapperBackend {
             .map(|_| ())
             .and_then(|()| self.empty_root(&node));
         let flushed = self.flush(&node);
-        self.deactivate(BASE)?;
+        self.deactivate(base)?;
         made?;
         flushed
     }
@@ -557,7 +690,13 @@ impl DevmapperBackend {
     fn flush(&self, node: &Path) -> Result<(), DmapError> {
         fs::File::open(node)
             .and_then(|f| f.sync_all())
-            .map_err(|e| DmapError::io(node, "flush the device", e))
+            .map_err(|e| match self.status() {
+                Ok(st) if st.full() => DmapError::NoSpace {
+                    pool: self.cfg.pool.clone(),
+                    context: "flush the device",
+                },
+                _ => DmapError::io(node, "flush the device", e),
+            })
     }
 
     /// Mapped bytes of thin device `thin`, which must be active.
@@ -578,6 +717,11 @@ impl DevmapperBackend {
 
     fn marker(&self, id: u64) -> PathBuf {
         self.devices.join(id.to_string())
+    }
+
+    /// Notes that snapshot `id`'s thin id belongs to someone else (see `create`).
+    fn foreign_note(&self, id: u64) -> PathBuf {
+        self.devices.join(format!(".foreign-{id}"))
     }
 
     fn mount_of(&self, node: &Path, readonly: bool) -> Mount {
@@ -610,17 +754,32 @@ impl Backend for DevmapperBackend {
         parents: &[u64],
         _opts: &CreateOptions,
     ) -> Result<(), DmapError> {
-        let thin = thin_id(id)?;
-        let origin = parents.first().copied().unwrap_or(BASE);
-        let result = self
-            .snapshot(thin, origin)
-            .and_then(|()| self.activate(thin, kind == Kind::View))
-            .and_then(|_| {
-                // dm-thin commits its metadata after every message: the new thin id is on
-                // disk already, durable or not. The marker says strata made it.
-                let marker = self.marker(id);
-                fs::write(&marker, b"").map_err(|e| DmapError::io(&marker, "record the device", e))
-            });
+        let thin = self.thin(id)?;
+        let origin = match parents.first() {
+            Some(&p) => self.thin(p)?,
+            None => self.cfg.thin_offset,
+        };
+        // The marker first: it says strata claims the id, so whatever a crash leaves behind
+        // is listed by `ids()` and reclaimed (dm-thin commits its metadata after every
+        // message: the new thin id is on disk as soon as the message returns).
+        let marker = self.marker(id);
+        fs::write(&marker, b"").map_err(|e| DmapError::io(&marker, "record the device", e))?;
+        if let Err(e) = self.snapshot(thin, origin) {
+            if self.thin_exists(thin) {
+                // The id was taken before this create: another user of a shared pool.
+                // Not ours to delete, which the note tells the store's rollback (remove).
+                let note = self.foreign_note(id);
+                fs::write(&note, b"").map_err(|e| DmapError::io(&note, "note a foreign id", e))?;
+                let _ = fs::remove_file(&marker);
+                return Err(DmapError::ThinIdInUse {
+                    pool: self.cfg.pool.clone(),
+                    thin,
+                });
+            }
+            let _ = fs::remove_file(&marker);
+            return Err(e);
+        }
+        let result = self.activate(thin, kind == Kind::View).map(|_| ());
         if result.is_err() {
             // No half-made device stays behind.
             if let Err(e) = self.remove(id) {
@@ -631,7 +790,7 @@ impl Backend for DevmapperBackend {
     }
 
     fn commit(&self, id: u64, _parents: &[u64], _durable: bool) -> Result<Usage, DmapError> {
-        let thin = thin_id(id)?;
+        let thin = self.thin(id)?;
         let node = self.activate(thin, false)?;
         // A filesystem still mounted (containerd commits so) may hold dirty pages the device
         // has not seen: only a sync of every filesystem reaches them. Then the device's flush
@@ -640,6 +799,14 @@ impl Backend for DevmapperBackend {
             rustix::fs::sync();
         }
         self.flush(&node)?;
+        // A pool out of data space failed some of the snapshot's writes (error_if_no_space):
+        // its filesystem may have lost data, so it is not made a layer.
+        if self.status()?.full() {
+            return Err(DmapError::NoSpace {
+                pool: self.cfg.pool.clone(),
+                context: "commit the snapshot (some of its writes may have failed)",
+            });
+        }
         let size = self.mapped(thin)?;
         self.deactivate(thin)?;
         Ok(Usage { size, inodes: 0 })
@@ -649,18 +816,41 @@ impl Backend for DevmapperBackend {
         if kind == Kind::Committed {
             return Err(DmapError::Committed { id });
         }
-        let node = self.activate(thin_id(id)?, kind == Kind::View)?;
+        let node = self.activate(self.thin(id)?, kind == Kind::View)?;
         Ok(vec![self.mount_of(&node, kind == Kind::View)])
     }
 
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, DmapError> {
         let top = *chain.first().ok_or(DmapError::EmptyChain)?;
-        let node = self.activate(thin_id(top)?, true)?;
+        let node = self.activate(self.thin(top)?, true)?;
         Ok(vec![self.mount_of(&node, true)])
     }
 
     fn remove(&self, id: u64) -> Result<(), DmapError> {
-        let thin = thin_id(id)?;
+        let thin = self.thin(id)?;
+        let marker = self.marker(id);
+        let foreign = self.foreign_note(id);
+        if foreign.exists() {
+            // A create refused because another user of a shared pool has this id: the store
+            // rolls it back, but the device is not ours to delete.
+            return fs::remove_file(&foreign)
+                .map_err(|e| DmapError::io(&foreign, "forget a refused create", e));
+        }
+        // A device still open (a mount, a reader) is neither discarded under its user's feet
+        // nor left to a deferred removal the pool would refuse to delete the id after: wait
+        // a little for its last user, else say who holds it.
+        let mut waited = 0;
+        while self.open_count(thin)? > 0 && waited < 50 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            waited += 1;
+        }
+        let open = self.open_count(thin)?;
+        if open > 0 {
+            return Err(DmapError::Busy {
+                device: self.name(thin),
+                open,
+            });
+        }
         // Give the blocks back (a loop-backed pool punches holes in its data file).
         if let Ok(node) = self.activate(thin, false) {
             let discarded = fs::OpenOptions::new()
@@ -678,7 +868,6 @@ impl Backend for DevmapperBackend {
             Err(DmapError::Dm { .. }) if !self.thin_exists(thin) => {}
             Err(e) => return Err(e),
         }
-        let marker = self.marker(id);
         match fs::remove_file(&marker) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -687,7 +876,7 @@ impl Backend for DevmapperBackend {
     }
 
     fn usage(&self, id: u64) -> Result<Usage, DmapError> {
-        let thin = thin_id(id)?;
+        let thin = self.thin(id)?;
         let was_active = self.node(thin)?.is_some();
         self.activate(thin, true)?;
         let size = self.mapped(thin);
@@ -714,7 +903,7 @@ impl Backend for DevmapperBackend {
     }
 
     fn exists(&self, id: u64) -> Result<bool, DmapError> {
-        Ok(self.marker(id).exists() && self.thin_exists(thin_id(id)?))
+        Ok(self.marker(id).exists() && self.thin_exists(self.thin(id)?))
     }
 }
 

@@ -4,8 +4,9 @@
 //! pool strata made on loop devices, the two backing files (under `pool/` in the root), the
 //! sizes, the data block size and the low-water mark. On open, a loop-backed pool whose
 //! devices are gone (a reboot) is re-attached: the files are attached to loop devices again,
-//! the linear devices over them and the pool are set up from the recorded table. A pool the
-//! user made and named is only looked up.
+//! the linear devices over them and the pool are set up from the recorded table, with
+//! `error_if_no_space` (a full pool fails writes at once instead of queueing them for a
+//! minute). A pool the user made and named is only looked up, and must be a thin pool.
 
 use std::fs;
 use std::io;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use devicemapper::{
-    DevId, Device, DmDevice, DmName, DmOptions, LinearDev, LinearDevTargetParams,
+    DevId, Device, DmDevice, DmFlags, DmName, DmOptions, LinearDev, LinearDevTargetParams,
     LinearTargetParams, Sectors, TargetLine, ThinPoolDev, DM,
 };
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,10 @@ pub struct PoolConfig {
     pub base_size: u64,
     /// The base device's filesystem: `ext4` or `xfs`.
     pub fs: String,
+    /// The base device's thin id; snapshot `id` is thin id `thin_offset + id`. 0 in a pool
+    /// strata made; in a shared pool, a range the pool's other users leave alone.
+    #[serde(default)]
+    pub thin_offset: u64,
 }
 
 /// How to make a loop-backed pool (`strata --backend devmapper pool create`).
@@ -205,6 +210,12 @@ fn linear(dm: &DM, name: &str, dev: &Path) -> Result<LinearDev, DmapError> {
         .map_err(|e| DmapError::dm(name, "set up the linear device", e))
 }
 
+/// The feature arguments of a pool strata makes: fail writes at once when the pool is full
+/// (a queued write would hang the writer for the kernel's `no_space_timeout`, 60 s).
+fn features() -> Vec<String> {
+    vec!["error_if_no_space".to_string()]
+}
+
 /// Sets up (or finds) the pool `cfg` records, and returns its device number; `fresh` when
 /// its metadata device is new.
 pub(crate) fn activate(
@@ -214,6 +225,15 @@ pub(crate) fn activate(
     fresh: bool,
 ) -> Result<Device, DmapError> {
     let name = dm_name(&cfg.pool)?;
+    if let (Some(_), false) = (&cfg.loop_files, fresh) {
+        // Already up (every open but the first after a reboot): nothing to attach. Two
+        // `losetup` runs and two table checks saved on every open.
+        if let Ok((info, table)) = dm.table_status(&DevId::Name(name), DmOptions::default()) {
+            if table.first().is_some_and(|line| line.2 == "thin-pool") {
+                return Ok(info.device());
+            }
+        }
+    }
     if let Some(files) = &cfg.loop_files {
         let data = linear(
             dm,
@@ -227,9 +247,9 @@ pub(crate) fn activate(
         )?;
         let low = devicemapper::DataBlocks(cfg.low_water_mark);
         let pool = if fresh {
-            ThinPoolDev::new(dm, name, None, meta, data, cfg.block(), low, Vec::new())
+            ThinPoolDev::new(dm, name, None, meta, data, cfg.block(), low, features())
         } else {
-            ThinPoolDev::setup(dm, name, None, meta, data, cfg.block(), low, Vec::new())
+            ThinPoolDev::setup(dm, name, None, meta, data, cfg.block(), low, features())
         };
         return pool
             .map(|p| p.device())
@@ -253,4 +273,88 @@ pub(crate) fn activate(
             target: "no table".into(),
         }),
     }
+}
+
+/// The data size (bytes), block size (sectors) and low-water mark (blocks) of thin pool
+/// `pool`, read from its table.
+pub(crate) fn params(dm: &DM, pool: &str) -> Result<Option<(u64, u64, u64)>, DmapError> {
+    let (_, table) = dm
+        .table_status(
+            &DevId::Name(dm_name(pool)?),
+            DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+        )
+        .map_err(|e| DmapError::dm(pool, "read the pool's table", e))?;
+    Ok(table.first().and_then(|line| {
+        let mut fields = line.3.split_whitespace().skip(2);
+        let block = fields.next()?.parse().ok()?;
+        let low = fields.next()?.parse().ok()?;
+        Some((line.1 * 512, block, low))
+    }))
+}
+
+/// How full a thin pool is, and its mode (`strata --backend devmapper pool status`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// The pool's device-mapper name.
+    pub pool: String,
+    /// Data blocks in use.
+    pub used_data_blocks: u64,
+    /// Data blocks in all.
+    pub total_data_blocks: u64,
+    /// Bytes per data block.
+    pub data_block_bytes: u64,
+    /// Metadata blocks (4 KiB) in use.
+    pub used_meta_blocks: u64,
+    /// Metadata blocks in all.
+    pub total_meta_blocks: u64,
+    /// `rw`, `ro` (metadata full or damaged), `out_of_data_space` or `fail`.
+    pub mode: String,
+}
+
+impl PoolStatus {
+    /// Whether the pool can take no new blocks.
+    pub fn full(&self) -> bool {
+        self.mode != "rw" || self.used_data_blocks >= self.total_data_blocks
+    }
+}
+
+/// Reads thin pool `pool`'s status line; its data blocks are `data_block_bytes` each.
+pub(crate) fn status(dm: &DM, pool: &str, data_block_bytes: u64) -> Result<PoolStatus, DmapError> {
+    let (_, table) = dm
+        .table_status(&DevId::Name(dm_name(pool)?), DmOptions::default())
+        .map_err(|e| DmapError::dm(pool, "read the pool's status", e))?;
+    let line = table.first().map(|l| l.3.clone()).unwrap_or_default();
+    let bad = || DmapError::Config {
+        path: PathBuf::from(pool),
+        reason: format!("unexpected thin-pool status {line:?}"),
+    };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.first() == Some(&"Fail") {
+        return Ok(PoolStatus {
+            pool: pool.to_string(),
+            used_data_blocks: 0,
+            total_data_blocks: 0,
+            data_block_bytes,
+            used_meta_blocks: 0,
+            total_meta_blocks: 0,
+            mode: "fail".into(),
+        });
+    }
+    // <transaction id> <used meta>/<total meta> <used data>/<total data> <held root> <mode> ...
+    let pair = |i: usize| -> Option<(u64, u64)> {
+        let (a, b) = fields.get(i)?.split_once('/')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    let (used_meta_blocks, total_meta_blocks) = pair(1).ok_or_else(bad)?;
+    let (used_data_blocks, total_data_blocks) = pair(2).ok_or_else(bad)?;
+    let mode = fields.get(4).ok_or_else(bad)?.to_string();
+    Ok(PoolStatus {
+        pool: pool.to_string(),
+        used_data_blocks,
+        total_data_blocks,
+        data_block_bytes,
+        used_meta_blocks,
+        total_meta_blocks,
+        mode,
+    })
 }
