@@ -177,14 +177,16 @@ impl<B: Backend> Store<B> {
         }
 
         // Mounts leaked by dead processes (TempMount directories) that present this
-        // store's snapshots. Mounts of other stores are theirs to repair.
+        // store's snapshots, or that are in this store's root (the store makes its own under
+        // ROOT/tmp; a device's mount — devmapper — names no path of the store). Mounts of
+        // other stores are theirs to repair.
         let root = std::fs::canonicalize(&self.root)
             .map_err(|e| crate::Error::io(&self.root, "resolve the store root", e))?;
         let mounts = crate::mount::list_mounts()
             .map_err(|e| crate::Error::io("/proc/self/mountinfo", "read the mount table", e))?;
         for m in mounts.iter().rev() {
             let dead = crate::mount::temp_mount_pid(&m.target).is_some_and(|pid| !pid_alive(pid));
-            if !dead || !m.refers_to(&root, &mounts) {
+            if !dead || !(m.target.starts_with(&root) || m.refers_to(&root, &mounts)) {
                 continue;
             }
             if repair {

@@ -258,6 +258,8 @@ pub struct GuardedLayer {
     pub name: String,
     /// Its position in the image, 0 = the bottom layer.
     pub index: usize,
+    /// Its snapshot id: the number the backend stores it under.
+    pub id: u64,
     /// The backend's directory of the layer's own content, when it has one.
     pub path: Option<std::path::PathBuf>,
 }
@@ -364,6 +366,7 @@ impl<B: Backend> Store<B> {
                             image: (*image).to_string(),
                             name: row.key,
                             index,
+                            id,
                             path: None,
                         },
                         id,
