@@ -131,6 +131,33 @@ fn run_in(
     Ok(results)
 }
 
+/// The thin pool of a devmapper benchmark in a temporary root: 8 GiB of data and 256 MiB of
+/// metadata (sparse files), 1 GiB snapshots; destroyed when dropped.
+#[cfg(feature = "devmapper")]
+struct TempPool(std::path::PathBuf);
+
+#[cfg(feature = "devmapper")]
+impl TempPool {
+    fn create(root: &Path) -> std::result::Result<TempPool, Failure> {
+        let opts = strata_devmapper::PoolOptions {
+            base_size: 1 << 30,
+            ..strata_devmapper::PoolOptions::default()
+        };
+        strata_devmapper::DevmapperBackend::create_pool(root, &opts)
+            .map_err(|e| crate::Error::backend("", "pool create", "devmapper", e))?;
+        Ok(TempPool(root.to_path_buf()))
+    }
+}
+
+#[cfg(feature = "devmapper")]
+impl Drop for TempPool {
+    fn drop(&mut self) {
+        if let Err(e) = strata_devmapper::DevmapperBackend::destroy_pool(&self.0) {
+            tracing::warn!(error = %e, "could not take down the benchmark's thin pool");
+        }
+    }
+}
+
 /// Runs the benchmark and prints the results.
 pub(crate) fn run(
     global: &Global,
@@ -149,6 +176,12 @@ pub(crate) fn run(
                 .map_err(|e| {
                     strata::Error::io(std::env::temp_dir(), "create a temporary root", e)
                 })?;
+            // devmapper: a loop-backed pool of the temporary root's own, taken down after.
+            #[cfg(feature = "devmapper")]
+            let _pool = match global.backend.as_deref() {
+                Some("devmapper") => Some(TempPool::create(tmp.path())?),
+                _ => None,
+            };
             let r = run_in(tmp.path(), global, &args, out.is_json())?;
             (
                 r,

@@ -358,6 +358,31 @@ enum PoolCommand {
         #[arg(long, default_value = "ext4")]
         fs: String,
     },
+    /// Keep this store's snapshots in an existing thin pool (one you made and manage, e.g.
+    /// with dmsetup or LVM): makes the store's base device in it
+    Use {
+        /// The pool's device-mapper name (`dmsetup ls --target thin-pool`)
+        name: String,
+        /// Size of the base device, and so of every snapshot
+        #[arg(long, default_value = "10G", value_parser = parse_size)]
+        base_size: u64,
+        /// Filesystem of the base device: ext4 or xfs
+        #[arg(long, default_value = "ext4")]
+        fs: String,
+        /// Thin id of the base device; snapshot N gets this + N. Choose a range the pool's
+        /// other users leave alone
+        #[arg(long, default_value_t = 1 << 23)]
+        thin_id_offset: u64,
+    },
+    /// How full the pool is (data and metadata blocks) and its mode
+    Status,
+    /// Delete the store's thin devices and its pool (a pool strata made, with its files; a
+    /// pool you named stays). Refuses while the store has snapshots, unless --force
+    Destroy {
+        /// Also when snapshots are left: their data is lost
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
@@ -392,29 +417,90 @@ fn pool(root: &Path, global: &Global, cmd: PoolCommand, out: &Output) -> Result<
     }
     #[cfg(feature = "devmapper")]
     {
-        let PoolCommand::Create {
-            data_size,
-            meta_size,
-            block_size,
-            low_water_mark,
-            base_size,
-            fs,
-        } = cmd;
-        std::fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
-        let opts = strata_devmapper::PoolOptions {
-            data_size,
-            meta_size,
-            block_size,
-            low_water_mark,
-            base_size,
-            fs,
+        use strata_devmapper::DevmapperBackend;
+        let dm_err = |what: &'static str| {
+            move |e: strata_devmapper::DmapError| Error::backend("", what, "devmapper", e)
         };
-        let cfg = strata_devmapper::DevmapperBackend::create_pool(root, &opts)
-            .map_err(|e| Error::backend("", "pool create", "devmapper", e))?;
-        out.done(&format!(
-            "made thin pool {} ({} data, {} metadata) with a {} base device of {} bytes",
-            cfg.pool, cfg.data_size, cfg.meta_size, cfg.fs, cfg.base_size
-        ));
+        match cmd {
+            PoolCommand::Create {
+                data_size,
+                meta_size,
+                block_size,
+                low_water_mark,
+                base_size,
+                fs,
+            } => {
+                std::fs::create_dir_all(root)
+                    .map_err(|e| Error::io(root, "create the store root", e))?;
+                let opts = strata_devmapper::PoolOptions {
+                    data_size,
+                    meta_size,
+                    block_size,
+                    low_water_mark,
+                    base_size,
+                    fs,
+                };
+                let cfg =
+                    DevmapperBackend::create_pool(root, &opts).map_err(dm_err("pool create"))?;
+                out.done(&format!(
+                    "made thin pool {} ({} data, {} metadata) with a {} base device of {} bytes",
+                    cfg.pool, cfg.data_size, cfg.meta_size, cfg.fs, cfg.base_size
+                ));
+            }
+            PoolCommand::Use {
+                name,
+                base_size,
+                fs,
+                thin_id_offset,
+            } => {
+                std::fs::create_dir_all(root)
+                    .map_err(|e| Error::io(root, "create the store root", e))?;
+                let opts = strata_devmapper::UsePool {
+                    base_size,
+                    fs,
+                    thin_offset: thin_id_offset,
+                };
+                let cfg =
+                    DevmapperBackend::use_pool(root, &name, &opts).map_err(dm_err("pool use"))?;
+                out.done(&format!(
+                    "using thin pool {} with a {} base device of {} bytes at thin id {}",
+                    cfg.pool, cfg.fs, cfg.base_size, cfg.thin_offset
+                ));
+            }
+            PoolCommand::Status => {
+                let status = DevmapperBackend::open(root)
+                    .and_then(|b| b.status())
+                    .map_err(dm_err("pool status"))?;
+                out.show(&status, || {
+                    format!(
+                        "{}: {} of {} data blocks of {} bytes, {} of {} metadata blocks used, {}",
+                        status.pool,
+                        status.used_data_blocks,
+                        status.total_data_blocks,
+                        status.data_block_bytes,
+                        status.used_meta_blocks,
+                        status.total_meta_blocks,
+                        status.mode
+                    )
+                });
+            }
+            PoolCommand::Destroy { force } => {
+                if !force {
+                    let store = open_store(root, global)?;
+                    let n = snapshot_count(&store)?;
+                    if n > 0 {
+                        return Err(CliError(format!(
+                            "the store at {} still has {n} snapshot(s): remove them, or pass \
+                             --force to lose them with the pool",
+                            root.display()
+                        ))
+                        .into());
+                    }
+                }
+                DevmapperBackend::destroy_pool(root).map_err(dm_err("pool destroy"))?;
+                out.done(&format!("destroyed the pool of {}", root.display()));
+            }
+        }
         Ok(())
     }
     #[cfg(not(feature = "devmapper"))]
@@ -526,6 +612,12 @@ impl From<CliError> for Failure {
 }
 
 /// Opens the store at `root` with the backend `--backend` names, or the recorded one.
+/// How many snapshots the store has.
+#[cfg(feature = "devmapper")]
+fn snapshot_count(store: &AnyStore) -> Result<usize, Failure> {
+    Ok(with_store!(store, s => s.list(&[])?.len()))
+}
+
 pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failure> {
     open_store_with(root, global, true)
 }

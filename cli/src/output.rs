@@ -403,6 +403,15 @@ impl Output {
         }
     }
 
+    /// A value: as JSON under --json, else the line `text` makes.
+    pub(crate) fn show<T: serde::Serialize>(&self, v: &T, text: impl FnOnce() -> String) {
+        if self.json {
+            self.print_json(&json!(v));
+        } else {
+            println!("{}", text());
+        }
+    }
+
     /// A JSON value as it is (used by bench).
     pub(crate) fn value(&self, v: &Value) {
         self.print_json(v);
