@@ -3,7 +3,7 @@
 //! export whose import gives back the same files.
 //!
 //! ```console
-//! # cargo run -p strata-tests --example multistage -- [overlay|native|btrfs] [DIR]
+//! # cargo run -p strata-tests --example multistage -- [overlay|native|btrfs|devmapper] [DIR]
 //! ```
 //!
 //! The cache key of a step is the sha256 of its parent's checksum, the instruction, and the
@@ -241,6 +241,31 @@ fn main() -> Res<()> {
                 opts(),
             )?)
         }),
+        // Each store gets a small loop-backed thin pool of its own, taken down at the end.
+        #[cfg(feature = "devmapper")]
+        "devmapper" => {
+            let made = run_with(&work, |r| {
+                std::fs::create_dir_all(r)?;
+                let pool = strata_devmapper::PoolOptions {
+                    data_size: 1 << 30,
+                    meta_size: 64 << 20,
+                    base_size: 64 << 20,
+                    ..Default::default()
+                };
+                strata_devmapper::DevmapperBackend::create_pool(r, &pool)?;
+                Ok(Store::open(
+                    r,
+                    strata_devmapper::DevmapperBackend::open(r)?,
+                    opts(),
+                )?)
+            });
+            for r in [work.join("store"), work.join("fresh")] {
+                if r.join(strata_devmapper::pool::CONFIG).exists() {
+                    strata_devmapper::DevmapperBackend::destroy_pool(&r)?;
+                }
+            }
+            made
+        }
         "native" => run_with(&work, |r| {
             Ok(Store::open(
                 r,

@@ -9,14 +9,14 @@ pub struct DevmapperPool {
 }
 
 impl DevmapperPool {
-    /// Makes a small loop-backed pool (1 GiB data, 64 MiB metadata, sparse) with a 256 MiB
+    /// Makes a small loop-backed pool (1 GiB data, 64 MiB metadata, sparse) with a 64 MiB
     /// ext4 base device for the store at `root`.
     pub fn create(root: &Path) -> DevmapperPool {
         std::fs::create_dir_all(root).unwrap();
         let opts = strata_devmapper::PoolOptions {
             data_size: 1 << 30,
             meta_size: 64 << 20,
-            base_size: 256 << 20,
+            base_size: 64 << 20,
             ..strata_devmapper::PoolOptions::default()
         };
         strata_devmapper::DevmapperBackend::create_pool(root, &opts)
@@ -33,4 +33,86 @@ impl Drop for DevmapperPool {
             eprintln!("could not take down the test's thin pool: {e}");
         }
     }
+}
+
+/// What `devmapper.json` in `root` records that a test needs: the pool's name, the base
+/// device's size in sectors and the store's first thin id.
+fn recorded(root: &Path) -> (String, u64, u64) {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("devmapper.json")).unwrap()).unwrap();
+    (
+        cfg["pool"].as_str().unwrap().to_string(),
+        cfg["base_size"].as_u64().unwrap() / 512,
+        cfg["thin_offset"].as_u64().unwrap_or(0),
+    )
+}
+
+/// The `/sys/block/dm-N` directory of device-mapper device `name`. By /sys: without udev
+/// (the VM) there may be no /dev/mapper nodes.
+fn sys_dir(name: &str) -> Option<PathBuf> {
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read_to_string(p.join("dm/name")).is_ok_and(|n| n.trim() == name))
+}
+
+fn dmsetup(args: &[&str]) {
+    crate::run_ok(
+        std::process::Command::new("dmsetup")
+            .arg("--noudevsync")
+            .args(args),
+    );
+}
+
+/// Deletes snapshot `id`'s thin device from the pool of the store at `root`, behind the
+/// store's back (with dmsetup): the layer's storage is gone, as after a prune by another
+/// tool. The device must not be active.
+pub fn delete_behind_the_stores_back(root: &Path, id: u64) {
+    let (pool, _, offset) = recorded(root);
+    dmsetup(&["message", &pool, "0", &format!("delete {}", offset + id)]);
+}
+
+/// Activates snapshot `id`'s thin device read-write (with dmsetup, not strata), mounts it on
+/// `at` and runs `f` on the mounted tree: to change a committed layer behind the store's
+/// back.
+pub fn with_layer_mounted(root: &Path, id: u64, at: &Path, f: impl FnOnce(&Path)) {
+    let (pool, sectors, offset) = recorded(root);
+    let pool_dev = std::fs::read_to_string(sys_dir(&pool).unwrap().join("dev")).unwrap();
+    let name = format!("strata-test-rw-{}", std::process::id());
+    let table = format!("0 {sectors} thin {} {}", pool_dev.trim(), offset + id);
+    dmsetup(&["create", &name, "--table", &table]);
+    let node = PathBuf::from("/dev").join(sys_dir(&name).unwrap().file_name().unwrap());
+    std::fs::create_dir_all(at).unwrap();
+    crate::run_ok(std::process::Command::new("mount").arg(&node).arg(at));
+    f(at);
+    crate::run_ok(std::process::Command::new("umount").arg(at));
+    dmsetup(&["remove", &name]);
+}
+
+/// Whether thin pool `pool` has thin id `thin`. dm-thin cannot list its ids, but a table over
+/// an id it lacks fails to load: loads one (in-process, with the devicemapper crate, not
+/// strata's code) on a probe device and removes it.
+pub fn pool_has_thin(pool: &str, thin: u64) -> bool {
+    use devicemapper::{DevId, DmFlags, DmName, DmOptions, DM};
+    let dm = DM::new().unwrap();
+    let pool_dev = std::fs::read_to_string(sys_dir(pool).unwrap().join("dev")).unwrap();
+    let name = format!("strata-test-probe-{}-{thin}", std::process::id());
+    let n = DmName::new(&name).unwrap();
+    dm.device_create(n, None, DmOptions::default()).unwrap();
+    let table = [(
+        0u64,
+        8u64,
+        "thin".to_string(),
+        format!("{} {thin}", pool_dev.trim()),
+    )];
+    let loaded = dm
+        .table_load(
+            &DevId::Name(n),
+            &table,
+            DmOptions::default().set_flags(DmFlags::DM_READONLY),
+        )
+        .is_ok();
+    dm.device_remove(&DevId::Name(n), DmOptions::default())
+        .unwrap();
+    loaded
 }

@@ -27,12 +27,37 @@ pub use compare::{
     MAX_DIFFERENCES,
 };
 #[cfg(feature = "devmapper")]
-pub use dmpool::DevmapperPool;
+pub use dmpool::{delete_behind_the_stores_back, pool_has_thin, with_layer_mounted, DevmapperPool};
 pub use fstest::{apply, Op};
 pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
 pub use loopfs::{run_ok, LoopBtrfs};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
+
+/// Runs `f` on the stored tree of `layer` (of the store at `root`), behind the store's back,
+/// to damage it: the backend's directory of it, or (devmapper, which has none) its thin
+/// device mounted read-write on `scratch`.
+pub fn change_stored_layer(
+    root: &std::path::Path,
+    layer: &strata::GuardedLayer,
+    scratch: &std::path::Path,
+    f: impl FnOnce(&std::path::Path),
+) {
+    match &layer.path {
+        Some(dir) => f(dir),
+        #[cfg(feature = "devmapper")]
+        None => with_layer_mounted(root, layer.id, scratch, f),
+        #[cfg(not(feature = "devmapper"))]
+        None => panic!(
+            "layer {} of the store at {} has no directory ({:?})",
+            layer.name,
+            root.display(),
+            scratch
+        ),
+    }
+}
 #[cfg(feature = "btrfs")]
 pub use stores::{btrfs_store, durable_btrfs_store, BtrfsStore};
+#[cfg(feature = "devmapper")]
+pub use stores::{devmapper_store, DevmapperStore};
 pub use stores::{native_store, overlay_store, overlay_store_with};

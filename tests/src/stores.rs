@@ -89,3 +89,30 @@ fn btrfs_store_with(root: &Path, size: u64, opts: StoreOptions) -> BtrfsStore {
     let store = Store::open(root, strata_btrfs::BtrfsBackend::open(root).unwrap(), opts).unwrap();
     BtrfsStore { store, fs }
 }
+
+/// A devmapper store with a loop-backed thin pool of its own (see [`crate::DevmapperPool`]);
+/// derefs to the store. The store is dropped before the pool is taken down.
+#[cfg(feature = "devmapper")]
+pub struct DevmapperStore {
+    store: Store<strata_devmapper::DevmapperBackend>,
+    _pool: crate::DevmapperPool,
+}
+
+#[cfg(feature = "devmapper")]
+impl std::ops::Deref for DevmapperStore {
+    type Target = Store<strata_devmapper::DevmapperBackend>;
+    fn deref(&self) -> &Self::Target {
+        &self.store
+    }
+}
+
+/// A devmapper store on `root`, with a fresh pool.
+#[cfg(feature = "devmapper")]
+pub fn devmapper_store(root: &Path) -> DevmapperStore {
+    let pool = crate::DevmapperPool::create(root);
+    let backend = strata_devmapper::DevmapperBackend::open(root).unwrap();
+    DevmapperStore {
+        store: Store::open(root, backend, options(false)).unwrap(),
+        _pool: pool,
+    }
+}

@@ -414,3 +414,29 @@ fn hostile_layers_stay_inside_the_snapshot_on_every_backend() {
         "precious"
     );
 }
+
+/// The same on device-mapper thin, in the VM (tests/vm/run).
+#[cfg(feature = "devmapper")]
+mod devmapper {
+    use super::*;
+
+    #[test]
+    fn hostile_layers_stay_inside_the_snapshot() {
+        if !require_privileged("hostile layers on a devmapper store") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("victim"), "precious").unwrap();
+        let work = tmp.path().join("devmapper");
+        fs::create_dir(&work).unwrap();
+        let s = strata_tests::devmapper_store(&work.join("root"));
+        build_base(&*s, &work, &outside);
+        hostile_on(&*s, "devmapper", &work, &outside);
+        assert_eq!(
+            fs::read_to_string(outside.join("victim")).unwrap(),
+            "precious"
+        );
+    }
+}

@@ -3,8 +3,8 @@
 //!
 //! * 000 — a prune removed layers a cached `COPY --from` chain needed ("layer does not
 //!   exist"): the example program `multistage` builds, prunes, rebuilds from the cache (every
-//!   step a hit, an unchanged COPY included), exports and imports; here it runs on both
-//!   backends, and an export runs while gc runs beside it.
+//!   step a hit, an unchanged COPY included), exports and imports; here it runs on every
+//!   backend, and an export runs while gc runs beside it.
 //! * 001 — a multi-stage build's cache exported in one layout: a fresh store imports it and a
 //!   rebuild after one input changed makes only the layers that depend on it.
 //! * 002 — a cached COPY layer that came back empty: `verify` finds it, export refuses it.
@@ -28,8 +28,9 @@ fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let bin = profile_dir.join("examples").join(name);
-    // Built again unless fresh: a test run of this file alone must not use a stale one.
-    {
+    // Built again unless fresh: a test run of this file alone must not use a stale one. In
+    // the VM (tests/vm/run) there is no cargo, and `cargo test --no-run` built it just now.
+    if std::env::var_os("STRATA_IN_VM").is_none() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args([
@@ -66,23 +67,28 @@ fn seed_000_prune_then_rebuild_from_the_cache_then_export() {
         "btrfs",
     ];
     for backend in backends {
-        let tmp = tempfile::tempdir().unwrap();
-        // btrfs needs its directory on btrfs: one of the test's own.
-        let dir = tmp.path().join("work");
-        let _fs = (*backend == "btrfs").then(|| strata_tests::LoopBtrfs::mount_at(&dir, 512 << 20));
-        let out = Command::new(&bin).arg(backend).arg(&dir).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{backend}: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            text.contains("rebuild of level3: 0 step(s) built, 3 cache hit(s)"),
-            "{text}"
-        );
-        assert!(text.contains("the imported level3 has its files"), "{text}");
+        multistage(&bin, backend);
     }
+}
+
+/// Runs the example's story on `backend` and checks what it printed.
+fn multistage(bin: &Path, backend: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    // btrfs needs its directory on btrfs: one of the test's own.
+    let dir = tmp.path().join("work");
+    let _fs = (backend == "btrfs").then(|| strata_tests::LoopBtrfs::mount_at(&dir, 512 << 20));
+    let out = Command::new(bin).arg(backend).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{backend}: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rebuild of level3: 0 step(s) built, 3 cache hit(s)"),
+        "{text}"
+    );
+    assert!(text.contains("the imported level3 has its files"), "{text}");
 }
 
 /// Commits `name` on `parent` with `files` written in it.
@@ -313,12 +319,11 @@ fn damaged_copy<B: Backend>(src: &Store<B>, dst: &Store<B>, work: &Path) {
     );
     check_directory_equal(a.path(), b.path()).unwrap();
     drop((a, b));
-    let copy_layer = {
-        let g = dst.guard(&["app:1"]).unwrap();
-        g.layers()[1].path.clone().unwrap()
-    };
+    let copy_layer = dst.guard(&["app:1"]).unwrap().layers()[1].clone();
     // The COPY layer "comes back empty".
-    fs::remove_file(copy_layer.join("usr/bin/app")).unwrap();
+    strata_tests::change_stored_layer(dst.root(), &copy_layer, &work.join("damage"), |dir| {
+        fs::remove_file(dir.join("usr/bin/app")).unwrap()
+    });
     let report = dst.verify(&[]).unwrap();
     assert_eq!(report.damaged.len(), 1, "{report:?}");
     let e = dst
@@ -442,4 +447,70 @@ fn seed_004_dangling_symlinks_are_content_not_errors() {
         o,
         "btrfs too"
     );
+}
+
+/// The seed stories on device-mapper thin (seed 000 was reported on devicemapper), in the VM
+/// (tests/vm/run).
+#[cfg(feature = "devmapper")]
+mod devmapper {
+    use super::*;
+    use strata_tests::devmapper_store;
+
+    #[test]
+    fn seed_000_prune_then_rebuild_from_the_cache_then_export() {
+        if require_privileged("seed 000 on devmapper") {
+            multistage(&example("multistage"), "devmapper");
+        }
+    }
+
+    #[test]
+    fn seed_000_export_while_gc_runs() {
+        if !require_privileged("seed 000 on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let s = devmapper_store(&tmp.path().join("d"));
+        export_beside_gc(&*s, tmp.path(), "devmapper");
+    }
+
+    #[test]
+    fn seed_001_a_multi_stage_cache_in_one_layout() {
+        if !require_privileged("seed 001 on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let w = tmp.path();
+        fs::create_dir(w.join("d")).unwrap();
+        three_stages(
+            &*devmapper_store(&w.join("d1")),
+            &*devmapper_store(&w.join("d2")),
+            &w.join("d"),
+        );
+    }
+
+    #[test]
+    fn seed_002_a_copy_layer_that_came_back_empty_is_refused() {
+        if !require_privileged("seed 002 on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let w = tmp.path();
+        damaged_copy(
+            &*devmapper_store(&w.join("d1")),
+            &*devmapper_store(&w.join("d2")),
+            w,
+        );
+    }
+
+    #[test]
+    fn seed_004_dangling_symlinks_are_content_not_errors() {
+        if !require_privileged("seed 004 on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let w = tmp.path();
+        let n = dangling(&native_store(&w.join("n")), w);
+        let d = dangling(&*devmapper_store(&w.join("d")), w);
+        assert_eq!(d, n, "the same tree gives the same checksum on devmapper");
+    }
 }

@@ -240,7 +240,12 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let s = overlay_store(tmp.path());
-    build(&s, tmp.path());
+    apply_layer_cycle(&s, tmp.path());
+}
+
+/// apply-layer on `s`: chainIDs, cache hits, records, errors that leave nothing behind.
+fn apply_layer_cycle<B: Backend>(s: &Store<B>, tmp: &Path) {
+    build(s, tmp);
     let opts = DiffOptions::default();
     let (d1, _, l1) = s.diff("base", &opts, Vec::new()).unwrap();
     let (d2, _, l2) = s.diff("top", &opts, Vec::new()).unwrap();
@@ -307,11 +312,11 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
     // The result presents the same tree as the original.
     let x = Mounted::new(
         &s.view("vx", Some("top"), Labels::new()).unwrap(),
-        &tmp.path().join("vx"),
+        &tmp.join("vx"),
     );
     let y = Mounted::new(
         &s.view("vy", Some(&b.name), Labels::new()).unwrap(),
-        &tmp.path().join("vy"),
+        &tmp.join("vy"),
     );
     check_directory_equal(x.path(), y.path()).unwrap();
     drop((x, y));
@@ -398,4 +403,35 @@ fn the_overlay_fast_path_runs_and_writes_the_generic_differs_bytes() {
         !st.fast_path,
         "redirect_dir makes the generic differ take over"
     );
+}
+
+/// The same on device-mapper thin, in the VM (tests/vm/run).
+#[cfg(feature = "devmapper")]
+mod devmapper {
+    use super::*;
+
+    #[test]
+    fn the_same_change_set_is_the_same_layer_as_on_native() {
+        if !require_privileged("layers through a devmapper store") {
+            return;
+        }
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+        let t1 = tempfile::tempdir().unwrap();
+        let native = strata_tests::native_store(&t1.path().join("root"));
+        let d_native = round_trip(&native, t1.path());
+        let t2 = tempfile::tempdir().unwrap();
+        let d = strata_tests::devmapper_store(&t2.path().join("root"));
+        let d_dm = round_trip(&*d, t2.path());
+        assert_eq!(d_dm.diff_id, d_native.diff_id, "same changes, same diffID");
+    }
+
+    #[test]
+    fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
+        if !require_privileged("apply-layer on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let s = strata_tests::devmapper_store(&tmp.path().join("root"));
+        apply_layer_cycle(&*s, tmp.path());
+    }
 }
