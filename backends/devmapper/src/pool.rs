@@ -135,38 +135,72 @@ impl PoolConfig {
     }
 }
 
-/// The loop device attached to `file`, attaching one if there is none.
-fn loop_for(file: &Path) -> Result<PathBuf, DmapError> {
-    let found = run(Command::new("losetup").arg("--associated").arg(file), file)?;
-    if let Some(dev) = found.lines().next().and_then(|l| l.split(':').next()) {
-        if !dev.is_empty() {
-            return Ok(PathBuf::from(dev));
+/// The loop devices attached to `file`, found in sysfs (`/sys/block/loop*/loop/backing_file`)
+/// rather than by running `losetup --associated`.
+fn loops_of(file: &Path) -> Result<Vec<PathBuf>, DmapError> {
+    let file =
+        fs::canonicalize(file).map_err(|e| DmapError::io(file, "resolve the pool file", e))?;
+    let mut found = Vec::new();
+    let entries = match fs::read_dir("/sys/block") {
+        Ok(e) => e,
+        Err(e) => {
+            return Err(DmapError::io(
+                Path::new("/sys/block"),
+                "list block devices",
+                e,
+            ))
+        }
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
+            continue;
+        };
+        let Ok(backing) = fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if Path::new(backing.trim_end_matches('\n')) == file {
+            found.push(PathBuf::from("/dev").join(name));
         }
     }
-    // Direct I/O keeps the data out of the page cache twice; files on a filesystem without
-    // it (tmpfs) are attached without.
-    let dev = run(
-        Command::new("losetup")
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(file),
-        file,
-    )
-    .or_else(|_| {
-        run(
-            Command::new("losetup").args(["--find", "--show"]).arg(file),
-            file,
-        )
-    })?;
+    found.sort();
+    Ok(found)
+}
+
+/// The loop device attached to `file`, attaching one if there is none (`fresh`: the file was
+/// just made, so none can be).
+fn loop_for(file: &Path, fresh: bool) -> Result<PathBuf, DmapError> {
+    if !fresh {
+        if let Some(dev) = loops_of(file)?.into_iter().next() {
+            return Ok(dev);
+        }
+    }
+    // Direct I/O keeps the data out of the page cache twice; a tmpfs cannot do it, so files
+    // there are attached without.
+    let on_tmpfs = rustix::fs::statfs(file).is_ok_and(|st| st.f_type == 0x0102_1994);
+    let attach = |direct: bool| {
+        let mut cmd = Command::new("losetup");
+        cmd.args(["--find", "--show"]);
+        if direct {
+            cmd.arg("--direct-io=on");
+        }
+        run(cmd.arg(file), file)
+    };
+    let dev = if on_tmpfs {
+        attach(false)
+    } else {
+        attach(true).or_else(|_| attach(false))
+    }?;
     Ok(PathBuf::from(dev.trim()))
 }
 
 /// Detaches every loop device attached to `file`.
 pub(crate) fn detach_loops(file: &Path) -> Result<(), DmapError> {
-    let found = run(Command::new("losetup").arg("--associated").arg(file), file)?;
-    for dev in found.lines().filter_map(|l| l.split(':').next()) {
-        if !dev.is_empty() {
-            run(Command::new("losetup").arg("--detach").arg(dev), file)?;
-        }
+    if !file.exists() {
+        return Ok(());
+    }
+    for dev in loops_of(file)? {
+        run(Command::new("losetup").arg("--detach").arg(&dev), file)?;
     }
     Ok(())
 }
@@ -238,12 +272,12 @@ pub(crate) fn activate(
         let data = linear(
             dm,
             &format!("{}-data", cfg.pool),
-            &loop_for(&root.join(&files.data))?,
+            &loop_for(&root.join(&files.data), fresh)?,
         )?;
         let meta = linear(
             dm,
             &format!("{}-meta", cfg.pool),
-            &loop_for(&root.join(&files.meta))?,
+            &loop_for(&root.join(&files.meta), fresh)?,
         )?;
         let low = devicemapper::DataBlocks(cfg.low_water_mark);
         let pool = if fresh {
@@ -357,4 +391,43 @@ pub(crate) fn status(dm: &DM, pool: &str, data_block_bytes: u64) -> Result<PoolS
         total_meta_blocks,
         mode,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// loops_of finds what losetup attached, and only that; needs root and loop devices
+    /// (this host has them, device-mapper or not).
+    #[test]
+    fn loops_are_found_by_their_backing_file() {
+        if !rustix::process::geteuid().is_root() {
+            assert!(
+                std::env::var("STRATA_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+                "needs root"
+            );
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        for f in [&a, &b] {
+            fs::File::create(f).unwrap().set_len(1 << 20).unwrap();
+        }
+        assert!(loops_of(&a).unwrap().is_empty());
+        let dev = loop_for(&a, true).unwrap();
+        assert_eq!(loops_of(&a).unwrap(), vec![dev.clone()]);
+        assert_eq!(loop_for(&a, false).unwrap(), dev, "attached once");
+        assert!(loops_of(&b).unwrap().is_empty());
+        detach_loops(&a).unwrap();
+        // Detaching is asynchronous for a moment after the ioctl returns.
+        for _ in 0..50 {
+            if loops_of(&a).unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(loops_of(&a).unwrap().is_empty());
+    }
 }
