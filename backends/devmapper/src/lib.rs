@@ -862,11 +862,20 @@ impl Backend for DevmapperBackend {
             }
         }
         self.deactivate(thin)?;
-        match self.message(&format!("delete {thin}"), "delete the thin device") {
-            Ok(()) => {}
-            // Never created (a rolled-back create) or already deleted.
-            Err(DmapError::Dm { .. }) if !self.thin_exists(thin) => {}
-            Err(e) => return Err(e),
+        // The pool can refuse (EBUSY) for a moment after a process that used the device died:
+        // seen in the VM right after a SIGKILL, gone a second later. Retried briefly.
+        let mut tries = 0;
+        loop {
+            match self.message(&format!("delete {thin}"), "delete the thin device") {
+                Ok(()) => break,
+                // Never created (a rolled-back create) or already deleted.
+                Err(DmapError::Dm { .. }) if !self.thin_exists(thin) => break,
+                Err(DmapError::Dm { .. }) if tries < 30 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
         }
         match fs::remove_file(&marker) {
             Ok(()) => Ok(()),
