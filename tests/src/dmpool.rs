@@ -1,26 +1,85 @@
-//! A loop-backed thin pool a test makes for its store, taken down (devices, pool, loop
-//! devices, files) when dropped.
+//! The thin pool a test's devmapper store lives in: one loop-backed pool per test process,
+//! made on first use, in which every store takes a range of thin ids of its own
+//! (`pool use`), taken down when the process exits. A pool of its own per test cost seconds
+//! of loop devices and process starts each under emulation (tests/vm/run); a pool strata
+//! makes per store is what `tests/tests/devmapper.rs` and the CLI tests use.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// A devmapper store's pool, made for a test.
+/// The process's shared pool: its store root (which owns the pool's files), its name, and
+/// the next free range of thin ids.
+struct Shared {
+    root: PathBuf,
+    name: String,
+    next_offset: u64,
+}
+
+static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
+
+/// Thin ids per store: far more than any test makes.
+const IDS_PER_STORE: u64 = 100_000;
+
+/// Takes the shared pool down (every store using it has been dropped by then).
+extern "C" fn destroy_shared() {
+    let shared = SHARED.lock().ok().and_then(|mut s| s.take());
+    if let Some(s) = shared {
+        if let Err(e) = strata_devmapper::DevmapperBackend::destroy_pool(&s.root) {
+            eprintln!("could not take down the tests' thin pool: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&s.root);
+    }
+}
+
+/// A devmapper store's place in the shared pool, for a test; its thin devices are deleted
+/// when dropped.
 pub struct DevmapperPool {
     root: PathBuf,
 }
 
 impl DevmapperPool {
-    /// Makes a small loop-backed pool (1 GiB data, 64 MiB metadata, sparse) with a 64 MiB
-    /// ext4 base device for the store at `root`.
+    /// Gives the store at `root` a 64 MiB ext4 base device and a range of thin ids in the
+    /// process's pool (4 GiB of data and 256 MiB of metadata, sparse), making the pool first
+    /// if needed.
     pub fn create(root: &Path) -> DevmapperPool {
         std::fs::create_dir_all(root).unwrap();
-        let opts = strata_devmapper::PoolOptions {
-            data_size: 1 << 30,
-            meta_size: 64 << 20,
-            base_size: 64 << 20,
-            ..strata_devmapper::PoolOptions::default()
+        let (name, offset) = {
+            let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_none() {
+                let dir =
+                    std::env::temp_dir().join(format!("strata-test-pool-{}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let opts = strata_devmapper::PoolOptions {
+                    data_size: 4 << 30,
+                    meta_size: 256 << 20,
+                    base_size: 64 << 20,
+                    ..strata_devmapper::PoolOptions::default()
+                };
+                let cfg = strata_devmapper::DevmapperBackend::create_pool(&dir, &opts)
+                    .unwrap_or_else(|e| panic!("make a thin pool for the tests: {e}"));
+                *guard = Some(Shared {
+                    root: dir,
+                    name: cfg.pool,
+                    next_offset: IDS_PER_STORE,
+                });
+                // SAFETY: registers a plain `extern "C" fn()` with libc's atexit; it runs once
+                // at process exit (libtest exits through `exit`), touching only the mutex.
+                unsafe {
+                    libc::atexit(destroy_shared);
+                }
+            }
+            let shared = guard.as_mut().unwrap();
+            let offset = shared.next_offset;
+            shared.next_offset += IDS_PER_STORE;
+            (shared.name.clone(), offset)
         };
-        strata_devmapper::DevmapperBackend::create_pool(root, &opts)
-            .unwrap_or_else(|e| panic!("make a thin pool for the test: {e}"));
+        let opts = strata_devmapper::UsePool {
+            base_size: 64 << 20,
+            fs: "ext4".into(),
+            thin_offset: offset,
+        };
+        strata_devmapper::DevmapperBackend::use_pool(root, &name, &opts)
+            .unwrap_or_else(|e| panic!("give the test's store a place in pool {name}: {e}"));
         DevmapperPool {
             root: root.to_path_buf(),
         }
@@ -30,7 +89,7 @@ impl DevmapperPool {
 impl Drop for DevmapperPool {
     fn drop(&mut self) {
         if let Err(e) = strata_devmapper::DevmapperBackend::destroy_pool(&self.root) {
-            eprintln!("could not take down the test's thin pool: {e}");
+            eprintln!("could not delete the test store's thin devices: {e}");
         }
     }
 }

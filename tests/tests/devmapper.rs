@@ -306,7 +306,16 @@ mod devmapper {
         let tmp = tempfile::tempdir().unwrap();
         let w = tmp.path();
         let root = w.join("root");
-        let pool = strata_tests::DevmapperPool::create(&root);
+        // A pool of its own, made by strata on loop devices (the shared one of the other
+        // tests must not go away).
+        fs::create_dir_all(&root).unwrap();
+        let opts = PoolOptions {
+            data_size: 512 << 20,
+            meta_size: 16 << 20,
+            base_size: 64 << 20,
+            ..PoolOptions::default()
+        };
+        DevmapperBackend::create_pool(&root, &opts).unwrap();
         let s = open(&root);
         layer(&s, w, None, "base", &[("a", b"before the reboot")]);
         s.prepare("work", Some("base"), Labels::new()).unwrap();
@@ -356,6 +365,6 @@ mod devmapper {
         s.commit("after", "work", Labels::new()).unwrap();
         assert_eq!(read(&s, w, "after", "b"), b"after");
         drop(s);
-        drop(pool);
+        DevmapperBackend::destroy_pool(&root).unwrap();
     }
 }
