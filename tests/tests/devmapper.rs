@@ -367,4 +367,44 @@ mod devmapper {
         drop(s);
         DevmapperBackend::destroy_pool(&root).unwrap();
     }
+
+    /// xfs base devices: snapshots share the base's UUID, so every mount says `nouuid`; a
+    /// layer and its child mount side by side.
+    #[test]
+    fn xfs_snapshots_mount_side_by_side() {
+        if !require_privileged("xfs on a thin pool") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let w = tmp.path();
+        let root = w.join("root");
+        fs::create_dir_all(&root).unwrap();
+        let opts = PoolOptions {
+            data_size: 1 << 30,
+            meta_size: 16 << 20,
+            // mkfs.xfs makes nothing smaller than 300 MiB.
+            base_size: 320 << 20,
+            fs: "xfs".into(),
+            ..PoolOptions::default()
+        };
+        DevmapperBackend::create_pool(&root, &opts).unwrap();
+        let s = open(&root);
+        layer(&s, w, None, "base", &[("a", b"base")]);
+        layer(&s, w, Some("base"), "child", &[("b", b"child")]);
+        let m1 = Mounted::new(
+            &s.view("v1", Some("base"), Labels::new()).unwrap(),
+            &w.join("v1"),
+        );
+        let m2 = Mounted::new(
+            &s.view("v2", Some("child"), Labels::new()).unwrap(),
+            &w.join("v2"),
+        );
+        assert_eq!(fs::read(m1.path().join("a")).unwrap(), b"base");
+        assert!(!m1.path().join("b").exists());
+        assert_eq!(fs::read(m2.path().join("a")).unwrap(), b"base");
+        assert_eq!(fs::read(m2.path().join("b")).unwrap(), b"child");
+        drop((m1, m2));
+        drop(s);
+        DevmapperBackend::destroy_pool(&root).unwrap();
+    }
 }

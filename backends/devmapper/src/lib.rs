@@ -728,6 +728,10 @@ impl DevmapperBackend {
         let mut options = vec![if readonly { "ro" } else { "rw" }.to_string()];
         if self.cfg.fs == "xfs" {
             options.push("nouuid".into());
+            if readonly {
+                // Never replay a log on a read-only mount of a layer.
+                options.push("norecovery".into());
+            }
         } else if readonly {
             // Never replay a journal on a read-only mount of a layer.
             options.push("noload".into());
