@@ -344,16 +344,7 @@ impl DevmapperBackend {
             thin_offset: 0,
         };
         let pool_dev = pool::activate(&dm, root, &cfg, true)?;
-        let backend = DevmapperBackend {
-            dm,
-            root: root.to_path_buf(),
-            devices: root.join("devices"),
-            cfg,
-            pool_dev,
-        };
-        backend.make_base()?;
-        backend.cfg.save(root)?;
-        Ok(backend.cfg)
+        Self::init(dm, root, cfg, pool_dev)
     }
 
     /// Makes the store at `root` keep its snapshots in `pool`, an existing thin pool the user
@@ -392,6 +383,16 @@ impl DevmapperBackend {
         if let Some(p) = pool::params(&dm, &cfg.pool)? {
             (cfg.data_size, cfg.block_sectors, cfg.low_water_mark) = p;
         }
+        Self::init(dm, root, cfg, pool_dev)
+    }
+
+    /// Makes the base device of a new store's pool and records the pool in `devmapper.json`.
+    fn init(
+        dm: DM,
+        root: &Path,
+        cfg: PoolConfig,
+        pool_dev: Device,
+    ) -> Result<PoolConfig, DmapError> {
         let backend = DevmapperBackend {
             dm,
             root: root.to_path_buf(),
@@ -434,17 +435,21 @@ impl DevmapperBackend {
             root: root.to_path_buf(),
         })?;
         let Some(files) = cfg.loop_files.clone() else {
+            // Every device deactivated and deleted: the pool frees their blocks (no discard:
+            // the pool is the user's, and activating each device to discard it cost seconds
+            // per hundred under emulation). Thin snapshots do not depend on their origins.
             let backend = DevmapperBackend::open(root)?;
-            let mut ids = backend.ids()?;
-            ids.sort_unstable();
-            // Children before parents, then the base.
-            for id in ids.into_iter().rev() {
-                backend.remove(id)?;
+            let mut thins = vec![cfg.thin_offset];
+            for id in backend.ids()? {
+                thins.push(backend.thin(id)?);
             }
-            let base = cfg.thin_offset;
-            backend.deactivate(base)?;
-            if backend.thin_exists(base) {
-                backend.message(&format!("delete {base}"), "delete the base device")?;
+            for thin in thins {
+                backend.deactivate(thin)?;
+                if let Err(e) = backend.message(&format!("delete {thin}"), "delete a device") {
+                    if backend.thin_exists(thin) {
+                        return Err(e);
+                    }
+                }
             }
             return forget(root);
         };
