@@ -23,6 +23,26 @@ mod devmapper {
         Store::open(root, DevmapperBackend::open(root).unwrap(), opts).unwrap()
     }
 
+    /// A store at `root` with a loop-backed pool of its own (16 MiB of metadata), made by
+    /// strata; the caller destroys it.
+    fn own_pool(
+        root: &Path,
+        data_size: u64,
+        base_size: u64,
+        fs_type: &str,
+    ) -> (strata_devmapper::PoolConfig, Store<DevmapperBackend>) {
+        fs::create_dir_all(root).unwrap();
+        let opts = PoolOptions {
+            data_size,
+            meta_size: 16 << 20,
+            base_size,
+            fs: fs_type.into(),
+            ..PoolOptions::default()
+        };
+        let cfg = DevmapperBackend::create_pool(root, &opts).unwrap();
+        (cfg, open(root))
+    }
+
     /// Prepares `key` on `parent`, writes `files` through a mount, commits `name`.
     fn layer(
         s: &Store<DevmapperBackend>,
@@ -136,16 +156,8 @@ mod devmapper {
         }
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
-        fs::create_dir_all(&root).unwrap();
         // 64 MiB of data under snapshots of 256 MiB: over-provisioned, as pools are.
-        let opts = PoolOptions {
-            data_size: 64 << 20,
-            meta_size: 16 << 20,
-            base_size: 256 << 20,
-            ..PoolOptions::default()
-        };
-        let cfg = DevmapperBackend::create_pool(&root, &opts).unwrap();
-        let s = open(&root);
+        let (cfg, s) = own_pool(&root, 64 << 20, 256 << 20, "ext4");
         let w = tmp.path();
         layer(&s, w, None, "kept", &[("a", b"committed before")]);
 
@@ -308,15 +320,7 @@ mod devmapper {
         let root = w.join("root");
         // A pool of its own, made by strata on loop devices (the shared one of the other
         // tests must not go away).
-        fs::create_dir_all(&root).unwrap();
-        let opts = PoolOptions {
-            data_size: 512 << 20,
-            meta_size: 16 << 20,
-            base_size: 64 << 20,
-            ..PoolOptions::default()
-        };
-        DevmapperBackend::create_pool(&root, &opts).unwrap();
-        let s = open(&root);
+        let (_, s) = own_pool(&root, 512 << 20, 64 << 20, "ext4");
         layer(&s, w, None, "base", &[("a", b"before the reboot")]);
         s.prepare("work", Some("base"), Labels::new()).unwrap();
         drop(s);
@@ -378,17 +382,8 @@ mod devmapper {
         let tmp = tempfile::tempdir().unwrap();
         let w = tmp.path();
         let root = w.join("root");
-        fs::create_dir_all(&root).unwrap();
-        let opts = PoolOptions {
-            data_size: 1 << 30,
-            meta_size: 16 << 20,
-            // mkfs.xfs makes nothing smaller than 300 MiB.
-            base_size: 320 << 20,
-            fs: "xfs".into(),
-            ..PoolOptions::default()
-        };
-        DevmapperBackend::create_pool(&root, &opts).unwrap();
-        let s = open(&root);
+        // mkfs.xfs makes nothing smaller than 300 MiB.
+        let (_, s) = own_pool(&root, 1 << 30, 320 << 20, "xfs");
         layer(&s, w, None, "base", &[("a", b"base")]);
         layer(&s, w, Some("base"), "child", &[("b", b"child")]);
         let m1 = Mounted::new(
