@@ -550,6 +550,11 @@ impl DevmapperBackend {
     }
 
     /// Activates thin device `thin` (read-only when asked) and returns its device node.
+    ///
+    /// The store's devices are private (`DmOptions::private`): udev still names them under
+    /// /dev/mapper and answers the ioctl's cookie, but runs no disk rules on them — no blkid
+    /// probe that holds a device open while the store removes it, and no /dev/disk/by-uuid
+    /// link fought over by snapshots that all carry their base's file-system UUID.
     fn activate(&self, thin: u64, readonly: bool) -> Result<PathBuf, DmapError> {
         if let Some(node) = self.node(thin)? {
             return Ok(node);
@@ -558,7 +563,7 @@ impl DevmapperBackend {
         let dm_name = pool::dm_name(&name)?;
         let id = DevId::Name(dm_name);
         self.dm
-            .device_create(dm_name, None, DmOptions::default())
+            .device_create(dm_name, None, DmOptions::private())
             .map_err(|e| DmapError::dm(&name, "create the device", e))?;
         let table = [(
             0u64,
@@ -573,10 +578,10 @@ impl DevmapperBackend {
         };
         let loaded = self
             .dm
-            .table_load(&id, &table, DmOptions::default().set_flags(flags))
-            .and_then(|_| self.dm.device_suspend(&id, DmOptions::default()));
+            .table_load(&id, &table, DmOptions::private().set_flags(flags))
+            .and_then(|_| self.dm.device_suspend(&id, DmOptions::private()));
         if let Err(e) = loaded {
-            let _ = self.dm.device_remove(&id, DmOptions::default());
+            let _ = self.dm.device_remove(&id, DmOptions::private());
             return Err(DmapError::dm(&name, "activate the device", e));
         }
         self.node(thin)?.ok_or_else(|| DmapError::Io {
@@ -597,7 +602,7 @@ impl DevmapperBackend {
         self.dm
             .device_remove(
                 &DevId::Name(dm_name),
-                DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+                DmOptions::private().set_flags(DmFlags::DM_DEFERRED_REMOVE),
             )
             .map(|_| ())
             .map_err(|e| DmapError::dm(&name, "deactivate the device", e))
@@ -620,13 +625,13 @@ impl DevmapperBackend {
         let id = DevId::Name(dm_name);
         if active {
             self.dm
-                .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+                .device_suspend(&id, DmOptions::private().set_flags(DmFlags::DM_SUSPEND))
                 .map_err(|e| DmapError::dm(&origin_name, "suspend the origin", e))?;
         }
         let made = self.message(&format!("create_snap {new} {origin}"), "create a snapshot");
         if active {
             self.dm
-                .device_suspend(&id, DmOptions::default())
+                .device_suspend(&id, DmOptions::private())
                 .map_err(|e| DmapError::dm(&origin_name, "resume the origin", e))?;
         }
         made
