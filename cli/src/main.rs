@@ -473,14 +473,19 @@ fn pool(root: &Path, global: &Global, cmd: PoolCommand, out: &Output) -> Result<
                     .map_err(dm_err("pool status"))?;
                 out.show(&status, || {
                     format!(
-                        "{}: {} of {} data blocks of {} bytes, {} of {} metadata blocks used, {}",
+                        "{}: {} of {} data blocks of {} bytes, {} of {} metadata blocks used, {}{}",
                         status.pool,
                         status.used_data_blocks,
                         status.total_data_blocks,
                         status.data_block_bytes,
                         status.used_meta_blocks,
                         status.total_meta_blocks,
-                        status.mode
+                        status.mode,
+                        if status.needs_check {
+                            ", needs_check (repair its metadata: thin_check)"
+                        } else {
+                            ""
+                        }
                     )
                 });
             }

@@ -122,6 +122,23 @@ pub enum DmapError {
         /// What was being done.
         context: &'static str,
     },
+    /// The kernel switched the pool to read-only: its metadata ran out of space or is
+    /// damaged.
+    #[error(
+        "thin pool {pool:?} is read-only (mode {mode}) while trying to {context}: its metadata \
+         ran out of space or is damaged, so the kernel refuses new snapshots and writes; \
+         committed layers are intact on it. Take the pool down (strata pool destroy keeps a \
+         pool you named), grow its metadata device, repair it (thin_check, thin_repair) and \
+         set it up again"
+    )]
+    ReadOnly {
+        /// The pool's name.
+        pool: String,
+        /// Its mode (`ro` or `fail`).
+        mode: String,
+        /// What was being done.
+        context: &'static str,
+    },
     /// A device to delete is still open.
     #[error(
         "device {device} is still open ({open} user(s)): unmount it (see `strata fsck`); \
@@ -193,7 +210,8 @@ impl BackendError for DmapError {
             | DmapError::NotAPool { .. }
             | DmapError::Committed { .. }
             | DmapError::ThinIdInUse { .. }
-            | DmapError::NoSpace { .. } => ErrorKind::FailedPrecondition,
+            | DmapError::NoSpace { .. }
+            | DmapError::ReadOnly { .. } => ErrorKind::FailedPrecondition,
             DmapError::EmptyChain | DmapError::IdTooLarge { .. } => ErrorKind::InvalidArgument,
             DmapError::Busy { .. } => ErrorKind::Busy,
             _ => ErrorKind::Internal,
@@ -520,15 +538,29 @@ impl DevmapperBackend {
             .map_err(|e| self.space_or(e, context))
     }
 
-    /// A device-mapper error, or [`DmapError::NoSpace`] when the pool is out of space.
+    /// A device-mapper error, or what the pool says when it is out of space or read-only.
     fn space_or(&self, e: devicemapper::DmError, context: &'static str) -> DmapError {
-        if self.status().is_ok_and(|s| s.full()) {
-            DmapError::NoSpace {
+        self.refusal(context)
+            .unwrap_or_else(|| DmapError::dm(&self.cfg.pool, context, e))
+    }
+
+    /// [`DmapError::ReadOnly`] when the kernel switched the pool to read-only,
+    /// [`DmapError::NoSpace`] when it is out of data space, else nothing.
+    fn refusal(&self, context: &'static str) -> Option<DmapError> {
+        let st = self.status().ok()?;
+        if st.read_only() {
+            Some(DmapError::ReadOnly {
+                pool: self.cfg.pool.clone(),
+                mode: st.mode,
+                context,
+            })
+        } else if st.full() {
+            Some(DmapError::NoSpace {
                 pool: self.cfg.pool.clone(),
                 context,
-            }
+            })
         } else {
-            DmapError::dm(&self.cfg.pool, context, e)
+            None
         }
     }
 
@@ -700,12 +732,9 @@ impl DevmapperBackend {
     fn flush(&self, node: &Path) -> Result<(), DmapError> {
         fs::File::open(node)
             .and_then(|f| f.sync_all())
-            .map_err(|e| match self.status() {
-                Ok(st) if st.full() => DmapError::NoSpace {
-                    pool: self.cfg.pool.clone(),
-                    context: "flush the device",
-                },
-                _ => DmapError::io(node, "flush the device", e),
+            .map_err(|e| {
+                self.refusal("flush the device")
+                    .unwrap_or_else(|| DmapError::io(node, "flush the device", e))
             })
     }
 
@@ -813,13 +842,11 @@ impl Backend for DevmapperBackend {
             rustix::fs::sync();
         }
         self.flush(&node)?;
-        // A pool out of data space failed some of the snapshot's writes (error_if_no_space):
-        // its filesystem may have lost data, so it is not made a layer.
-        if self.status()?.full() {
-            return Err(DmapError::NoSpace {
-                pool: self.cfg.pool.clone(),
-                context: "commit the snapshot (some of its writes may have failed)",
-            });
+        // A pool out of data space failed some of the snapshot's writes (error_if_no_space),
+        // a read-only one all of them since it switched: its filesystem may have lost data,
+        // so it is not made a layer.
+        if let Some(e) = self.refusal("commit the snapshot (some of its writes may have failed)") {
+            return Err(e);
         }
         let size = self.mapped(thin)?;
         self.deactivate(thin)?;

@@ -343,12 +343,21 @@ pub struct PoolStatus {
     pub total_meta_blocks: u64,
     /// `rw`, `ro` (metadata full or damaged), `out_of_data_space` or `fail`.
     pub mode: String,
+    /// The kernel flagged the metadata for a check (`thin_check`) before the pool may be
+    /// written again: it ran out of metadata space or found damage.
+    pub needs_check: bool,
 }
 
 impl PoolStatus {
     /// Whether the pool can take no new blocks.
     pub fn full(&self) -> bool {
         self.mode != "rw" || self.used_data_blocks >= self.total_data_blocks
+    }
+
+    /// Whether the kernel switched the pool to read-only (or failed it): no new devices, no
+    /// writes, until its metadata is repaired. Removing snapshots cannot help then.
+    pub fn read_only(&self) -> bool {
+        self.mode == "ro" || self.mode == "fail"
     }
 }
 
@@ -372,6 +381,7 @@ pub(crate) fn status(dm: &DM, pool: &str, data_block_bytes: u64) -> Result<PoolS
             used_meta_blocks: 0,
             total_meta_blocks: 0,
             mode: "fail".into(),
+            needs_check: true,
         });
     }
     // <transaction id> <used meta>/<total meta> <used data>/<total data> <held root> <mode> ...
@@ -382,6 +392,8 @@ pub(crate) fn status(dm: &DM, pool: &str, data_block_bytes: u64) -> Result<PoolS
     let (used_meta_blocks, total_meta_blocks) = pair(1).ok_or_else(bad)?;
     let (used_data_blocks, total_data_blocks) = pair(2).ok_or_else(bad)?;
     let mode = fields.get(4).ok_or_else(bad)?.to_string();
+    // ... <discard> <no_space policy> <needs_check or -> <metadata low water mark>
+    let needs_check = fields.iter().skip(5).any(|f| *f == "needs_check");
     Ok(PoolStatus {
         pool: pool.to_string(),
         used_data_blocks,
@@ -390,6 +402,7 @@ pub(crate) fn status(dm: &DM, pool: &str, data_block_bytes: u64) -> Result<PoolS
         used_meta_blocks,
         total_meta_blocks,
         mode,
+        needs_check,
     })
 }
 
