@@ -31,10 +31,21 @@ mod devmapper {
         base_size: u64,
         fs_type: &str,
     ) -> (strata_devmapper::PoolConfig, Store<DevmapperBackend>) {
+        own_pool_with_meta(root, data_size, 16 << 20, base_size, fs_type)
+    }
+
+    /// [`own_pool`] with `meta_size` bytes of metadata.
+    fn own_pool_with_meta(
+        root: &Path,
+        data_size: u64,
+        meta_size: u64,
+        base_size: u64,
+        fs_type: &str,
+    ) -> (strata_devmapper::PoolConfig, Store<DevmapperBackend>) {
         fs::create_dir_all(root).unwrap();
         let opts = PoolOptions {
             data_size,
-            meta_size: 16 << 20,
+            meta_size,
             base_size,
             fs: fs_type.into(),
             ..PoolOptions::default()
@@ -209,6 +220,95 @@ mod devmapper {
         assert_eq!(read(&s, w, "after", "b"), b"written after");
         drop(s);
         DevmapperBackend::destroy_pool(&root).unwrap();
+    }
+
+    /// A pool whose metadata runs out: the kernel switches it to read-only (its data space is
+    /// not the limit). Commit and prepare then fail with an error that names the pool and
+    /// says what happened and how to recover; nothing is half-made and what was committed
+    /// stays recorded. (Only a repair of the metadata brings such a pool back: tested no
+    /// further than the teardown.)
+    #[test]
+    fn a_pool_out_of_metadata_turns_read_only_and_says_so() {
+        if !require_privileged("a thin pool out of metadata space") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        // 128 KiB of metadata (32 blocks of 4 KiB) maps about 190 MiB of 64 KiB blocks; the
+        // pool has 1 GiB of data.
+        let (cfg, s) = own_pool_with_meta(&root, 1 << 30, 128 << 10, 512 << 20, "ext4");
+        let w = tmp.path();
+        layer(&s, w, None, "kept", &[("a", b"committed before")]);
+        let before = s.list(&[]).unwrap().len();
+        let devices = |root: &Path| -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(root.join("devices"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+
+        // 320 MiB into a snapshot: the metadata runs out on the way.
+        let m = Mounted::new(
+            &s.prepare("big", Some("kept"), Labels::new()).unwrap(),
+            &w.join("m"),
+        );
+        let written = (|| -> std::io::Result<()> {
+            let mut f = fs::File::create(m.path().join("big"))?;
+            let chunk = vec![0xa5u8; 1 << 20];
+            for _ in 0..320 {
+                f.write_all(&chunk)?;
+            }
+            f.sync_all()
+        })();
+        assert!(written.is_err(), "320 MiB mapped with 128 KiB of metadata?");
+        drop(m);
+        let status = s.backend().status().unwrap();
+        assert!(status.read_only(), "{status:?}");
+        assert!(
+            status.used_data_blocks < status.total_data_blocks,
+            "the data space was not the limit: {status:?}"
+        );
+        let marked = devices(&root);
+
+        let e = s.commit("big-layer", "big", Labels::new()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&cfg.pool)
+                && msg.contains("read-only")
+                && msg.contains("metadata")
+                && msg.contains("thin_check")
+                && msg.contains("big"),
+            "the error names the pool and the snapshot, says what happened and what to do: {msg}"
+        );
+        assert_eq!(s.stat("big").unwrap().kind, Kind::Active, "not committed");
+        assert!(s.stat("big-layer").is_err());
+
+        // No new snapshot on a read-only pool, and nothing half-made.
+        let e = s.prepare("more", Some("kept"), Labels::new()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&cfg.pool) && msg.contains("read-only") && msg.contains("more"),
+            "{msg}"
+        );
+        assert!(s.stat("more").is_err());
+        assert_eq!(s.list(&[]).unwrap().len(), before + 1, "kept and big only");
+        assert_eq!(
+            devices(&root),
+            marked,
+            "no record of a device left by the refusal"
+        );
+        let kept = s.stat("kept").unwrap();
+        assert_eq!(kept.kind, Kind::Committed);
+
+        drop(s);
+        DevmapperBackend::destroy_pool(&root).unwrap();
+        assert!(
+            sys_dev(&cfg.pool).is_none(),
+            "the read-only pool was taken down"
+        );
     }
 
     /// A pool the user made: strata keeps to its id range, a second store on the same range
