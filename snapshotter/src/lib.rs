@@ -72,6 +72,7 @@
 //! `tests/examples/multistage.rs` in the repository performs a whole multi-stage build this
 //! way, with a prune and a rebuild from the cache.
 
+pub mod any;
 pub mod backend;
 pub mod checksum;
 pub mod copy;
@@ -88,6 +89,7 @@ pub mod types;
 mod meta;
 mod sys;
 
+pub use any::AnyStore;
 pub use backend::{Backend, CreateOptions, JournalOp};
 pub use error::{BackendError, Error, ErrorKind, Result};
 pub use meta::LayerRecord;
