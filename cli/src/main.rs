@@ -8,7 +8,6 @@ mod bench;
 mod output;
 mod progress;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -1039,10 +1038,3 @@ fn main() -> ExitCode {
     }
 }
 
-/// Labels as a JSON-friendly map (used by the output module).
-pub(crate) fn label_map(labels: &Labels) -> BTreeMap<&str, &str> {
-    labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
-}

@@ -4,27 +4,14 @@ use serde_json::{json, Value};
 use strata::store::CleanupReport;
 use strata::{FsckReport, GcReport, Info, LeaseInfo, Mount, Usage};
 
-use crate::{label_map, Failure};
+use crate::Failure;
 
 /// Prints results in the chosen format.
 pub(crate) struct Output {
     json: bool,
 }
 
-fn time(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_nanos(t).to_string()
-}
-
-fn info_json(info: &Info) -> Value {
-    json!({
-        "name": info.name,
-        "kind": info.kind.as_str(),
-        "parent": info.parent,
-        "labels": label_map(&info.labels),
-        "created": time(info.created),
-        "updated": time(info.updated),
-    })
-}
+use strata::report::{info as info_json, time};
 
 impl Output {
     /// Text output unless `json`.
@@ -118,7 +105,7 @@ impl Output {
     /// Disk usage.
     pub(crate) fn usage(&self, key: &str, u: Usage) {
         if self.json {
-            self.print_json(&json!({"name": key, "size": u.size, "inodes": u.inodes}));
+            self.print_json(&strata::report::usage(key, u));
         } else {
             println!("{key}: {} bytes, {} inodes", u.size, u.inodes);
         }
@@ -127,11 +114,7 @@ impl Output {
     /// What cleanup did.
     pub(crate) fn cleanup(&self, r: &CleanupReport) {
         if self.json {
-            self.print_json(&json!({
-                "reclaimed": r.reclaimed,
-                "reconciled": r.reconciled,
-                "failed": r.failed.iter().map(|(id, e)| json!({"id": id, "error": e})).collect::<Vec<_>>(),
-            }));
+            self.print_json(&strata::report::cleanup(r));
         } else {
             println!(
                 "reclaimed {} snapshot(s), reconciled {} interrupted operation(s), {} failure(s)",
@@ -145,12 +128,7 @@ impl Output {
     /// Images and their snapshots.
     pub(crate) fn images(&self, images: &[(String, String)]) {
         if self.json {
-            self.print_json(&Value::Array(
-                images
-                    .iter()
-                    .map(|(i, s)| json!({"image": i, "snapshot": s}))
-                    .collect(),
-            ));
+            self.print_json(&strata::report::images(images));
             return;
         }
         let w = images
@@ -168,18 +146,7 @@ impl Output {
     /// Leases.
     pub(crate) fn leases(&self, leases: &[LeaseInfo]) {
         if self.json {
-            self.print_json(&Value::Array(
-                leases
-                    .iter()
-                    .map(|l| {
-                        json!({
-                            "name": l.name,
-                            "expires": l.expires.map(time),
-                            "snapshots": l.snapshots,
-                        })
-                    })
-                    .collect(),
-            ));
+            self.print_json(&strata::report::leases(leases));
             return;
         }
         for l in leases {
@@ -191,16 +158,7 @@ impl Output {
     /// What gc did.
     pub(crate) fn gc(&self, r: &GcReport, dry_run: bool) {
         if self.json {
-            self.print_json(&json!({
-                "dry_run": dry_run,
-                "managed": r.managed,
-                "removed": r.removed,
-                "kept": r.kept,
-                "expired_leases": r.expired_leases,
-                "reclaimed": r.reclaimed,
-                "blobs": r.blobs,
-                "failed": r.failed.iter().map(|(k, e)| json!({"key": k, "error": e})).collect::<Vec<_>>(),
-            }));
+            self.print_json(&strata::report::gc(r, dry_run));
             return;
         }
         let verb = if dry_run { "would remove" } else { "removed" };
@@ -221,12 +179,7 @@ impl Output {
     /// What export wrote.
     pub(crate) fn exported(&self, r: &strata::ExportReport, to: &std::path::Path) {
         if self.json {
-            self.print_json(&json!({
-                "output": to,
-                "images": r.images.iter().map(|(n, m)| json!({"name": n, "manifest": m})).collect::<Vec<_>>(),
-                "blobs": r.blobs,
-                "diffed": r.diffed,
-            }));
+            self.print_json(&strata::report::export(r, to));
             return;
         }
         for (n, m) in &r.images {
@@ -243,15 +196,7 @@ impl Output {
     /// What a copy brought.
     pub(crate) fn copied(&self, c: &strata::copy::CopyStats, key: &str) {
         if self.json {
-            self.print_json(&json!({
-                "key": key,
-                "files": c.files,
-                "dirs": c.dirs,
-                "symlinks": c.symlinks,
-                "hardlinks": c.hardlinks,
-                "others": c.others,
-                "bytes": c.bytes,
-            }));
+            self.print_json(&strata::report::copy(c, key));
         } else {
             println!(
                 "copied into {key}: {} file(s), {} dir(s), {} symlink(s), {} hard link(s), {} other(s), {} bytes",
@@ -263,7 +208,7 @@ impl Output {
     /// A checksum.
     pub(crate) fn checksum(&self, d: &strata::layer::Digest, name: &str) {
         if self.json {
-            self.print_json(&json!({"name": name, "checksum": d.as_str()}));
+            self.print_json(&strata::report::checksum(d, name));
         } else {
             println!("{d}");
         }
@@ -272,11 +217,7 @@ impl Output {
     /// What import did.
     pub(crate) fn imported(&self, r: &strata::ImportReport) {
         if self.json {
-            self.print_json(&json!({
-                "images": r.images.iter().map(|(n, c)| json!({"name": n, "snapshot": c})).collect::<Vec<_>>(),
-                "applied": r.applied,
-                "cached": r.cached,
-            }));
+            self.print_json(&strata::report::import(r));
             return;
         }
         for (n, c) in &r.images {
@@ -301,17 +242,7 @@ impl Output {
     /// What fsck found and did.
     pub(crate) fn fsck(&self, r: &FsckReport, repair: bool) {
         if self.json {
-            self.print_json(&json!({
-                "clean": r.is_clean(),
-                "orphans": r.orphans,
-                "spares": r.spares,
-                "broken": r.broken.iter().map(|(k, why)| json!({"name": k, "reason": why})).collect::<Vec<_>>(),
-                "interrupted": r.interrupted,
-                "stale_guards": r.stale_guards,
-                "leaked_mounts": r.leaked_mounts,
-                "repaired": r.repaired,
-                "failed": r.failed,
-            }));
+            self.print_json(&strata::report::fsck(r));
             return;
         }
         println!("orphaned storage: {}", r.orphans.len());

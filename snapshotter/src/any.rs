@@ -7,12 +7,17 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::time::Duration;
 
+use crate::copy::{CopyOptions, CopyStats};
 use crate::layer::apply::Applied;
 use crate::layer::diff::{DiffOptions, DiffStats};
 use crate::layer::{Descriptor, Digest};
 use crate::store::CleanupReport;
-use crate::{AppliedLayer, Backend, Result, Snapshotter, Store};
+use crate::{
+    AppliedLayer, Backend, ExportOptions, ExportReport, FsckReport, GcReport, ImportReport,
+    LayerRecord, LeaseInfo, Result, Snapshotter, Store, VerifyReport,
+};
 
 /// A store whatever its backend (see the module docs).
 pub trait AnyStore: Snapshotter {
@@ -44,6 +49,58 @@ pub trait AnyStore: Snapshotter {
 
     /// [`Store::cleanup_report`]: [`Snapshotter::cleanup`] saying what it did.
     fn cleanup_report(&self) -> Result<CleanupReport>;
+
+    /// [`Store::layer`]: what is recorded of committed snapshot `name` as a layer.
+    fn layer(&self, name: &str) -> Result<Option<LayerRecord>>;
+
+    /// [`Store::tag`]: names an image, which holds `snapshot`'s whole chain.
+    fn tag(&self, name: &str, snapshot: &str) -> Result<()>;
+
+    /// [`Store::untag`]: removes an image name.
+    fn untag(&self, name: &str) -> Result<()>;
+
+    /// [`Store::images`]: every image and its snapshot.
+    fn images(&self) -> Result<Vec<(String, String)>>;
+
+    /// [`Store::lease_create`]: a lease that expires after `ttl` (never without one).
+    fn lease_create(&self, name: &str, ttl: Option<Duration>) -> Result<()>;
+
+    /// [`Store::lease_add`]: the lease holds `keys` too.
+    fn lease_add(&self, name: &str, keys: &[&str]) -> Result<()>;
+
+    /// [`Store::lease_remove`]: drops a lease.
+    fn lease_remove(&self, name: &str) -> Result<()>;
+
+    /// [`Store::leases`]: every lease.
+    fn leases(&self) -> Result<Vec<LeaseInfo>>;
+
+    /// [`Store::gc`]: removes what no image, lease or label holds.
+    fn gc(&self, dry_run: bool) -> Result<GcReport>;
+
+    /// [`Store::fsck`]: checks (and with `repair`, repairs) the store.
+    fn fsck(&self, repair: bool) -> Result<FsckReport>;
+
+    /// [`Store::verify`]: checks stored layers against their recorded content.
+    fn verify(&self, names: &[&str]) -> Result<VerifyReport>;
+
+    /// [`Store::export`]: writes images as an OCI layout or archive.
+    fn export(&self, images: &[&str], out: &Path, opts: &ExportOptions) -> Result<ExportReport>;
+
+    /// [`Store::import`]: reads an OCI layout or archive.
+    fn import(&self, src: &Path, ref_name: Option<&str>) -> Result<ImportReport>;
+
+    /// [`Store::copy`]: `COPY --from` of paths of `from` into active snapshot `key`.
+    fn copy(
+        &self,
+        from: &str,
+        sources: &[&str],
+        key: &str,
+        dest: &str,
+        opts: &CopyOptions,
+    ) -> Result<CopyStats>;
+
+    /// [`Store::checksum`]: the cache-key checksum of paths of `name`.
+    fn checksum(&self, name: &str, paths: &[&str], excludes: &[String]) -> Result<Digest>;
 }
 
 impl<B: Backend> AnyStore for Store<B> {
@@ -80,5 +137,72 @@ impl<B: Backend> AnyStore for Store<B> {
 
     fn cleanup_report(&self) -> Result<CleanupReport> {
         Store::cleanup_report(self)
+    }
+
+    fn layer(&self, name: &str) -> Result<Option<LayerRecord>> {
+        Store::layer(self, name)
+    }
+
+    fn tag(&self, name: &str, snapshot: &str) -> Result<()> {
+        Store::tag(self, name, snapshot)
+    }
+
+    fn untag(&self, name: &str) -> Result<()> {
+        Store::untag(self, name)
+    }
+
+    fn images(&self) -> Result<Vec<(String, String)>> {
+        Store::images(self)
+    }
+
+    fn lease_create(&self, name: &str, ttl: Option<Duration>) -> Result<()> {
+        Store::lease_create(self, name, ttl)
+    }
+
+    fn lease_add(&self, name: &str, keys: &[&str]) -> Result<()> {
+        Store::lease_add(self, name, keys)
+    }
+
+    fn lease_remove(&self, name: &str) -> Result<()> {
+        Store::lease_remove(self, name)
+    }
+
+    fn leases(&self) -> Result<Vec<LeaseInfo>> {
+        Store::leases(self)
+    }
+
+    fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        Store::gc(self, dry_run)
+    }
+
+    fn fsck(&self, repair: bool) -> Result<FsckReport> {
+        Store::fsck(self, repair)
+    }
+
+    fn verify(&self, names: &[&str]) -> Result<VerifyReport> {
+        Store::verify(self, names)
+    }
+
+    fn export(&self, images: &[&str], out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+        Store::export(self, images, out, opts)
+    }
+
+    fn import(&self, src: &Path, ref_name: Option<&str>) -> Result<ImportReport> {
+        Store::import(self, src, ref_name)
+    }
+
+    fn copy(
+        &self,
+        from: &str,
+        sources: &[&str],
+        key: &str,
+        dest: &str,
+        opts: &CopyOptions,
+    ) -> Result<CopyStats> {
+        Store::copy(self, from, sources, key, dest, opts)
+    }
+
+    fn checksum(&self, name: &str, paths: &[&str], excludes: &[String]) -> Result<Digest> {
+        Store::checksum(self, name, paths, excludes)
     }
 }

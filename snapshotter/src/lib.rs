@@ -82,6 +82,7 @@ pub mod fsutil;
 pub mod layer;
 pub mod mount;
 pub mod patterns;
+pub mod report;
 pub mod snapshotter;
 pub mod store;
 pub mod types;
