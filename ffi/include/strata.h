@@ -177,6 +177,22 @@ typedef struct strata_layer {
   bool cached;
 } strata_layer;
 
+// Options of `strata_copy` (all zero: none).
+typedef struct strata_copy_options {
+  // `.dockerignore`-style patterns of paths to leave out, relative to the source root.
+  const char *const *excludes;
+  // How many.
+  size_t excludes_len;
+  // Keep each source's path below the destination (`COPY --parents`).
+  bool parents;
+  // Give everything copied this owner (`COPY --chown`).
+  bool chown;
+  // The owner's uid when `chown`.
+  uint32_t uid;
+  // The owner's gid when `chown`.
+  uint32_t gid;
+} strata_copy_options;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -456,6 +472,320 @@ void strata_free_applied(struct strata_applied *applied);
 //
 // `layer` is NULL or a pointer strata returned, not freed before.
 void strata_free_layer(struct strata_layer *layer);
+
+// Frees a string strata returned (a JSON report, a checksum; NULL is fine).
+//
+// # Safety
+//
+// `s` is NULL or a string strata returned, not freed before.
+void strata_free_string(char *s);
+
+// Names image `name` after committed snapshot `snapshot`: the image holds its whole chain
+// against gc, and exports as one OCI image.
+//
+// # Safety
+//
+// `name` and `snapshot` are NUL-terminated strings.
+int strata_tag(struct strata_store *store, const char *name, const char *snapshot);
+
+// Removes image name `name` (its layers stay until gc).
+//
+// # Safety
+//
+// `name` is a NUL-terminated string.
+int strata_untag(struct strata_store *store, const char *name);
+
+// The images, as a JSON array of `{"image", "snapshot"}` in `*out`.
+//
+// # Safety
+//
+// `out` points to writable storage for a pointer.
+int strata_images(struct strata_store *store, char **out);
+
+// Creates lease `name`, which holds what is added to it until it expires `ttl_ms`
+// milliseconds from now (never when `ttl_ms` is 0 or less) or is removed.
+//
+// # Safety
+//
+// `name` is a NUL-terminated string.
+int strata_lease_create(struct strata_store *store, const char *name, int64_t ttl_ms);
+
+// Lease `name` holds the `keys_len` snapshots `keys` too (each with its chain).
+//
+// # Safety
+//
+// `name` is a NUL-terminated string; `keys` points to `keys_len` of them.
+int strata_lease_add(struct strata_store *store,
+                     const char *name,
+                     const char *const *keys,
+                     size_t keys_len);
+
+// Removes lease `name` (what it held stays until gc).
+//
+// # Safety
+//
+// `name` is a NUL-terminated string.
+int strata_lease_remove(struct strata_store *store, const char *name);
+
+// The leases, as a JSON array of `{"name", "expires" (RFC 3339 or null), "snapshots"}` in
+// `*out`.
+//
+// # Safety
+//
+// `out` points to writable storage for a pointer.
+int strata_leases(struct strata_store *store, char **out);
+
+// Removes every snapshot no image, lease or gc-root label holds (with `dry_run`, only says
+// which), and reclaims their storage; the report (JSON: `removed`, `kept`,
+// `expired_leases`, `reclaimed`, `failed`, ...) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `out` is NULL or points to writable storage for a pointer.
+int strata_gc(struct strata_store *store, bool dry_run, char **out);
+
+// Checks the store (with `repair`, repairs what it can); the report (JSON: `clean`,
+// `orphans`, `broken`, `interrupted`, `leaked_mounts`, `repaired`, ...) in `*out` when
+// `out` is not NULL. An unclean store is not an error: read `clean`.
+//
+// # Safety
+//
+// `out` is NULL or points to writable storage for a pointer.
+int strata_fsck(struct strata_store *store, bool repair, char **out);
+
+// Checks the stored layers `names` (all when `names_len` is 0) against their recorded
+// content checksums; damaged ones are marked broken. The report (JSON: `verified`,
+// `recorded`, `damaged`) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `names` points to `names_len` NUL-terminated strings; `out` is NULL or points to writable
+// storage for a pointer.
+int strata_verify(struct strata_store *store,
+                  const char *const *names,
+                  size_t names_len,
+                  char **out);
+
+// Writes the `images_len` images `images` as an OCI image layout at `dest` (a directory),
+// or an OCI archive when `dest` ends in `.tar`, diffing layers with `compression`
+// (`STRATA_COMPRESSION_*`) and, with `verify`, checking every layer first. Nothing is
+// written unless every layer is there, committed and intact. The report (JSON: `images`
+// with their manifest digests, `blobs`, `diffed`) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `images` points to `images_len` NUL-terminated strings; `dest` is one; `out` is NULL or
+// points to writable storage for a pointer.
+int strata_export(struct strata_store *store,
+                  const char *const *images,
+                  size_t images_len,
+                  const char *dest,
+                  int compression,
+                  bool verify,
+                  char **out);
+
+// Reads the OCI image layout or archive at `src` (tagging its images; with `ref_name`, only
+// that one); the report (JSON: `images` with their snapshots, `applied`, `cached`) in
+// `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `src` is a NUL-terminated string, `ref_name` NULL or one; `out` is NULL or points to
+// writable storage for a pointer.
+int strata_import(struct strata_store *store, const char *src, const char *ref_name, char **out);
+
+// Copies the `sources_len` paths `sources` of committed snapshot or image `from` into
+// active snapshot `key` at `dest`, the way `COPY --from` does (symlinks below the named
+// paths are never followed); `opts` may be NULL. What was copied (JSON: `files`, `dirs`,
+// `symlinks`, `hardlinks`, `others`, `bytes`) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `from`, `key` and `dest` are NUL-terminated strings; `sources` points to `sources_len` of
+// them; `opts` is NULL or valid (its `excludes` array too); `out` is NULL or points to
+// writable storage for a pointer.
+int strata_copy(struct strata_store *store,
+                const char *from,
+                const char *const *sources,
+                size_t sources_len,
+                const char *key,
+                const char *dest,
+                const struct strata_copy_options *opts,
+                char **out);
+
+// The cache-key checksum (`sha256:...`, in `*out`; free with [`strata_free_string`]) of
+// the `paths_len` paths `paths` (all of it when 0) of committed snapshot or image `name`,
+// leaving out the `excludes_len` patterns `excludes`: content, modes, owners, xattrs and
+// symlink targets, no times; the same tree gives the same checksum on every backend.
+//
+// # Safety
+//
+// `name` is a NUL-terminated string; `paths` and `excludes` point to that many of them;
+// `out` points to writable storage for a pointer.
+int strata_checksum(struct strata_store *store,
+                    const char *name,
+                    const char *const *paths,
+                    size_t paths_len,
+                    const char *const *excludes,
+                    size_t excludes_len,
+                    char **out);
+
+// Frees a string strata returned (a JSON report, a checksum; NULL is fine).
+//
+// # Safety
+//
+// `s` is NULL or a string strata returned, not freed before.
+void strata_free_string(char *s);
+
+// Names image `name` after committed snapshot `snapshot`: the image holds its whole chain
+// against gc, and exports as one OCI image.
+//
+// # Safety
+//
+// `name` and `snapshot` are NUL-terminated strings.
+int strata_tag(struct strata_store *store, const char *name, const char *snapshot);
+
+// Removes image name `name` (its layers stay until gc).
+//
+// # Safety
+//
+// `name` is a NUL-terminated string.
+int strata_untag(struct strata_store *store, const char *name);
+
+// The images, as a JSON array of `{"image", "snapshot"}` in `*out`.
+//
+// # Safety
+//
+// `out` points to writable storage for a pointer.
+int strata_images(struct strata_store *store, char **out);
+
+// Creates lease `name`, which holds what is added to it until it expires `ttl_ms`
+// milliseconds from now (never when `ttl_ms` is 0 or less) or is removed.
+//
+// # Safety
+//
+// `name` is a NUL-terminated string.
+int strata_lease_create(struct strata_store *store, const char *name, int64_t ttl_ms);
+
+// Lease `name` holds the `keys_len` snapshots `keys` too (each with its chain).
+//
+// # Safety
+//
+// `name` is a NUL-terminated string; `keys` points to `keys_len` of them.
+int strata_lease_add(struct strata_store *store,
+                     const char *name,
+                     const char *const *keys,
+                     size_t keys_len);
+
+// Removes lease `name` (what it held stays until gc).
+//
+// # Safety
+//
+// `name` is a NUL-terminated string.
+int strata_lease_remove(struct strata_store *store, const char *name);
+
+// The leases, as a JSON array of `{"name", "expires" (RFC 3339 or null), "snapshots"}` in
+// `*out`.
+//
+// # Safety
+//
+// `out` points to writable storage for a pointer.
+int strata_leases(struct strata_store *store, char **out);
+
+// Removes every snapshot no image, lease or gc-root label holds (with `dry_run`, only says
+// which), and reclaims their storage; the report (JSON: `removed`, `kept`,
+// `expired_leases`, `reclaimed`, `failed`, ...) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `out` is NULL or points to writable storage for a pointer.
+int strata_gc(struct strata_store *store, bool dry_run, char **out);
+
+// Checks the store (with `repair`, repairs what it can); the report (JSON: `clean`,
+// `orphans`, `broken`, `interrupted`, `leaked_mounts`, `repaired`, ...) in `*out` when
+// `out` is not NULL. An unclean store is not an error: read `clean`.
+//
+// # Safety
+//
+// `out` is NULL or points to writable storage for a pointer.
+int strata_fsck(struct strata_store *store, bool repair, char **out);
+
+// Checks the stored layers `names` (all when `names_len` is 0) against their recorded
+// content checksums; damaged ones are marked broken. The report (JSON: `verified`,
+// `recorded`, `damaged`) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `names` points to `names_len` NUL-terminated strings; `out` is NULL or points to writable
+// storage for a pointer.
+int strata_verify(struct strata_store *store,
+                  const char *const *names,
+                  size_t names_len,
+                  char **out);
+
+// Writes the `images_len` images `images` as an OCI image layout at `dest` (a directory),
+// or an OCI archive when `dest` ends in `.tar`, diffing layers with `compression`
+// (`STRATA_COMPRESSION_*`) and, with `verify`, checking every layer first. Nothing is
+// written unless every layer is there, committed and intact. The report (JSON: `images`
+// with their manifest digests, `blobs`, `diffed`) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `images` points to `images_len` NUL-terminated strings; `dest` is one; `out` is NULL or
+// points to writable storage for a pointer.
+int strata_export(struct strata_store *store,
+                  const char *const *images,
+                  size_t images_len,
+                  const char *dest,
+                  int compression,
+                  bool verify,
+                  char **out);
+
+// Reads the OCI image layout or archive at `src` (tagging its images; with `ref_name`, only
+// that one); the report (JSON: `images` with their snapshots, `applied`, `cached`) in
+// `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `src` is a NUL-terminated string, `ref_name` NULL or one; `out` is NULL or points to
+// writable storage for a pointer.
+int strata_import(struct strata_store *store, const char *src, const char *ref_name, char **out);
+
+// Copies the `sources_len` paths `sources` of committed snapshot or image `from` into
+// active snapshot `key` at `dest`, the way `COPY --from` does (symlinks below the named
+// paths are never followed); `opts` may be NULL. What was copied (JSON: `files`, `dirs`,
+// `symlinks`, `hardlinks`, `others`, `bytes`) in `*out` when `out` is not NULL.
+//
+// # Safety
+//
+// `from`, `key` and `dest` are NUL-terminated strings; `sources` points to `sources_len` of
+// them; `opts` is NULL or valid (its `excludes` array too); `out` is NULL or points to
+// writable storage for a pointer.
+int strata_copy(struct strata_store *store,
+                const char *from,
+                const char *const *sources,
+                size_t sources_len,
+                const char *key,
+                const char *dest,
+                const struct strata_copy_options *opts,
+                char **out);
+
+// The cache-key checksum (`sha256:...`, in `*out`; free with [`strata_free_string`]) of
+// the `paths_len` paths `paths` (all of it when 0) of committed snapshot or image `name`,
+// leaving out the `excludes_len` patterns `excludes`: content, modes, owners, xattrs and
+// symlink targets, no times; the same tree gives the same checksum on every backend.
+//
+// # Safety
+//
+// `name` is a NUL-terminated string; `paths` and `excludes` point to that many of them;
+// `out` points to writable storage for a pointer.
+int strata_checksum(struct strata_store *store,
+                    const char *name,
+                    const char *const *paths,
+                    size_t paths_len,
+                    const char *const *excludes,
+                    size_t excludes_len,
+                    char **out);
 
 #ifdef __cplusplus
 }  // extern "C"

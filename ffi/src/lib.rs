@@ -26,6 +26,7 @@
 
 mod error;
 mod handle;
+mod images;
 mod types;
 
 use std::ffi::{c_char, c_int, c_void};
@@ -45,6 +46,7 @@ pub use error::{
     STRATA_OK,
 };
 pub use handle::strata_store;
+pub use images::strata_copy_options;
 pub use types::{
     strata_applied, strata_descriptor, strata_disk_usage, strata_info, strata_label, strata_layer,
     strata_mount_entry, strata_mount_list, strata_open_options, strata_walk_fn,

@@ -171,3 +171,13 @@ fn error_paths_and_threads_from_c() {
     let exe = build("errors", tmp.path(), Checker::Valgrind);
     run(&exe, "native", tmp.path(), Checker::Valgrind);
 }
+
+#[test]
+fn images_leases_gc_export_import_copy_from_c() {
+    if !require_privileged("the C image calls") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = build("images", tmp.path(), Checker::Asan);
+    run(&exe, "overlay", tmp.path(), Checker::Asan);
+}

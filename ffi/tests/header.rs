@@ -11,7 +11,7 @@ fn the_committed_header_is_up_to_date() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = cbindgen::Config::from_file(dir.join("cbindgen.toml")).unwrap();
     let mut builder = cbindgen::Builder::new().with_config(config);
-    for file in ["lib.rs", "error.rs", "handle.rs", "types.rs"] {
+    for file in ["lib.rs", "error.rs", "handle.rs", "images.rs", "types.rs"] {
         builder = builder.with_src(dir.join("src").join(file));
     }
     let mut generated = Vec::new();
