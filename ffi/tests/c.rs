@@ -105,10 +105,16 @@ fn build(name: &str, tmp: &Path, checker: Checker) -> PathBuf {
     exe
 }
 
-/// Runs `exe WORKDIR BACKEND` under its checker; fails on any error or leak it reports.
+/// Runs `exe WORKDIR BACKEND` under its checker with a new directory `TMP/work-BACKEND`;
+/// fails on any error or leak it reports.
 fn run(exe: &Path, backend: &str, tmp: &Path, checker: Checker) {
     let work = tmp.join(format!("work-{backend}"));
     std::fs::create_dir_all(&work).unwrap();
+    run_in(exe, backend, &work, checker);
+}
+
+/// [`run`] in the existing directory `work`.
+fn run_in(exe: &Path, backend: &str, work: &Path, checker: Checker) {
     let mut cmd = match checker {
         Checker::Valgrind => {
             tool("valgrind", "valgrind");
@@ -130,7 +136,7 @@ fn run(exe: &Path, backend: &str, tmp: &Path, checker: Checker) {
             c
         }
     };
-    let out = cmd.arg(&work).arg(backend).output().unwrap();
+    let out = cmd.arg(work).arg(backend).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -160,6 +166,20 @@ fn the_whole_cycle_from_c_on_overlay() {
     let tmp = tempfile::tempdir().unwrap();
     let exe = build("cycle", tmp.path(), Checker::Asan);
     run(&exe, "overlay", tmp.path(), Checker::Asan);
+}
+
+/// The btrfs backend is reachable from C too (its directory on a btrfs of the test's own).
+#[cfg(feature = "btrfs")]
+#[test]
+fn the_whole_cycle_from_c_on_btrfs() {
+    if !require_privileged("the C cycle on btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = build("cycle", tmp.path(), Checker::Asan);
+    let work = tmp.path().join("work-btrfs");
+    let _fs = strata_tests::LoopBtrfs::mount_at(&work, 512 << 20);
+    run_in(&exe, "btrfs", &work, Checker::Asan);
 }
 
 #[test]
