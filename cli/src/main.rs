@@ -1037,4 +1037,3 @@ fn main() -> ExitCode {
         }
     }
 }
-
