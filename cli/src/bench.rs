@@ -10,7 +10,7 @@ use serde_json::json;
 use strata::{Labels, Snapshotter};
 
 use crate::output::Output;
-use crate::{open_store, AnyStore, CliError, Failure, Global};
+use crate::{open_store, CliError, Failure, Global};
 
 /// Arguments of `strata bench`.
 #[derive(Args, Debug)]
@@ -103,7 +103,7 @@ fn run_in(
 ) -> std::result::Result<Vec<Result>, Failure> {
     let store = open_store(root, global)?;
     let max = strata::mount::OVERLAY_MAX_LAYERS + 1;
-    if matches!(store, AnyStore::Overlay(_))
+    if store.backend_name() == "overlay"
         && args.workloads.contains(&Workload::EmptyChain)
         && args.layers > max
     {
@@ -114,7 +114,7 @@ fn run_in(
         ))
         .into());
     }
-    let s = store.snapshotter();
+    let s: &dyn strata::Snapshotter = &*store;
     let tag = format!("bench-{}", std::process::id());
     let mut results = Vec::new();
     for (n, w) in args.workloads.iter().enumerate() {

@@ -13,9 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use strata::{Error, Labels, Snapshotter, Store, StoreOptions};
-use strata_native::NativeBackend;
-use strata_overlay::{OverlayBackend, OverlayOptions};
+use strata::{Error, Labels, StoreOptions};
 
 use crate::output::Output;
 
@@ -518,74 +516,8 @@ fn labels(pairs: Vec<(String, String)>) -> Labels {
     pairs.into_iter().collect()
 }
 
-/// The backends this build has.
-const BACKENDS: &[&str] = &[
-    "overlay",
-    "native",
-    #[cfg(feature = "btrfs")]
-    "btrfs",
-    #[cfg(feature = "devmapper")]
-    "devmapper",
-];
-
 /// A store over whichever backend the root uses.
-pub(crate) enum AnyStore {
-    /// Plain copies.
-    Native(Store<NativeBackend>),
-    /// overlayfs.
-    Overlay(Store<OverlayBackend>),
-    /// btrfs subvolumes.
-    #[cfg(feature = "btrfs")]
-    Btrfs(Store<strata_btrfs::BtrfsBackend>),
-    /// device-mapper thin devices.
-    #[cfg(feature = "devmapper")]
-    Devmapper(Store<strata_devmapper::DevmapperBackend>),
-}
-
-/// Runs `$body` with `$s` bound to the store, whatever its backend.
-macro_rules! with_store {
-    ($store:expr, $s:ident => $body:expr) => {
-        match $store {
-            AnyStore::Native($s) => $body,
-            AnyStore::Overlay($s) => $body,
-            #[cfg(feature = "btrfs")]
-            AnyStore::Btrfs($s) => $body,
-            #[cfg(feature = "devmapper")]
-            AnyStore::Devmapper($s) => $body,
-        }
-    };
-}
-
-impl AnyStore {
-    /// The store as the trait builders use.
-    pub(crate) fn snapshotter(&self) -> &dyn Snapshotter {
-        with_store!(self, s => s)
-    }
-
-    fn cleanup_report(&self) -> strata::Result<strata::store::CleanupReport> {
-        with_store!(self, s => s.cleanup_report())
-    }
-
-    fn layers(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
-        with_store!(self, s => layers(s, cmd, out))
-    }
-
-    fn fsck(&self, repair: bool) -> strata::Result<strata::FsckReport> {
-        with_store!(self, s => s.fsck(repair))
-    }
-
-    fn verify(&self) -> strata::Result<strata::VerifyReport> {
-        with_store!(self, s => s.verify(&[]))
-    }
-
-    fn images(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
-        with_store!(self, s => images(s, cmd, out))
-    }
-
-    fn tracker(&self, cmd: &Command, out: &Output) -> Result<(), Failure> {
-        with_store!(self, s => tracker(s, cmd, out))
-    }
-}
+pub(crate) type AnyStore = Box<dyn strata::AnyStore + Send + Sync>;
 
 /// A failure of the command line itself (not of the store).
 #[derive(Debug)]
@@ -615,32 +547,19 @@ impl From<CliError> for Failure {
     }
 }
 
-/// Opens the store at `root` with the backend `--backend` names, or the recorded one.
 /// How many snapshots the store has.
 #[cfg(feature = "devmapper")]
 fn snapshot_count(store: &AnyStore) -> Result<usize, Failure> {
-    Ok(with_store!(store, s => s.list(&[])?.len()))
+    Ok(store.list(&[])?.len())
 }
 
+/// Opens the store at `root` with the backend `--backend` names, or the recorded one.
 pub(crate) fn open_store(root: &Path, global: &Global) -> Result<AnyStore, Failure> {
     open_store_with(root, global, true)
 }
 
 /// [`open_store`], choosing whether opening repairs what dead processes left behind.
 fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnyStore, Failure> {
-    let recorded = Store::<NativeBackend>::recorded_backend(root)?;
-    let name = match (&global.backend, &recorded) {
-        (Some(asked), Some(rec)) if asked != rec => {
-            return Err(CliError(format!(
-                "the store at {} uses the {rec} backend, not {asked}; drop --backend or pick another --root",
-                root.display()
-            ))
-            .into());
-        }
-        (Some(asked), _) => asked.clone(),
-        (None, Some(rec)) => rec.clone(),
-        (None, None) => "overlay".to_string(),
-    };
     let opts = StoreOptions {
         lock_timeout: global.lock_timeout,
         durable: !global.no_sync,
@@ -649,36 +568,7 @@ fn open_store_with(root: &Path, global: &Global, recover: bool) -> Result<AnySto
         // The overlay applier writes the upper directory itself; `mounted` forces a mount.
         apply_mounted: std::env::var("STRATA_APPLY").is_ok_and(|v| v == "mounted"),
     };
-    std::fs::create_dir_all(root).map_err(|e| Error::io(root, "create the store root", e))?;
-    match name.as_str() {
-        "native" => {
-            let backend =
-                NativeBackend::open(root).map_err(|e| Error::backend("", "open", "native", e))?;
-            Ok(AnyStore::Native(Store::open(root, backend, opts)?))
-        }
-        "overlay" => {
-            let backend = OverlayBackend::open(root, OverlayOptions::default())
-                .map_err(|e| Error::backend("", "open", "overlay", e))?;
-            Ok(AnyStore::Overlay(Store::open(root, backend, opts)?))
-        }
-        #[cfg(feature = "btrfs")]
-        "btrfs" => {
-            let backend = strata_btrfs::BtrfsBackend::open(root)
-                .map_err(|e| Error::backend("", "open", "btrfs", e))?;
-            Ok(AnyStore::Btrfs(Store::open(root, backend, opts)?))
-        }
-        #[cfg(feature = "devmapper")]
-        "devmapper" => {
-            let backend = strata_devmapper::DevmapperBackend::open(root)
-                .map_err(|e| Error::backend("", "open", "devmapper", e))?;
-            Ok(AnyStore::Devmapper(Store::open(root, backend, opts)?))
-        }
-        other => Err(CliError(format!(
-            "unknown backend {other:?}: this strata was built with {}",
-            BACKENDS.join(", ")
-        ))
-        .into()),
-    }
+    Ok(strata_any::open(root, global.backend.as_deref(), opts)?)
 }
 
 /// Opens a layer file for reading, with a progress bar on a terminal.
@@ -696,7 +586,7 @@ fn open_with_progress(
 }
 
 /// `diff` and `apply`.
-fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
+fn layers(s: &dyn strata::AnyStore, cmd: &Command, out: &Output) -> Result<(), Failure> {
     match cmd {
         Command::Diff {
             name,
@@ -707,11 +597,11 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
                 .map_err(|e| Error::io(output, "create the layer file", e))?;
             let opts = strata::layer::diff::DiffOptions::from_env(*compression);
             let bar = progress::bytes(&format!("diff {name}"), None, out.is_json());
-            let writing = progress::Writing {
+            let mut writing = progress::Writing {
                 inner: std::io::BufWriter::new(file),
                 bar: bar.clone(),
             };
-            let (desc, stats, writing) = s.diff(name, &opts, writing)?;
+            let (desc, stats) = s.diff(name, &opts, &mut writing)?;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -736,13 +626,13 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
                     .map_err(CliError)
             };
             let (diff_id, digest) = (parse(diff_id)?, parse(digest)?);
-            let reading = open_with_progress(file, "apply-layer", out)?;
+            let mut reading = open_with_progress(file, "apply-layer", out)?;
             let bar = reading.bar.clone();
             let l = s.apply_layer(
                 parent.as_deref(),
                 digest.as_ref(),
                 diff_id.as_ref(),
-                reading,
+                &mut reading,
             )?;
             if let Some(b) = bar {
                 b.finish_and_clear();
@@ -755,9 +645,9 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
                 .map(strata::layer::Digest::parse)
                 .transpose()
                 .map_err(CliError)?;
-            let reading = open_with_progress(file, &format!("apply {key}"), out)?;
+            let mut reading = open_with_progress(file, &format!("apply {key}"), out)?;
             let bar = reading.bar.clone();
-            let applied = s.apply(key, reading, expected.as_ref())?;
+            let applied = s.apply(key, &mut reading, expected.as_ref())?;
             if let Some(b) = bar {
                 b.finish_and_clear();
             }
@@ -769,7 +659,7 @@ fn layers<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
 }
 
 /// Export and import.
-fn images<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
+fn images(s: &dyn strata::AnyStore, cmd: &Command, out: &Output) -> Result<(), Failure> {
     match cmd {
         Command::Export {
             images,
@@ -849,7 +739,7 @@ fn images<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Resu
 }
 
 /// The tracker's subcommands (images, leases, gc).
-fn tracker<B: strata::Backend>(s: &Store<B>, cmd: &Command, out: &Output) -> Result<(), Failure> {
+fn tracker(s: &dyn strata::AnyStore, cmd: &Command, out: &Output) -> Result<(), Failure> {
     match cmd {
         Command::Tag { image, snapshot } => {
             s.tag(image, snapshot)?;
@@ -910,7 +800,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
     }
     let recover = !matches!(cli.command, Command::Fsck { .. });
     let store = open_store_with(&root, &cli.global, recover)?;
-    let s = store.snapshotter();
+    let s: &dyn strata::AnyStore = &*store;
     match cli.command {
         Command::Prepare {
             key,
@@ -938,7 +828,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         Command::Stat { key } => {
             let info = s.stat(&key)?;
             let layer = match info.kind {
-                strata::Kind::Committed => with_store!(&store, st => st.layer(&key))?,
+                strata::Kind::Committed => store.layer(&key)?,
                 _ => None,
             };
             out.info_with_layer(&info, layer.as_ref());
@@ -980,7 +870,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         Command::Fsck { repair, verify } => {
             let mut report = store.fsck(repair)?;
             if verify {
-                let v = store.verify()?;
+                let v = store.verify(&[])?;
                 report.broken.extend(v.damaged.iter().cloned());
                 out.verified(&v);
             }
@@ -1002,17 +892,17 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             return Ok(());
         }
         cmd @ (Command::Diff { .. } | Command::Apply { .. } | Command::ApplyLayer { .. }) => {
-            store.layers(&cmd, out)?
+            layers(s, &cmd, out)?
         }
         cmd @ (Command::Export { .. }
         | Command::Import { .. }
         | Command::Copy { .. }
-        | Command::Checksum { .. }) => store.images(&cmd, out)?,
+        | Command::Checksum { .. }) => images(s, &cmd, out)?,
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }
         | Command::Images
         | Command::Lease { .. }
-        | Command::Gc { .. }) => store.tracker(&cmd, out)?,
+        | Command::Gc { .. }) => tracker(s, &cmd, out)?,
         Command::Umount { .. } | Command::Bench(_) | Command::Pool(_) => {}
     }
     s.close()?;
