@@ -14,15 +14,36 @@ use std::process::Command;
 
 use strata_tests::require_privileged;
 
-/// The directory cargo put `libstrata.so` in (this test runs from its `deps/`).
+/// The directory cargo put `libstrata.so` in (this test runs from its `deps/`). A test
+/// cannot depend on a cdylib, so `cargo test` does not build it: scripts/test does (`cargo
+/// build --workspace --all-targets`); by hand, `cargo build -p strata-ffi` first. A library
+/// older than the crate's sources is refused rather than tested.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("libstrata.so").exists(),
-        "no libstrata.so in {}: build the crate first (cargo test -p strata-ffi does)",
-        dir.display()
-    );
+    let lib = dir.join("libstrata.so");
+    let built = std::fs::metadata(&lib)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "no {}: {e}; build it first (cargo build -p strata-ffi, or scripts/test)",
+                lib.display()
+            )
+        });
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = vec![manifest.join("Cargo.toml")];
+    for e in std::fs::read_dir(manifest.join("src")).unwrap() {
+        sources.push(e.unwrap().path());
+    }
+    for src in sources {
+        let changed = std::fs::metadata(&src).unwrap().modified().unwrap();
+        assert!(
+            changed <= built,
+            "{} is older than {}: rebuild it (cargo build -p strata-ffi, or scripts/test)",
+            lib.display(),
+            src.display()
+        );
+    }
     dir
 }
 
