@@ -775,12 +775,8 @@ pub unsafe extern "C" fn strata_free_mounts(mounts: *mut strata_mount_list) {
 /// `info` is NULL or a pointer strata returned, not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn strata_free_info(info: *mut strata_info) {
-    if info.is_null() {
-        return;
-    }
-    // SAFETY: a pointer strata returned is a leaked Box.
-    let mut b = unsafe { Box::from_raw(info) };
-    types::free_info_fields(&mut b);
+    // SAFETY: the caller passes NULL or a pointer strata returned, not freed before.
+    unsafe { types::free_boxed(info, types::free_info_fields) }
 }
 
 /// Frees what [`strata_diff_fd`] or [`strata_diff_path`] returned (NULL is fine).
@@ -790,12 +786,8 @@ pub unsafe extern "C" fn strata_free_info(info: *mut strata_info) {
 /// `desc` is NULL or a pointer strata returned, not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn strata_free_descriptor(desc: *mut strata_descriptor) {
-    if desc.is_null() {
-        return;
-    }
-    // SAFETY: a pointer strata returned is a leaked Box.
-    let mut b = unsafe { Box::from_raw(desc) };
-    types::free_descriptor_fields(&mut b);
+    // SAFETY: the caller passes NULL or a pointer strata returned, not freed before.
+    unsafe { types::free_boxed(desc, types::free_descriptor_fields) }
 }
 
 /// Frees what [`strata_apply_fd`] or [`strata_apply_path`] returned (NULL is fine).
@@ -805,13 +797,13 @@ pub unsafe extern "C" fn strata_free_descriptor(desc: *mut strata_descriptor) {
 /// `applied` is NULL or a pointer strata returned, not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn strata_free_applied(applied: *mut strata_applied) {
-    if applied.is_null() {
-        return;
+    // SAFETY: the caller passes NULL or a pointer strata returned, not freed before.
+    unsafe {
+        types::free_boxed(applied, |a| {
+            types::free_descriptor_fields(&mut a.descriptor);
+            types::free_c_string(&mut a.content);
+        })
     }
-    // SAFETY: a pointer strata returned is a leaked Box.
-    let mut b = unsafe { Box::from_raw(applied) };
-    types::free_descriptor_fields(&mut b.descriptor);
-    types::free_c_string(&mut b.content);
 }
 
 /// Frees what [`strata_apply_layer_fd`] or [`strata_apply_layer_path`] returned (NULL is
@@ -822,12 +814,6 @@ pub unsafe extern "C" fn strata_free_applied(applied: *mut strata_applied) {
 /// `layer` is NULL or a pointer strata returned, not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn strata_free_layer(layer: *mut strata_layer) {
-    if layer.is_null() {
-        return;
-    }
-    // SAFETY: a pointer strata returned is a leaked Box.
-    let mut b = unsafe { Box::from_raw(layer) };
-    types::free_c_string(&mut b.name);
-    types::free_c_string(&mut b.diff_id);
-    types::free_c_string(&mut b.content);
+    // SAFETY: the caller passes NULL or a pointer strata returned, not freed before.
+    unsafe { types::free_boxed(layer, types::free_layer_fields) }
 }

@@ -511,10 +511,30 @@ pub(crate) fn layer_out(l: &AppliedLayer) -> Result<strata_layer, FfiError> {
     match filled {
         Ok(()) => Ok(c),
         Err(e) => {
-            free_c_string(&mut c.name);
-            free_c_string(&mut c.diff_id);
-            free_c_string(&mut c.content);
+            free_layer_fields(&mut c);
             Err(e)
         }
     }
+}
+
+/// Frees the fields of a layer built by [`layer_out`].
+pub(crate) fn free_layer_fields(c: &mut strata_layer) {
+    free_c_string(&mut c.name);
+    free_c_string(&mut c.diff_id);
+    free_c_string(&mut c.content);
+}
+
+/// Takes back a struct strata returned (a leaked `Box`) and frees its fields with `fields`;
+/// NULL is a no-op.
+///
+/// # Safety
+///
+/// `p` is NULL or a `Box` strata leaked, not taken back before.
+pub(crate) unsafe fn free_boxed<T>(p: *mut T, fields: impl FnOnce(&mut T)) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: the caller's contract.
+    let mut b = unsafe { Box::from_raw(p) };
+    fields(&mut b);
 }
