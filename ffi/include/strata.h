@@ -353,10 +353,8 @@ int strata_mount(const struct strata_mount_list *mounts, const char *target);
 // `target` is a NUL-terminated string.
 int strata_unmount(const char *target);
 
-// [`diff_to`] a file descriptor the caller keeps open (written from its current offset).
-//
 // Writes committed snapshot `name` as a layer with `compression` (`STRATA_COMPRESSION_*`)
-// to `fd` and returns its descriptor in `*desc` when `desc` is not NULL (free with
+// to `fd`, which the caller keeps open (written from its current offset), and returns its descriptor in `*desc` when `desc` is not NULL (free with
 // [`strata_free_descriptor`]).
 //
 // # Safety

@@ -551,10 +551,8 @@ fn diff_to(
     Ok(())
 }
 
-/// [`diff_to`] a file descriptor the caller keeps open (written from its current offset).
-///
 /// Writes committed snapshot `name` as a layer with `compression` (`STRATA_COMPRESSION_*`)
-/// to `fd` and returns its descriptor in `*desc` when `desc` is not NULL (free with
+/// to `fd`, which the caller keeps open (written from its current offset), and returns its descriptor in `*desc` when `desc` is not NULL (free with
 /// [`strata_free_descriptor`]).
 ///
 /// # Safety
@@ -675,7 +673,7 @@ pub unsafe extern "C" fn strata_apply_path(
 fn apply_layer_from(
     store: *mut strata_store,
     parent: *const c_char,
-    input: Option<File>,
+    input: File,
     digest: *const c_char,
     diff_id: *const c_char,
     out: *mut *mut strata_layer,
@@ -691,20 +689,12 @@ fn apply_layer_from(
     };
     let digest = digest.map(parse_digest).transpose()?;
     let diff_id = diff_id.map(parse_digest).transpose()?;
-    let layer = match input {
-        Some(f) => s.apply_layer(
-            parent,
-            digest.as_ref(),
-            diff_id.as_ref(),
-            &mut BufReader::new(f),
-        )?,
-        None => s.apply_layer(
-            parent,
-            digest.as_ref(),
-            diff_id.as_ref(),
-            &mut std::io::empty(),
-        )?,
-    };
+    let layer = s.apply_layer(
+        parent,
+        digest.as_ref(),
+        diff_id.as_ref(),
+        &mut BufReader::new(input),
+    )?;
     if !out.is_null() {
         // SAFETY: non-NULL `out` points to writable storage.
         unsafe { *out = Box::into_raw(Box::new(types::layer_out(&layer)?)) };
@@ -731,7 +721,7 @@ pub unsafe extern "C" fn strata_apply_layer_fd(
     diff_id: *const c_char,
     out: *mut *mut strata_layer,
 ) -> c_int {
-    call(|| apply_layer_from(store, parent, Some(dup_fd(fd)?), digest, diff_id, out))
+    call(|| apply_layer_from(store, parent, dup_fd(fd)?, digest, diff_id, out))
 }
 
 /// As [`strata_apply_layer_fd`], from the file at `path`.
@@ -752,7 +742,7 @@ pub unsafe extern "C" fn strata_apply_layer_path(
         // SAFETY: the caller passes a valid string.
         let path = Path::new(unsafe { req_str(path, "path") }?);
         let f = File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?;
-        apply_layer_from(store, parent, Some(f), digest, diff_id, out)
+        apply_layer_from(store, parent, f, digest, diff_id, out)
     })
 }
 
