@@ -46,7 +46,7 @@ pub enum BtrfsError {
         source: io::Error,
     },
     /// A libbtrfsutil call failed.
-    #[error("{path}: {context}: {source}")]
+    #[error("{path}: {context}: {source} ({})", std::io::Error::from_raw_os_error(source.errno()))]
     Btrfs {
         /// The path concerned.
         path: PathBuf,
@@ -247,8 +247,13 @@ impl BtrfsBackend {
             Ok(true) => {
                 // A read-only view must be made writable before it can be deleted by a
                 // process without CAP_SYS_ADMIN; as root, deletion works either way.
-                libbtrfsutil::delete_subvolume(&sub)
-                    .map_err(btrfs_err(&sub, "delete the subvolume"))?;
+                match libbtrfsutil::delete_subvolume(&sub) {
+                    Ok(()) => {}
+                    // Another process reclaiming the same id (two gc runs) deleted it
+                    // between the check and here: removal is idempotent.
+                    Err(e) if e.errno() == rustix::io::Errno::NOENT.raw_os_error() => {}
+                    Err(e) => return Err(btrfs_err(&sub, "delete the subvolume")(e)),
+                }
             }
             Ok(false) => {}
             Err(e) if e.errno() == rustix::io::Errno::NOENT.raw_os_error() => {}
