@@ -77,6 +77,12 @@ pub trait AnyStore: Snapshotter {
     /// [`Store::gc`]: removes what no image, lease or label holds.
     fn gc(&self, dry_run: bool) -> Result<GcReport>;
 
+    /// See [`Store::set_managed`].
+    fn set_managed(&self, managed: bool) -> Result<()>;
+
+    /// See [`Store::managed`].
+    fn managed(&self) -> Result<bool>;
+
     /// [`Store::fsck`]: checks (and with `repair`, repairs) the store.
     fn fsck(&self, repair: bool) -> Result<FsckReport>;
 
@@ -173,6 +179,14 @@ impl<B: Backend> AnyStore for Store<B> {
 
     fn gc(&self, dry_run: bool) -> Result<GcReport> {
         Store::gc(self, dry_run)
+    }
+
+    fn set_managed(&self, managed: bool) -> Result<()> {
+        Store::set_managed(self, managed)
+    }
+
+    fn managed(&self) -> Result<bool> {
+        Store::managed(self)
     }
 
     fn fsck(&self, repair: bool) -> Result<FsckReport> {
