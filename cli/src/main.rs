@@ -276,7 +276,26 @@ enum Command {
     },
     /// Measure layer-creation throughput
     Bench(bench::BenchArgs),
+    /// Serve the store to containerd as a proxy snapshotter (snapshots.v1 gRPC on a unix
+    /// socket) until SIGTERM or SIGINT. The store becomes containerd-managed: strata's gc then
+    /// never removes a snapshot, containerd's gc decides
+    Serve {
+        /// The unix socket to listen on (mode 0600; a stale one is replaced)
+        #[arg(long, default_value = DEFAULT_ADDRESS)]
+        address: PathBuf,
+        /// How long calls in flight may run after SIGTERM/SIGINT before the server stops
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: Duration,
+        /// Log level of strata's own messages (error, warn, info, debug, trace), or a full
+        /// tracing filter (e.g. `debug` for everything: `h2=debug,strata=trace`); STRATA_LOG
+        /// wins
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
 }
+
+/// Where `strata serve` listens by default.
+const DEFAULT_ADDRESS: &str = "/run/strata/strata.sock";
 
 #[derive(Subcommand, Debug)]
 enum LeaseCommand {
@@ -796,6 +815,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             out.done(&format!("unmounted {}", target.display()));
             return Ok(());
         }
+        Command::Serve { address, grace, .. } => return serve(&root, &cli.global, address, grace),
         _ => {}
     }
     let recover = !matches!(cli.command, Command::Fsck { .. });
@@ -903,19 +923,56 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         | Command::Images
         | Command::Lease { .. }
         | Command::Gc { .. }) => tracker(s, &cmd, out)?,
-        Command::Umount { .. } | Command::Bench(_) | Command::Pool(_) => {}
+        Command::Umount { .. } | Command::Bench(_) | Command::Pool(_) | Command::Serve { .. } => {}
     }
     s.close()?;
     Ok(())
 }
 
+/// `serve`: the store as a containerd proxy snapshotter.
+fn serve(root: &Path, global: &Global, address: PathBuf, grace: Duration) -> Result<(), Failure> {
+    #[cfg(feature = "containerd")]
+    {
+        let store: strata_grpc::SharedStore = std::sync::Arc::from(open_store(root, global)?);
+        let opts = strata_grpc::ServeOptions { address, grace };
+        strata_grpc::serve(store, &opts).map_err(|e| match e {
+            strata_grpc::Error::Store(e) => Failure::Store(e),
+            e => CliError(e.to_string()).into(),
+        })
+    }
+    #[cfg(not(feature = "containerd"))]
+    {
+        let _ = (root, global, address, grace);
+        Err(CliError("this strata was built without the containerd feature".into()).into())
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands log warnings only; the server logs what it serves. A bare level applies to
+    // strata's own crates (the gRPC stack's debug output is a firehose); anything else is
+    // taken as a full tracing filter.
+    let level = match &cli.command {
+        Command::Serve { log_level, .. } if log_level.chars().all(|c| c.is_ascii_alphabetic()) => {
+            format!("warn,strata={log_level}")
+        }
+        Command::Serve { log_level, .. } => log_level.clone(),
+        _ => "warn".to_string(),
+    };
+    let level = level.as_str();
+    let filter = match tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG") {
+        Ok(f) => f,
+        Err(_) => match tracing_subscriber::EnvFilter::try_new(level) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("strata: --log-level {level:?}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let out = Output::new(cli.global.json);
