@@ -334,7 +334,8 @@ impl Output {
         }
     }
 
-    /// A value: as JSON under --json, else the line `text` makes.
+    /// A value: as JSON under --json, else the line `text` makes (`pool status`).
+    #[cfg(feature = "devmapper")]
     pub(crate) fn show<T: serde::Serialize>(&self, v: &T, text: impl FnOnce() -> String) {
         if self.json {
             self.print_json(&json!(v));
