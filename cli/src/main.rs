@@ -402,7 +402,7 @@ enum PoolCommand {
 }
 
 /// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, shift) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {

@@ -1,28 +1,89 @@
-//! `strata bench`: layer-creation throughput.
+//! `strata bench`: layer-creation throughput, layer diff and apply speed, and how they hold
+//! up with depth and threads.
 //!
-//! Runs in `--root` when given, else in a temporary root that is removed afterwards.
+//! Runs in `--root` when given, else in a temporary root that is removed afterwards. With no
+//! `--workload`, runs the standard set (see [`STANDARD`]).
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+mod compare;
+mod tree;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use serde_json::json;
-use strata::{Labels, Snapshotter};
+use serde_json::{json, Value};
+use strata::layer::Compression;
 
 use crate::output::Output;
-use crate::{open_store, CliError, Failure, Global};
+use crate::{open_store, parse_size, AnyStore, CliError, Failure, Global};
+use workloads::Sample;
 
 /// Arguments of `strata bench`.
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
-    /// Workload to run (repeatable)
-    #[arg(long = "workload", short = 'w', value_enum, default_values_t = [Workload::EmptyChain])]
+    /// Workload to run (repeatable) [default: the standard set: every workload]
+    #[arg(long = "workload", short = 'w', value_enum)]
     workloads: Vec<Workload>,
 
-    /// Layers per workload (overlay stacks at most 500 lower layers, so an empty chain on it
-    /// is at most 501 layers deep)
-    #[arg(long, default_value_t = 500)]
-    layers: usize,
+    /// Layers of empty-chain, empty-flat, small-files and concurrent [default: 500; on
+    /// overlay a chain is at most 501 layers deep]
+    #[arg(long)]
+    layers: Option<usize>,
+
+    /// small-files: files written per layer
+    #[arg(long, default_value_t = 10)]
+    files: usize,
+
+    /// small-files: size of each file (K, M suffixes)
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    file_size: u64,
+
+    /// containerd-benchsuite: rounds of its 16 layers
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+
+    /// diff and apply: small files of the generated tree (100 B to 16 KiB, in 50 directories)
+    #[arg(long, default_value_t = 10_000)]
+    tree_files: usize,
+
+    /// diff and apply: large files of the generated tree
+    #[arg(long, default_value_t = 4)]
+    tree_big: usize,
+
+    /// diff and apply: size of each large file
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    tree_big_size: u64,
+
+    /// diff and apply: compression of the layer (repeatable: one result each)
+    #[arg(long = "compression", default_values_t = [Compression::None])]
+    compressions: Vec<Compression>,
+
+    /// diff and apply: runs of each
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+
+    /// deep: depth of the chain [default: 500 on overlay, else 1000]
+    #[arg(long)]
+    depth: Option<usize>,
+
+    /// concurrent: threads, each building its own chain
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+
+    /// Also draw the results as an SVG chart in FILE
+    #[arg(long)]
+    svg: Option<PathBuf>,
+
+    /// Compare with containerd: run these workloads alternately with PROGRAM (benches/containerd,
+    /// built by scripts/compare-containerd) and print the median ratios and the physical floor
+    #[arg(long, value_name = "PROGRAM")]
+    against: Option<PathBuf>,
+
+    /// --against: runs of each side
+    #[arg(long, default_value_t = 3)]
+    times: usize,
 }
 
 /// The workloads.
@@ -30,18 +91,51 @@ pub(crate) struct BenchArgs {
 pub(crate) enum Workload {
     /// N layers, each prepared on the previous one and committed with no data
     EmptyChain,
+    /// N parentless layers
+    EmptyFlat,
+    /// Per layer: prepare, mount, write F files of S bytes, unmount, commit
+    SmallFiles,
+    /// containerd's benchsuite: 16 layers, 10 operations on 1 MiB files each
+    ContainerdBenchsuite,
+    /// A generated tree (10k small files, 4 x 64 MiB) diffed to a layer
+    Diff,
+    /// The same layer applied into a fresh snapshot
+    Apply,
+    /// A chain to --depth with a file per layer: prepare and mount time against depth
+    Deep,
+    /// --threads threads, each building its own empty chain in one store
+    Concurrent,
 }
+
+/// What `strata bench` runs with no `--workload`.
+pub(crate) const STANDARD: &[Workload] = &[
+    Workload::EmptyChain,
+    Workload::EmptyFlat,
+    Workload::SmallFiles,
+    Workload::ContainerdBenchsuite,
+    Workload::Diff,
+    Workload::Apply,
+    Workload::Deep,
+    Workload::Concurrent,
+];
 
 impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::EmptyChain => "empty-chain",
+            Workload::EmptyFlat => "empty-flat",
+            Workload::SmallFiles => "small-files",
+            Workload::ContainerdBenchsuite => "containerd-benchsuite",
+            Workload::Diff => "diff",
+            Workload::Apply => "apply",
+            Workload::Deep => "deep",
+            Workload::Concurrent => "concurrent",
         }
     }
 }
 
-/// Latency percentiles of a sorted sample, in milliseconds.
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// Latency percentile `p` (0..=1) of a sorted sample, in milliseconds.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -49,86 +143,212 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1000.0
 }
 
-struct Result {
-    workload: Workload,
-    layers: usize,
-    total: Duration,
-    per_layer: Vec<Duration>,
-    prepare: Vec<Duration>,
-    commit: Vec<Duration>,
+/// Resets the process's peak resident set size (Linux `clear_refs` 5), so that each
+/// workload reports its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn empty_chain(
-    s: &dyn Snapshotter,
-    layers: usize,
-    tag: &str,
-    bar: Option<&indicatif::ProgressBar>,
-) -> strata::Result<Result> {
-    let mut per_layer = Vec::with_capacity(layers);
-    let mut prepare = Vec::with_capacity(layers);
-    let mut commit = Vec::with_capacity(layers);
-    let mut parent: Option<String> = None;
-    let start = Instant::now();
-    for i in 0..layers {
-        let key = format!("{tag}/active/{i}");
-        let name = format!("{tag}/layer/{i}");
-        let t0 = Instant::now();
-        s.prepare(&key, parent.as_deref(), Labels::new())?;
-        let t1 = Instant::now();
-        s.commit(&name, &key, Labels::new())?;
-        let t2 = Instant::now();
-        prepare.push(t1 - t0);
-        commit.push(t2 - t1);
-        per_layer.push(t2 - t0);
-        parent = Some(name);
-        if let Some(b) = bar {
-            b.inc(1);
-        }
+/// The process's peak resident set size since the last reset, in bytes.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One workload's result, as printed and as JSON.
+fn row(workload: &str, params: Value, mut s: Sample, rss: u64) -> Value {
+    s.per_op.sort_unstable();
+    let secs = s.total.as_secs_f64().max(f64::MIN_POSITIVE);
+    let mut v = json!({
+        "workload": workload,
+        "params": params,
+        "ops": s.per_op.len(),
+        "seconds": s.total.as_secs_f64(),
+        "p50_ms": percentile(&s.per_op, 0.5),
+        "p99_ms": percentile(&s.per_op, 0.99),
+        "peak_rss_bytes": rss,
+    });
+    if s.layers > 0 {
+        v["layers"] = json!(s.layers);
+        v["layers_per_s"] = json!(s.layers as f64 / secs);
     }
-    Ok(Result {
-        workload: Workload::EmptyChain,
-        layers,
-        total: start.elapsed(),
-        per_layer,
-        prepare,
-        commit,
-    })
+    if s.bytes > 0 {
+        v["mb_per_s"] = json!(s.bytes as f64 / 1e6 / secs);
+    }
+    if s.entries > 0 {
+        v["entries_per_s"] = json!(s.entries as f64 / secs);
+    }
+    if s.blob_bytes > 0 {
+        v["blob_bytes"] = json!(s.blob_bytes);
+    }
+    for (name, mut d) in s.phases {
+        d.sort_unstable();
+        v[format!("{name}_p50_ms")] = json!(percentile(&d, 0.5));
+        v[format!("{name}_p99_ms")] = json!(percentile(&d, 0.99));
+    }
+    if !s.by_depth.is_empty() {
+        v["by_depth"] = Value::Array(
+            s.by_depth
+                .iter()
+                .map(|(d, p, m)| json!({"depth": d, "prepare_p50_ms": p, "mount_p50_ms": m}))
+                .collect(),
+        );
+    }
+    v
 }
 
-fn run_in(
+pub(crate) fn run_in(
     root: &Path,
     global: &Global,
     args: &BenchArgs,
     json: bool,
-) -> std::result::Result<Vec<Result>, Failure> {
-    let store = open_store(root, global)?;
-    let max = strata::mount::OVERLAY_MAX_LAYERS + 1;
-    if store.backend_name() == "overlay"
-        && args.workloads.contains(&Workload::EmptyChain)
-        && args.layers > max
-    {
-        return Err(CliError(format!(
-            "--layers {}: an empty chain on overlay can be at most {max} layers deep (overlayfs stacks at most {} lower layers); use --layers {max} or --backend native",
-            args.layers,
-            strata::mount::OVERLAY_MAX_LAYERS
-        ))
-        .into());
+) -> std::result::Result<Vec<Value>, Failure> {
+    let store: Arc<AnyStore> = Arc::new(open_store(root, global)?);
+    let overlay = store.backend_name() == "overlay";
+    let max_chain = strata::mount::OVERLAY_MAX_LAYERS + 1;
+    let layers = args.layers.unwrap_or(500);
+    let depth = args.depth.unwrap_or(if overlay { 500 } else { 1000 });
+    let workloads: &[Workload] = if args.workloads.is_empty() {
+        STANDARD
+    } else {
+        &args.workloads
+    };
+    if overlay {
+        for w in workloads {
+            let deep = match w {
+                Workload::EmptyChain | Workload::SmallFiles => layers,
+                Workload::Concurrent => layers / args.threads.max(1),
+                Workload::Deep => depth,
+                _ => 0,
+            };
+            if deep > max_chain {
+                let flag = match w {
+                    Workload::Deep => format!("--depth {depth}"),
+                    _ => format!("--layers {layers}"),
+                };
+                return Err(CliError(format!(
+                    "{flag} ({}): a chain on overlay can be at most {max_chain} layers deep (overlayfs stacks at most {} lower layers); use {max_chain} or less, or --backend native",
+                    w.name(),
+                    strata::mount::OVERLAY_MAX_LAYERS
+                ))
+                .into());
+            }
+        }
     }
-    let s: &dyn strata::Snapshotter = &*store;
+    let work = root.join("bench-work");
+    std::fs::create_dir_all(&work)
+        .map_err(|e| strata::Error::io(&work, "create the work directory", e))?;
     let tag = format!("bench-{}", std::process::id());
-    let mut results = Vec::new();
-    for (n, w) in args.workloads.iter().enumerate() {
+    let spec = tree::Spec {
+        files: args.tree_files,
+        dirs: 50,
+        min: 100,
+        max: 16 << 10,
+        big: args.tree_big,
+        big_size: usize::try_from(args.tree_big_size).unwrap_or(usize::MAX),
+    };
+    let mut tree: Option<(String, tree::Written)> = None;
+    let mut rows = Vec::new();
+    let s: &dyn strata::AnyStore = &**store;
+    for (n, w) in workloads.iter().enumerate() {
         let tag = format!("{tag}-{n}");
-        let bar = crate::progress::items(w.name(), args.layers as u64, json);
-        results.push(match w {
-            Workload::EmptyChain => empty_chain(s, args.layers, &tag, bar.as_ref())?,
-        });
+        let total = match w {
+            Workload::EmptyChain
+            | Workload::EmptyFlat
+            | Workload::SmallFiles
+            | Workload::Concurrent => layers,
+            Workload::ContainerdBenchsuite => 16 * args.rounds,
+            Workload::Diff | Workload::Apply => args.repeat * args.compressions.len(),
+            Workload::Deep => depth,
+        };
+        let bar = crate::progress::items(w.name(), total as u64, json);
+        let tick = || {
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        };
+        if matches!(w, Workload::Diff | Workload::Apply) && tree.is_none() {
+            if let Some(b) = &bar {
+                b.set_message(format!("{}: writing the tree", w.name()));
+            }
+            tree = Some(workloads::generated_layer(s, &work, &spec, &tag)?);
+            if let Some(b) = &bar {
+                b.set_message(w.name());
+            }
+        }
+        reset_peak_rss();
+        match w {
+            Workload::EmptyChain => {
+                let r = workloads::empty_chain(s, layers, &tag, &tick)?;
+                rows.push(row(w.name(), json!({"layers": layers}), r, peak_rss()));
+            }
+            Workload::EmptyFlat => {
+                let r = workloads::empty_flat(s, layers, &tag, &tick)?;
+                rows.push(row(w.name(), json!({"layers": layers}), r, peak_rss()));
+            }
+            Workload::SmallFiles => {
+                let r = workloads::small_files(
+                    s,
+                    &work,
+                    layers,
+                    args.files,
+                    args.file_size,
+                    &tag,
+                    &tick,
+                )?;
+                let p = json!({"layers": layers, "files": args.files, "file_size": args.file_size});
+                rows.push(row(w.name(), p, r, peak_rss()));
+            }
+            Workload::ContainerdBenchsuite => {
+                let r = workloads::benchsuite(s, &work, args.rounds, &tag, &tick)?;
+                rows.push(row(w.name(), json!({"rounds": args.rounds}), r, peak_rss()));
+            }
+            Workload::Diff | Workload::Apply => {
+                let Some(layer) = &tree else {
+                    continue;
+                };
+                let written = &layer.1;
+                for c in &args.compressions {
+                    reset_peak_rss();
+                    let r = if *w == Workload::Diff {
+                        workloads::diff(s, layer, *c, args.repeat, &tick)?
+                    } else {
+                        workloads::apply(s, &work, layer, *c, args.repeat, &tag, &tick)?
+                    };
+                    let p = json!({
+                        "compression": c.to_string(),
+                        "files": spec.files,
+                        "big_files": spec.big,
+                        "big_file_size": spec.big_size,
+                        "bytes": written.bytes,
+                        "entries": written.entries,
+                    });
+                    rows.push(row(w.name(), p, r, peak_rss()));
+                }
+            }
+            Workload::Deep => {
+                let r = workloads::deep(s, &work, depth, &tag, &tick)?;
+                rows.push(row(w.name(), json!({"depth": depth}), r, peak_rss()));
+            }
+            Workload::Concurrent => {
+                let r = workloads::concurrent(&store, layers, args.threads, &tag, &tick)?;
+                let p = json!({"layers": layers, "threads": args.threads});
+                rows.push(row(w.name(), p, r, peak_rss()));
+            }
+        }
         if let Some(b) = bar {
             b.finish_and_clear();
         }
     }
+    let _ = std::fs::remove_dir_all(&work);
     s.close()?;
-    Ok(results)
+    Ok(rows)
 }
 
 /// The thin pool of a devmapper benchmark in a temporary root: 8 GiB of data and 256 MiB of
@@ -164,7 +384,10 @@ pub(crate) fn run(
     args: BenchArgs,
     out: &Output,
 ) -> std::result::Result<(), Failure> {
-    let (results, backend, root_desc) = match &global.root {
+    if let Some(program) = &args.against {
+        return compare::run(global, &args, program, out);
+    }
+    let (rows, backend, root_desc) = match &global.root {
         Some(root) => {
             let r = run_in(root, global, &args, out.is_json())?;
             (r, global.backend.clone(), root.display().to_string())
@@ -191,50 +414,143 @@ pub(crate) fn run(
         }
     };
     let backend = backend.unwrap_or_else(|| "overlay".into());
-    let mut rows = Vec::new();
-    for mut r in results {
-        r.per_layer.sort_unstable();
-        r.prepare.sort_unstable();
-        r.commit.sort_unstable();
-        let layers_per_s = r.layers as f64 / r.total.as_secs_f64().max(f64::MIN_POSITIVE);
-        rows.push(json!({
-            "workload": r.workload.name(),
-            "backend": backend,
-            "layers": r.layers,
-            "seconds": r.total.as_secs_f64(),
-            "layers_per_s": layers_per_s,
-            "p50_ms": percentile(&r.per_layer, 0.5),
-            "p99_ms": percentile(&r.per_layer, 0.99),
-            "prepare_p50_ms": percentile(&r.prepare, 0.5),
-            "prepare_p99_ms": percentile(&r.prepare, 0.99),
-            "commit_p50_ms": percentile(&r.commit, 0.5),
-            "commit_p99_ms": percentile(&r.commit, 0.99),
-            "durable": !global.no_sync,
-        }));
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|mut r| {
+            r["backend"] = json!(backend);
+            r["durable"] = json!(!global.no_sync);
+            r
+        })
+        .collect();
+    if let Some(path) = &args.svg {
+        std::fs::write(path, svg(&rows, &backend))
+            .map_err(|e| strata::Error::io(path, "write the SVG chart", e))?;
     }
     if out.is_json() {
         out.value(&json!({ "results": rows }));
         return Ok(());
     }
-    println!(
-        "strata bench: backend {backend}, in {root_desc}, durable {}",
-        !global.no_sync
-    );
-    println!(
-        "{:<14} {:>7} {:>12} {:>9} {:>9} {:>12} {:>11}",
-        "workload", "layers", "layers/s", "p50 ms", "p99 ms", "prepare p50", "commit p50"
-    );
-    for r in &rows {
-        println!(
-            "{:<14} {:>7} {:>12.1} {:>9.3} {:>9.3} {:>12.3} {:>11.3}",
-            r["workload"].as_str().unwrap_or(""),
-            r["layers"],
-            r["layers_per_s"].as_f64().unwrap_or(0.0),
-            r["p50_ms"].as_f64().unwrap_or(0.0),
-            r["p99_ms"].as_f64().unwrap_or(0.0),
-            r["prepare_p50_ms"].as_f64().unwrap_or(0.0),
-            r["commit_p50_ms"].as_f64().unwrap_or(0.0),
-        );
-    }
+    print_table(&rows, &backend, &root_desc, !global.no_sync);
     Ok(())
+}
+
+fn num(v: &Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(Value::as_f64)
+}
+
+fn cell(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |x| format!("{x:.prec$}"))
+}
+
+/// What a workload's parameters say in the table.
+fn label(r: &Value) -> String {
+    let w = r["workload"].as_str().unwrap_or("");
+    let p = &r["params"];
+    match w {
+        "diff" | "apply" => format!("{w} ({})", p["compression"].as_str().unwrap_or("")),
+        "small-files" => format!("{w} ({}x{})", p["files"], p["file_size"]),
+        "concurrent" => format!("{w} ({} threads)", p["threads"]),
+        _ => w.to_string(),
+    }
+}
+
+fn print_table(rows: &[Value], backend: &str, root_desc: &str, durable: bool) {
+    println!("strata bench: backend {backend}, in {root_desc}, durable {durable}");
+    println!(
+        "{:<28} {:>6} {:>10} {:>9} {:>9} {:>9} {:>9}  steps (p50 ms)",
+        "workload", "ops", "layers/s", "MB/s", "p50 ms", "p99 ms", "RSS MiB"
+    );
+    for r in rows {
+        let mut steps = Vec::new();
+        for k in ["prepare", "mount", "write", "commit"] {
+            if let Some(v) = num(r, &format!("{k}_p50_ms")) {
+                steps.push(format!("{k} {v:.3}"));
+            }
+        }
+        if let Some(e) = num(r, "entries_per_s") {
+            steps.push(format!("{e:.0} entries/s"));
+        }
+        println!(
+            "{:<28} {:>6} {:>10} {:>9} {:>9.3} {:>9.3} {:>9.1}  {}",
+            label(r),
+            r["ops"].as_u64().unwrap_or(0),
+            cell(num(r, "layers_per_s"), 1),
+            cell(num(r, "mb_per_s"), 1),
+            num(r, "p50_ms").unwrap_or(0.0),
+            num(r, "p99_ms").unwrap_or(0.0),
+            num(r, "peak_rss_bytes").unwrap_or(0.0) / (1024.0 * 1024.0),
+            steps.join(", ")
+        );
+        if let Some(depths) = r["by_depth"].as_array() {
+            for d in depths {
+                println!(
+                    "{:<28} depth {:>5}: prepare p50 {:.3} ms, mount p50 {:.3} ms",
+                    "",
+                    d["depth"],
+                    num(d, "prepare_p50_ms").unwrap_or(0.0),
+                    num(d, "mount_p50_ms").unwrap_or(0.0)
+                );
+            }
+        }
+    }
+}
+
+/// A bar chart of the results: layers/s for the workloads that make layers, MB/s for those
+/// that move bytes, one bar each.
+fn svg(rows: &[Value], backend: &str) -> String {
+    let bars: Vec<(String, f64, &str)> = rows
+        .iter()
+        .filter_map(|r| match (num(r, "layers_per_s"), num(r, "mb_per_s")) {
+            (Some(l), _) if !matches!(r["workload"].as_str(), Some("diff" | "apply")) => {
+                Some((label(r), l, "layers/s"))
+            }
+            (_, Some(m)) => Some((label(r), m, "MB/s")),
+            _ => None,
+        })
+        .collect();
+    let width = 760.0;
+    let bar_h = 26.0;
+    let left = 250.0;
+    let top = 40.0;
+    let height = top + bar_h * bars.len() as f64 + 20.0;
+    // Bars of one unit share a scale; layers/s and MB/s are not comparable.
+    let max = |unit: &str| {
+        bars.iter()
+            .filter(|b| b.2 == unit)
+            .map(|b| b.1)
+            .fold(f64::MIN_POSITIVE, f64::max)
+    };
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"22\" font-size=\"15\">strata bench on {}</text>\n",
+        esc(backend)
+    );
+    for (i, (name, v, unit)) in bars.iter().enumerate() {
+        let y = top + bar_h * i as f64;
+        let w = (width - left - 120.0) * v / max(unit);
+        out.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n\
+             <rect x=\"{left}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{}\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\">{v:.1} {unit}</text>\n",
+            left - 8.0,
+            y + bar_h * 0.65,
+            esc(name),
+            y + 3.0,
+            bar_h - 6.0,
+            if *unit == "MB/s" {
+                "#c2703d"
+            } else {
+                "#4a7ab5"
+            },
+            left + w + 6.0,
+            y + bar_h * 0.65,
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
 }
