@@ -105,6 +105,9 @@ fn deletions(files: usize) -> Vec<u8> {
             0o644
         });
         h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.set_path(name).unwrap();
         h.set_cksum();
         b.append(&h, io::empty()).unwrap();
