@@ -157,14 +157,7 @@ fn floors(dir: &Path, args: &BenchArgs) -> Result<Value, Failure> {
     mounts.sort_unstable();
     // tar -x of the generated tree as GNU tar writes it.
     let src = base.join("tree");
-    let spec = tree::Spec {
-        files: args.tree_files,
-        dirs: 50,
-        min: 100,
-        max: 16 << 10,
-        big: args.tree_big,
-        big_size: usize::try_from(args.tree_big_size).unwrap_or(usize::MAX),
-    };
+    let spec = args.tree_spec();
     std::fs::create_dir_all(&src).map_err(io("create the tree"))?;
     let written = tree::write(&src, &spec).map_err(io("write the tree"))?;
     let tarball = base.join("tree.tar");

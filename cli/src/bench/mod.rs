@@ -86,6 +86,20 @@ pub(crate) struct BenchArgs {
     times: usize,
 }
 
+impl BenchArgs {
+    /// The generated tree of diff and apply (and of the comparison's `tar -x` floor).
+    fn tree_spec(&self) -> tree::Spec {
+        tree::Spec {
+            files: self.tree_files,
+            dirs: 50,
+            min: 100,
+            max: 16 << 10,
+            big: self.tree_big,
+            big_size: usize::try_from(self.tree_big_size).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 /// The workloads.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Workload {
@@ -245,14 +259,7 @@ pub(crate) fn run_in(
     std::fs::create_dir_all(&work)
         .map_err(|e| strata::Error::io(&work, "create the work directory", e))?;
     let tag = format!("bench-{}", std::process::id());
-    let spec = tree::Spec {
-        files: args.tree_files,
-        dirs: 50,
-        min: 100,
-        max: 16 << 10,
-        big: args.tree_big,
-        big_size: usize::try_from(args.tree_big_size).unwrap_or(usize::MAX),
-    };
+    let spec = args.tree_spec();
     let mut tree: Option<(String, tree::Written)> = None;
     let mut rows = Vec::new();
     let s: &dyn strata::AnyStore = &**store;
@@ -285,11 +292,11 @@ pub(crate) fn run_in(
         reset_peak_rss();
         match w {
             Workload::EmptyChain => {
-                let r = workloads::empty_chain(s, layers, &tag, &tick)?;
+                let r = workloads::empty_chain(s, layers, true, &tag, &tick)?;
                 rows.push(row(w.name(), json!({"layers": layers}), r, peak_rss()));
             }
             Workload::EmptyFlat => {
-                let r = workloads::empty_flat(s, layers, &tag, &tick)?;
+                let r = workloads::empty_chain(s, layers, false, &tag, &tick)?;
                 rows.push(row(w.name(), json!({"layers": layers}), r, peak_rss()));
             }
             Workload::SmallFiles => {

@@ -61,10 +61,12 @@ fn with_mounted<T>(mounts: &[Mount], at: &Path, f: impl FnOnce(&Path) -> Res<T>)
     r
 }
 
-/// `empty-chain`: N layers, each on the previous one, committed with nothing written.
+/// `empty-chain` (`parented`): N layers, each on the previous one, committed with nothing
+/// written; `empty-flat` (not `parented`): N parentless layers.
 pub(crate) fn empty_chain(
     s: &dyn strata::AnyStore,
     layers: usize,
+    parented: bool,
     tag: &str,
     tick: &dyn Fn(),
 ) -> Res<Sample> {
@@ -85,35 +87,9 @@ pub(crate) fn empty_chain(
         out.phase("prepare").push(t1 - t0);
         out.phase("commit").push(t2 - t1);
         out.per_op.push(t2 - t0);
-        parent = Some(name);
-        tick();
-    }
-    out.total = start.elapsed();
-    Ok(out)
-}
-
-/// `empty-flat`: N parentless layers.
-pub(crate) fn empty_flat(
-    s: &dyn strata::AnyStore,
-    layers: usize,
-    tag: &str,
-    tick: &dyn Fn(),
-) -> Res<Sample> {
-    let mut out = Sample {
-        layers,
-        ..Sample::default()
-    };
-    let start = Instant::now();
-    for i in 0..layers {
-        let key = format!("{tag}/active/{i}");
-        let t0 = Instant::now();
-        s.prepare(&key, None, Labels::new())?;
-        let t1 = Instant::now();
-        s.commit(&format!("{tag}/layer/{i}"), &key, Labels::new())?;
-        let t2 = Instant::now();
-        out.phase("prepare").push(t1 - t0);
-        out.phase("commit").push(t2 - t1);
-        out.per_op.push(t2 - t0);
+        if parented {
+            parent = Some(name);
+        }
         tick();
     }
     out.total = start.elapsed();
@@ -499,7 +475,7 @@ pub(crate) fn concurrent(
             .map(|t| {
                 let s = Arc::clone(s);
                 let tag = format!("{tag}/t{t}");
-                scope.spawn(move || empty_chain(&**s, per, &tag, tick))
+                scope.spawn(move || empty_chain(&**s, per, true, &tag, tick))
             })
             .collect();
         handles
