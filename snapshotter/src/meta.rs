@@ -22,6 +22,8 @@
 //! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
 //! to date inside one transaction.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -216,6 +218,35 @@ pub(crate) struct Meta {
     conn: Connection,
     path: PathBuf,
     root: PathBuf,
+    parents: RefCell<ParentCache>,
+}
+
+/// `(id, parent)` of a committed snapshot.
+type ParentOf = (u64, Option<u64>);
+
+/// The parent of every committed snapshot this process has read a chain through.
+///
+/// Reading a parent chain from SQL costs one index lookup per layer, which made `prepare`
+/// slower with depth. A committed snapshot's parent never changes and its id is never given
+/// to another snapshot once the row that used it is committed, so what was read in a committed
+/// transaction stays true for as long as the id exists; chains are only read from existing
+/// rows. Entries learned in a write transaction count only once it commits: a rolled-back
+/// transaction gives its ids out again.
+#[derive(Default)]
+struct ParentCache {
+    parent: HashMap<u64, Option<u64>>,
+}
+
+impl ParentCache {
+    /// Past this many entries the cache starts over (16 bytes each: about 16 MiB).
+    const MAX: usize = 1 << 20;
+
+    fn learn(&mut self, pairs: impl IntoIterator<Item = ParentOf>) {
+        if self.parent.len() >= Self::MAX {
+            self.parent.clear();
+        }
+        self.parent.extend(pairs);
+    }
 }
 
 pub(crate) fn to_ns(t: SystemTime) -> i64 {
@@ -282,6 +313,7 @@ impl Meta {
             conn,
             path,
             root: root.to_path_buf(),
+            parents: RefCell::default(),
         };
         meta.conn
             .busy_timeout(lock_timeout)
@@ -355,6 +387,8 @@ impl Meta {
             path: &self.path,
             root: &self.root,
             key: key.to_string(),
+            parents: &self.parents,
+            learned: None,
         })
     }
 
@@ -369,6 +403,8 @@ impl Meta {
             path: &self.path,
             root: &self.root,
             key: key.to_string(),
+            parents: &self.parents,
+            learned: Some(RefCell::default()),
         })
     }
 }
@@ -407,6 +443,9 @@ pub(crate) struct Tx<'a> {
     path: &'a Path,
     root: &'a Path,
     key: String,
+    parents: &'a RefCell<ParentCache>,
+    /// In a write transaction: parents read, for the cache once it commits.
+    learned: Option<RefCell<Vec<ParentOf>>>,
 }
 
 impl Tx<'_> {
@@ -417,9 +456,14 @@ impl Tx<'_> {
     /// Commits the transaction.
     pub fn commit(self) -> Result<()> {
         let (path, root, key) = (self.path, self.root, self.key.clone());
+        let (parents, learned) = (self.parents, self.learned);
         self.tx
             .commit()
-            .map_err(|e| wrap_key(path, root, &key, "commit the transaction", e))
+            .map_err(|e| wrap_key(path, root, &key, "commit the transaction", e))?;
+        if let Some(learned) = learned {
+            parents.borrow_mut().learn(learned.into_inner());
+        }
+        Ok(())
     }
 
     /// A value of the `meta` table.
@@ -495,8 +539,33 @@ impl Tx<'_> {
 
     /// The parent chain of `parent_id` (itself first, then its parent, ...).
     pub fn chain(&self, parent_id: Option<u64>) -> Result<Vec<u64>> {
-        let Some(start) = parent_id else {
-            return Ok(Vec::new());
+        let mut ids = Vec::new();
+        let mut next = parent_id;
+        // The usual miss is the chain's newest layer (just committed): look it up alone, then
+        // follow the cache; a second miss in a row reads the rest in one query.
+        let mut missed = false;
+        while let Some(id) = next {
+            let cached = self.parents.borrow().parent.get(&id).copied();
+            match cached {
+                Some(parent) => {
+                    ids.push(id);
+                    next = parent;
+                    missed = false;
+                }
+                None if !missed => {
+                    let Some(parent) = self.parent_of(id)? else {
+                        return Ok(ids);
+                    };
+                    self.remember([(id, parent)]);
+                    ids.push(id);
+                    next = parent;
+                    missed = true;
+                }
+                None => break,
+            }
+        }
+        let Some(start) = next else {
+            return Ok(ids);
         };
         let mut stmt = self
             .tx
@@ -507,17 +576,39 @@ impl Tx<'_> {
                      SELECT s.id, s.parent_id, c.depth + 1
                      FROM snapshots s JOIN chain c ON s.id = c.parent_id
                  )
-                 SELECT id FROM chain ORDER BY depth",
+                 SELECT id, parent_id FROM chain ORDER BY depth",
             )
             .map_err(|e| self.e("read the parent chain", e))?;
-        let ids = stmt
-            .query_map([db_id(start)], |r| r.get::<_, i64>(0))
-            .and_then(|rows| {
-                rows.map(|r| r.map(id_of))
-                    .collect::<rusqlite::Result<Vec<_>>>()
+        let rest = stmt
+            .query_map([db_id(start)], |r| {
+                Ok((id_of(r.get(0)?), r.get::<_, Option<i64>>(1)?.map(id_of)))
             })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.e("read the parent chain", e))?;
+        ids.extend(rest.iter().map(|(id, _)| *id));
+        self.remember(rest);
         Ok(ids)
+    }
+
+    /// The parent of the row `id`: `None` when there is no such row, `Some(None)` for a
+    /// parentless one.
+    fn parent_of(&self, id: u64) -> Result<Option<Option<u64>>> {
+        self.tx
+            .prepare_cached("SELECT parent_id FROM snapshots WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([db_id(id)], |r| r.get::<_, Option<i64>>(0))
+                    .optional()
+            })
+            .map(|p| p.map(|p| p.map(id_of)))
+            .map_err(|e| self.e("read the parent chain", e))
+    }
+
+    /// Adds parents read in this transaction to the cache (at commit, in a write one).
+    fn remember(&self, pairs: impl IntoIterator<Item = ParentOf>) {
+        match &self.learned {
+            Some(learned) => learned.borrow_mut().extend(pairs),
+            None => self.parents.borrow_mut().learn(pairs),
+        }
     }
 
     /// Whether a key or name is taken by a row or reserved by a journal entry.
