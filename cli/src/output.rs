@@ -254,6 +254,13 @@ impl Output {
         for (k, why) in &r.broken {
             println!("  {k}: {why}");
         }
+        println!(
+            "lost with a power loss, rebuildable (recorded without a sync): {}",
+            r.lost_unsynced.len()
+        );
+        for k in &r.lost_unsynced {
+            println!("  {k}");
+        }
         println!("interrupted operations: {}", r.interrupted.len());
         for i in &r.interrupted {
             println!("  {i}");

@@ -87,6 +87,24 @@ pub trait Backend: Send + Sync + 'static {
     /// which the store records so that `usage` of a Committed snapshot costs nothing.
     fn commit(&self, id: u64, parents: &[u64], durable: bool) -> Result<Usage, Self::Error>;
 
+    /// Whether what [`Backend::create`] makes for an Active snapshot or a View holds nothing
+    /// that cannot be made again from the row: then the store creates them without syncing
+    /// and, should a power loss take that storage, recovery creates it again (the storage of
+    /// an uncommitted snapshot carries no promise; its content only counts once committed).
+    /// Where creating copies data (the native backend), it must be synced: `false`.
+    fn fresh_is_rebuildable(&self) -> bool {
+        false
+    }
+
+    /// Whether the Active snapshot `id` still holds only what [`Backend::create`] made for it
+    /// (nothing written, the root's owner and mode untouched). Committing such a layer needs
+    /// no sync: the store records it as empty and recovery makes it again if a power loss
+    /// takes it. Only asked when [`Backend::fresh_is_rebuildable`] says so.
+    fn is_fresh(&self, id: u64, parents: &[u64]) -> Result<bool, Self::Error> {
+        let _ = (id, parents);
+        Ok(false)
+    }
+
     /// Whether a durable commit leaves a *spare*: a writable snapshot of the new layer, made by
     /// [`Backend::make_spare`], that the next prepare on the layer takes as its storage
     /// instead of creating any. Worth it where making that snapshot is what makes the layer

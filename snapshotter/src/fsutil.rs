@@ -50,6 +50,17 @@ pub fn sync_filesystem(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// When the machine booted (`btime` of `/proc/stat`, whole seconds, rounded down).
+pub fn boot_time() -> io::Result<std::time::SystemTime> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let secs = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| io::Error::other("/proc/stat has no btime line"))?;
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 /// Makes the entries of directory `dir` (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()

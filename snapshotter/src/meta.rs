@@ -174,6 +174,9 @@ CREATE TRIGGER snapshots_drop_spares AFTER DELETE ON snapshots BEGIN
     DELETE FROM spares WHERE parent_id = OLD.id;
 END;
 "#,
+    r#"
+ALTER TABLE snapshots ADD COLUMN rebuildable INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// What is recorded of a layer applied by `apply_layer`.
@@ -201,6 +204,10 @@ pub(crate) struct Row {
     pub usage: Option<Usage>,
     pub volatile: bool,
     pub broken: Option<String>,
+    /// The storage was recorded without a sync and holds nothing that cannot be made again
+    /// from this row (see [`crate::backend::Backend::is_fresh`]): a power loss may take it,
+    /// recovery rebuilds it.
+    pub rebuildable: bool,
 }
 
 /// One journal entry.
@@ -267,8 +274,11 @@ fn db_id(id: u64) -> i64 {
     i64::try_from(id).unwrap_or(i64::MAX)
 }
 
+/// How many columns [`ROW_COLUMNS`] lists: a query's own columns come after them.
+const ROW_COLUMN_COUNT: usize = 11;
+
 const ROW_COLUMNS: &str =
-    "s.id, s.key, s.kind, s.parent_id, s.created_ns, s.updated_ns, s.size, s.inodes, s.volatile, s.broken";
+    "s.id, s.key, s.kind, s.parent_id, s.created_ns, s.updated_ns, s.size, s.inodes, s.volatile, s.broken, s.rebuildable";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     let kind: i64 = r.get(2)?;
@@ -296,6 +306,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         },
         volatile: r.get::<_, i64>(8)? != 0,
         broken: r.get(9)?,
+        rebuildable: r.get::<_, i64>(10)? != 0,
     })
 }
 
@@ -388,7 +399,7 @@ impl Meta {
             root: &self.root,
             key: key.to_string(),
             parents: &self.parents,
-            learned: None,
+            learned: Some(RefCell::default()),
         })
     }
 
@@ -404,7 +415,7 @@ impl Meta {
             root: &self.root,
             key: key.to_string(),
             parents: &self.parents,
-            learned: Some(RefCell::default()),
+            learned: None,
         })
     }
 }
@@ -716,8 +727,9 @@ impl Tx<'_> {
     pub fn insert(&self, row: &Row, labels: &Labels) -> Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO snapshots (id, key, kind, parent_id, created_ns, updated_ns, volatile)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO snapshots
+                     (id, key, kind, parent_id, created_ns, updated_ns, volatile, rebuildable)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -728,6 +740,7 @@ impl Tx<'_> {
                     to_ns(row.created),
                     to_ns(row.updated),
                     i64::from(row.volatile),
+                    i64::from(row.rebuildable),
                 ])
             })
             .map_err(|e| self.e("insert", e))?;
@@ -773,11 +786,17 @@ impl Tx<'_> {
 
     /// Turns row `id` into the Committed snapshot `name`. As in containerd, a committed
     /// snapshot is created when it is committed: created and updated are both set to now.
-    pub fn mark_committed(&self, id: u64, name: &str, usage: Usage) -> Result<()> {
+    pub fn mark_committed(
+        &self,
+        id: u64,
+        name: &str,
+        usage: Usage,
+        rebuildable: bool,
+    ) -> Result<()> {
         self.tx
             .prepare_cached(
                 "UPDATE snapshots SET key = ?2, kind = ?3, created_ns = ?4, updated_ns = ?4,
-                     size = ?5, inodes = ?6
+                     size = ?5, inodes = ?6, rebuildable = ?7
                  WHERE id = ?1",
             )
             .and_then(|mut s| {
@@ -788,6 +807,7 @@ impl Tx<'_> {
                     to_ns(SystemTime::now()),
                     i64::try_from(usage.size).unwrap_or(i64::MAX),
                     i64::try_from(usage.inodes).unwrap_or(i64::MAX),
+                    i64::from(rebuildable),
                 ])
             })
             .map(|_| ())
@@ -1250,14 +1270,16 @@ impl Tx<'_> {
         Ok(names)
     }
 
-    /// Every snapshot as (id, key, broken reason).
-    pub fn all_rows(&self) -> Result<Vec<(u64, String, Option<String>)>> {
+    /// Every snapshot row, by id.
+    pub fn all_rows(&self) -> Result<Vec<Row>> {
         let mut stmt = self
             .tx
-            .prepare_cached("SELECT id, key, broken FROM snapshots ORDER BY id")
+            .prepare_cached(&format!(
+                "SELECT {ROW_COLUMNS} FROM snapshots s ORDER BY s.id"
+            ))
             .map_err(|e| self.e("list snapshots", e))?;
         let rows = stmt
-            .query_map([], |r| Ok((id_of(r.get(0)?), r.get(1)?, r.get(2)?)))
+            .query_map([], read_row)
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.e("list snapshots", e))?;
         Ok(rows)
@@ -1335,7 +1357,7 @@ impl Tx<'_> {
             .map_err(|e| self.e("walk", e))?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok((read_row(r)?, r.get::<_, Option<String>>(10)?))
+                Ok((read_row(r)?, r.get::<_, Option<String>>(ROW_COLUMN_COUNT)?))
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(|e| self.e("walk", e))?;

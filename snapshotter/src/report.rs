@@ -137,6 +137,7 @@ pub fn fsck(r: &FsckReport) -> Value {
         "orphans": r.orphans,
         "spares": r.spares,
         "broken": r.broken.iter().map(|(k, why)| json!({"name": k, "reason": why})).collect::<Vec<_>>(),
+        "lost_unsynced": r.lost_unsynced,
         "interrupted": r.interrupted,
         "stale_guards": r.stale_guards,
         "leaked_mounts": r.leaked_mounts,

@@ -315,8 +315,11 @@ impl<B: Backend> Store<B> {
             ));
         }
 
+        // Storage the backend can make again from the row is not synced (see
+        // Backend::fresh_is_rebuildable); recovery rebuilds it if a power loss takes it.
+        let rebuildable = kind != Kind::Committed && self.backend.fresh_is_rebuildable();
         // The row a new snapshot gets, once its storage is there.
-        let new_row = |id: u64, parent_id: Option<u64>| {
+        let new_row = |id: u64, parent_id: Option<u64>, rebuildable: bool| {
             let now = SystemTime::now();
             Row {
                 id,
@@ -328,6 +331,7 @@ impl<B: Backend> Store<B> {
                 usage: None,
                 volatile,
                 broken: None,
+                rebuildable,
             }
         };
 
@@ -373,7 +377,7 @@ impl<B: Backend> Store<B> {
                         tracing::warn!(key, spare, "a spare's storage is missing; making the snapshot instead");
                         continue;
                     }
-                    tx.insert(&new_row(spare, parent_id), &labels)?;
+                    tx.insert(&new_row(spare, parent_id, false), &labels)?;
                     tx.commit()?;
                     return Ok(Created::Taken(spare, parents));
                 }
@@ -398,7 +402,7 @@ impl<B: Backend> Store<B> {
         // Step 2: the backend builds the storage.
         let opts = CreateOptions {
             volatile,
-            durable: self.opts.durable,
+            durable: self.opts.durable && !rebuildable,
         };
         if let Err(e) = self.backend.create(id, kind, &parents, &opts) {
             let err = self.backend_err(key, "create", e);
@@ -408,7 +412,7 @@ impl<B: Backend> Store<B> {
         failpoint("create-after-backend");
 
         // Step 3: record it.
-        let row = new_row(id, parent_id);
+        let row = new_row(id, parent_id, rebuildable);
         let recorded = self.with_meta(|m| {
             let tx = m.write(key)?;
             tx.insert(&row, &labels)?;
@@ -701,7 +705,17 @@ impl<B: Backend> Snapshotter for Store<B> {
             }
         });
         failpoint("commit-after-spare");
-        let durable = self.opts.durable && spare.is_none();
+        // A layer nothing was written to is recorded as rebuildable instead of synced.
+        let fresh = spare.is_none()
+            && row.rebuildable
+            && self
+                .backend
+                .is_fresh(row.id, &parents)
+                .unwrap_or_else(|e| {
+                    tracing::debug!(key, error = %e, "could not tell whether the layer is empty; syncing it");
+                    false
+                });
+        let durable = self.opts.durable && spare.is_none() && !fresh;
         let usage = match self.backend.commit(row.id, &parents, durable) {
             Ok(u) => u,
             Err(e) => {
@@ -722,7 +736,7 @@ impl<B: Backend> Snapshotter for Store<B> {
 
         self.with_meta(|m| {
             let tx = m.write(key)?;
-            tx.mark_committed(row.id, name, usage)?;
+            tx.mark_committed(row.id, name, usage, fresh)?;
             tx.replace_labels(row.id, &labels)?;
             tx.journal_remove(seq)?;
             if let Some((spare, spare_seq)) = spare {

@@ -364,6 +364,47 @@ impl Backend for OverlayBackend {
         Ok(())
     }
 
+    fn fresh_is_rebuildable(&self) -> bool {
+        // create makes two empty directories: fs with its parent's owner and mode, and work.
+        true
+    }
+
+    fn is_fresh(&self, id: u64, parents: &[u64]) -> Result<bool, OverlayError> {
+        let fs_dir = self.fs_path(id);
+        let io = |e| io_err(&fs_dir, "check whether the layer is still empty")(e);
+        let dir = fs::File::open(&fs_dir).map_err(io)?;
+        let meta = dir.metadata().map_err(io)?;
+        let (mode, owner) = match parents.first() {
+            Some(p) => {
+                let pfs = self.fs_path(*p);
+                let m = fs::metadata(&pfs).map_err(io_err(&pfs, "stat the parent's layer"))?;
+                (m.mode() & 0o7777, (m.uid(), m.gid()))
+            }
+            None => (
+                0o755,
+                (
+                    rustix::process::geteuid().as_raw(),
+                    rustix::process::getegid().as_raw(),
+                ),
+            ),
+        };
+        if meta.mode() & 0o7777 != mode || (meta.uid(), meta.gid()) != owner {
+            return Ok(false);
+        }
+        // Any xattr (an opaque marker, a capability, a label) is content, except the uuid
+        // the kernel writes on an upper root when it first mounts it (6.6+): bookkeeping
+        // of that mount, never shown through it, written again if the layer is ever an
+        // upper layer again.
+        let content = fsutil::xattrs(&dir)
+            .map_err(io)?
+            .into_iter()
+            .any(|(name, _)| name != b"trusted.overlay.uuid" && name != b"user.overlay.uuid");
+        if content {
+            return Ok(false);
+        }
+        Ok(fs::read_dir(&fs_dir).map_err(io)?.next().is_none())
+    }
+
     fn commit(&self, id: u64, _parents: &[u64], durable: bool) -> Result<Usage, OverlayError> {
         self.check_volatile(id)?;
         let fs_dir = self.fs_path(id);

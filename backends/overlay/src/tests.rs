@@ -415,3 +415,75 @@ fn a_volatile_marker_from_another_boot_is_data_loss_even_without_a_mount() {
     b.commit(2, &[1], true).unwrap();
     assert!(!b.dir(2).join(VOLATILE_FILE).exists());
 }
+
+#[test]
+fn only_an_untouched_layer_is_fresh() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    assert!(b.fresh_is_rebuildable());
+    chain(&b, 1);
+    // The parent's root gets an owner and mode of its own: a fresh child copies them.
+    std::os::unix::fs::lchown(b.fs_path(1), Some(1234), Some(5678)).unwrap();
+    fs::set_permissions(b.fs_path(1), fs::Permissions::from_mode(0o750)).unwrap();
+    let fresh = |id: u64, parents: &[u64]| {
+        b.create(id, Kind::Active, parents, &opts()).unwrap();
+        b.is_fresh(id, parents).unwrap()
+    };
+    assert!(fresh(10, &[]), "a parentless layer as created");
+    assert!(
+        fresh(11, &[1]),
+        "a child as created, with its parent's owner and mode"
+    );
+
+    // Mounted, looked at and unmounted without a write: still fresh.
+    let at = TempMount::new_in(tmp.path(), &b.mounts(11, Kind::Active, &[1]).unwrap()).unwrap();
+    assert_eq!(fs::read_to_string(at.path().join("f1")).unwrap(), "1");
+    at.unmount().unwrap();
+    assert!(b.is_fresh(11, &[1]).unwrap());
+
+    // Anything written, through a mount or not, and any change to the root, is content.
+    type Change<'a> = (&'a str, &'a dyn Fn(&Path));
+    let changes: [Change; 5] = [
+        ("a file", &|fs_dir| {
+            fs::write(fs_dir.join("x"), b"").unwrap()
+        }),
+        ("an empty directory", &|fs_dir| {
+            fs::create_dir(fs_dir.join("d")).unwrap()
+        }),
+        ("the root's mode", &|fs_dir| {
+            fs::set_permissions(fs_dir, fs::Permissions::from_mode(0o700)).unwrap()
+        }),
+        ("the root's owner", &|fs_dir| {
+            std::os::unix::fs::lchown(fs_dir, Some(1), Some(1)).unwrap()
+        }),
+        ("an xattr on the root", &|fs_dir| {
+            rustix::fs::setxattr(fs_dir, "user.x", b"1", rustix::fs::XattrFlags::empty())
+                .or_else(|_| {
+                    rustix::fs::setxattr(
+                        fs_dir,
+                        "trusted.overlay.opaque",
+                        b"y",
+                        rustix::fs::XattrFlags::empty(),
+                    )
+                })
+                .unwrap()
+        }),
+    ];
+    for (i, (what, change)) in changes.iter().enumerate() {
+        let id = 20 + i as u64;
+        assert!(fresh(id, &[1]));
+        change(&b.fs_path(id));
+        assert!(!b.is_fresh(id, &[1]).unwrap(), "{what} makes it not fresh");
+    }
+    assert!(fresh(30, &[1]));
+    let at = TempMount::new_in(tmp.path(), &b.mounts(30, Kind::Active, &[1]).unwrap()).unwrap();
+    fs::remove_file(at.path().join("f1")).unwrap();
+    at.unmount().unwrap();
+    assert!(
+        !b.is_fresh(30, &[1]).unwrap(),
+        "a deletion through the mount"
+    );
+}

@@ -3,7 +3,10 @@
 //!
 //! * journal entries of dead processes — rolled back or forward;
 //! * storage without a row (and no operation in flight) — reclaimed;
-//! * rows whose storage is missing — marked broken: never exported, reported, removable;
+//! * rows whose storage is missing — rebuilt where it was recorded without a sync because it
+//!   held nothing (an empty committed layer; an Active snapshot or View from before the
+//!   boot, see [`crate::backend::Backend::fresh_is_rebuildable`]); otherwise marked broken:
+//!   never exported, reported, removable;
 //! * export guards (leases) of dead processes — dropped;
 //! * mounts of this store's snapshots leaked by dead processes ([`crate::mount::TempMount`]
 //!   directories) — unmounted.
@@ -16,8 +19,13 @@ use std::path::PathBuf;
 
 use super::tracker::GUARD_PREFIX;
 use super::{dead_owner, Store};
-use crate::backend::Backend;
-use crate::error::Result;
+use crate::backend::{Backend, CreateOptions};
+use crate::error::{Error, Result};
+use crate::meta::Row;
+use crate::types::Kind;
+
+/// Taken while storage is rebuilt, so that two processes recovering at once do not both.
+const REBUILD_LOCK: &str = "rebuild.lock";
 
 /// What [`Store::fsck`] found, and with `repair`, what it did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +40,9 @@ pub struct FsckReport {
     pub broken: Vec<(String, String)>,
     /// Interrupted operations of dead processes, as `op key`.
     pub interrupted: Vec<String>,
+    /// Snapshots recorded without a sync whose storage a power loss took (empty committed
+    /// layers; Active snapshots and Views from before the boot): rebuilt by the repair.
+    pub lost_unsynced: Vec<String>,
     /// Export guards whose process is gone.
     pub stale_guards: Vec<String>,
     /// Mounts left by dead processes.
@@ -47,6 +58,7 @@ impl FsckReport {
     pub fn is_clean(&self) -> bool {
         self.orphans.is_empty()
             && self.broken.is_empty()
+            && self.lost_unsynced.is_empty()
             && self.interrupted.is_empty()
             && self.stale_guards.is_empty()
             && self.leaked_mounts.is_empty()
@@ -150,11 +162,12 @@ impl<B: Backend> Store<B> {
                     .map(|(id, e)| format!("storage of id {id}: {e}")),
             );
         }
-        for (id, key, broken) in rows {
-            match broken {
+        let booted = crate::fsutil::boot_time().ok();
+        for row in rows {
+            let (id, key) = (row.id, row.key.clone());
+            match row.broken {
                 Some(reason) => r.broken.push((key, reason)),
                 None if !ids.contains(&id) => {
-                    // Rows only appear after their storage, so this storage was lost.
                     let present = self
                         .backend
                         .exists(id)
@@ -162,6 +175,27 @@ impl<B: Backend> Store<B> {
                     if present {
                         continue; // created after the listing
                     }
+                    // Storage recorded without a sync may have been lost with the power: an
+                    // empty committed layer (its content is known: nothing), or an Active
+                    // snapshot or View from before this boot (their content carries no
+                    // promise). Made again, as they were.
+                    let before_boot = booted.is_some_and(|b| row.created < b);
+                    if row.rebuildable && (row.kind == Kind::Committed || before_boot) {
+                        let what = format!(
+                            "the storage of {key:?} ({}, recorded without a sync), lost with a power loss",
+                            row.kind
+                        );
+                        if repair {
+                            match self.rebuild(&row) {
+                                Ok(()) => r.repaired.push(format!("rebuilt {what}")),
+                                Err(e) => r.failed.push(format!("rebuild {what}: {e}")),
+                            }
+                        }
+                        r.lost_unsynced.push(key);
+                        continue;
+                    }
+                    // Anything else was synced before its row was recorded: this storage was
+                    // lost.
                     let reason = format!(
                         "its storage is missing from the {} backend",
                         self.backend.name()
@@ -204,5 +238,47 @@ impl<B: Backend> Store<B> {
             r.leaked_mounts.push(m.target.clone());
         }
         Ok(r)
+    }
+
+    /// Makes the storage of `row` again, as [`Backend::create`] (and for a committed layer,
+    /// [`Backend::commit`]) made it, this time synced. Only for rows recorded `rebuildable`.
+    fn rebuild(&self, row: &Row) -> Result<()> {
+        let lock_path = self.root.join(REBUILD_LOCK);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, "open the rebuild lock", e))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::io(&lock_path, "lock the rebuild lock", e.into()))?;
+        let key = row.key.as_str();
+        // Another process may have rebuilt it while this one waited.
+        if self
+            .backend
+            .exists(row.id)
+            .map_err(|e| self.backend_err(key, "check the storage", e))?
+        {
+            return Ok(());
+        }
+        let parents = self.with_meta(|m| m.read(key)?.chain(row.parent_id))?;
+        let kind = match row.kind {
+            Kind::Committed => Kind::Active,
+            k => k,
+        };
+        let opts = CreateOptions {
+            volatile: row.volatile && row.kind == Kind::Active,
+            durable: true,
+        };
+        self.backend
+            .create(row.id, kind, &parents, &opts)
+            .map_err(|e| self.backend_err(key, "rebuild", e))?;
+        if row.kind == Kind::Committed {
+            self.backend
+                .commit(row.id, &parents, true)
+                .map_err(|e| self.backend_err(key, "rebuild", e))?;
+        }
+        tracing::warn!(key, id = row.id, kind = %row.kind, "rebuilt storage a power loss took");
+        Ok(())
     }
 }
