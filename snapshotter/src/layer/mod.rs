@@ -17,7 +17,7 @@ pub mod oci;
 
 use std::fmt;
 
-pub use digest::{Digest, HashReader, HashWriter};
+pub use digest::{Digest, HashReader, HashWriter, ThreadedHashWriter};
 
 /// The diffID of the empty layer: a tar of nothing (1024 zero bytes).
 pub const EMPTY_LAYER_DIFF_ID: &str =
