@@ -238,33 +238,41 @@ pub(crate) fn run(
                 eprintln!("round {}/{}: {what}", i + 1, args.times.max(1));
             }
         };
-        // Alternate which side goes first, so neither always runs on a warmer cache.
-        let order: [bool; 2] = if i % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for strata_side in order {
-            if strata_side {
-                say("strata");
-                strata_runs.push(super::run_in(
-                    &tmp.path().join("strata"),
-                    global,
-                    args,
-                    true,
-                )?);
+        // Workload by workload, each side in a fresh root, after what the previous run left
+        // dirty is written back (so neither side pays for the other's writes), and which
+        // side goes first alternates (so neither always runs on a warmer cache).
+        let mut strata_rows = Vec::new();
+        let mut ctr_rows = Vec::new();
+        for (n, w) in workloads.iter().enumerate() {
+            let order: [bool; 2] = if (i + n) % 2 == 0 {
+                [true, false]
             } else {
-                say("containerd");
-                let argv = program_args(
-                    args,
-                    &workloads,
-                    &tmp.path().join("containerd"),
-                    layers,
-                    depth,
-                );
-                ctr_runs.push(run_program(program, &argv)?);
+                [false, true]
+            };
+            for strata_side in order {
+                strata::fsutil::sync_filesystem(tmp.path())
+                    .map_err(|e| strata::Error::io(tmp.path(), "sync before the next run", e))?;
+                let root = tmp.path().join(format!(
+                    "{}-{}",
+                    w.name(),
+                    if strata_side { "strata" } else { "containerd" }
+                ));
+                if strata_side {
+                    say(&format!("{} on strata", w.name()));
+                    let mut one = args.clone();
+                    one.workloads = vec![*w];
+                    strata_rows.extend(super::run_in(&root, global, &one, true)?);
+                } else {
+                    say(&format!("{} on containerd", w.name()));
+                    let argv = program_args(args, &[*w], &root, layers, depth);
+                    ctr_rows.extend(run_program(program, &argv)?);
+                }
+                // The next run starts on a file system without this one's layers.
+                let _ = std::fs::remove_dir_all(&root);
             }
         }
+        strata_runs.push(strata_rows);
+        ctr_runs.push(ctr_rows);
         say("floor");
         floor_runs.push(floors(tmp.path(), args)?);
     }

@@ -21,7 +21,7 @@ use crate::{open_store, parse_size, AnyStore, CliError, Failure, Global};
 use workloads::Sample;
 
 /// Arguments of `strata bench`.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct BenchArgs {
     /// Workload to run (repeatable) [default: the standard set: every workload]
     #[arg(long = "workload", short = 'w', value_enum)]
