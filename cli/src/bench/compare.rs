@@ -120,6 +120,8 @@ fn floors(dir: &Path, args: &BenchArgs) -> Result<Value, Failure> {
     };
     let base = dir.join("floor");
     std::fs::create_dir_all(&base).map_err(io("create the floor directory"))?;
+    // Measured from a synced disk, as the runs are.
+    strata::fsutil::sync_filesystem(dir).map_err(io("sync before the floor"))?;
     // mkdir.
     let mut mk = Vec::new();
     for i in 0..1000 {
