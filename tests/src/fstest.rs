@@ -28,6 +28,8 @@ pub enum Op {
     CreateDirOwned(String, u32),
     /// Removes one file or empty directory; a missing path is an error (`fstest.Remove`).
     Remove(&'static str),
+    /// [`Op::Remove`] with a computed path.
+    RemoveOwned(String),
     /// Removes a path and everything under it; a missing path is fine (`fstest.RemoveAll`).
     RemoveAll(&'static str),
     /// Changes the owner, following a symlink (`fstest.Chown`).
@@ -76,14 +78,8 @@ fn apply_one(root: &Path, op: &Op) -> io::Result<()> {
         Op::CreateFileOwned(p, data, mode) => create_file(&at(root, p), data, *mode),
         Op::CreateDir(p, mode) => create_dir(&at(root, p), *mode),
         Op::CreateDirOwned(p, mode) => create_dir(&at(root, p), *mode),
-        Op::Remove(p) => {
-            let path = at(root, p);
-            if fs::symlink_metadata(&path)?.is_dir() {
-                fs::remove_dir(&path)
-            } else {
-                fs::remove_file(&path)
-            }
-        }
+        Op::Remove(p) => remove(&at(root, p)),
+        Op::RemoveOwned(p) => remove(&at(root, p)),
         Op::RemoveAll(p) => {
             let path = at(root, p);
             match fs::symlink_metadata(&path) {
@@ -166,4 +162,13 @@ fn chtimes(path: &Path, atime: SystemTime, mtime: SystemTime) -> io::Result<()> 
     };
     rustix::fs::utimensat(rustix::fs::CWD, path, &times, rustix::fs::AtFlags::empty())?;
     Ok(())
+}
+
+/// Removes one file or empty directory.
+fn remove(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir(path)
+    } else {
+        fs::remove_file(path)
+    }
 }
