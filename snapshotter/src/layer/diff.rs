@@ -167,27 +167,23 @@ fn write_layer_from<W: Write>(
     opts: &DiffOptions,
 ) -> Result<(Descriptor, DiffStats, W)> {
     let upper = source.path();
-    if opts.compression == Compression::None {
-        // The blob is the tar: one hash gives both its digest and the diffID.
-        let (diff_id, size, stats, out) = write_tar(lower, source, out, opts)?;
-        return Ok((
-            Descriptor {
-                media_type: opts.compression.media_type().to_string(),
-                digest: diff_id.clone(),
-                size,
-                diff_id,
-            },
-            stats,
-            out,
-        ));
-    }
-    let blob = HashWriter::new(out);
     let (diff_id, stats, blob) = match opts.compression {
         Compression::None => {
-            let (id, _, stats, blob) = write_tar(lower, source, blob, opts)?;
-            (id, stats, blob)
+            // The blob is the tar: one hash gives both its digest and the diffID.
+            let (diff_id, size, stats, out) = write_tar(lower, source, out, opts)?;
+            return Ok((
+                Descriptor {
+                    media_type: opts.compression.media_type().to_string(),
+                    digest: diff_id.clone(),
+                    size,
+                    diff_id,
+                },
+                stats,
+                out,
+            ));
         }
         Compression::Gzip => {
+            let blob = HashWriter::new(out);
             let gz = flate2::write::GzEncoder::new(blob, flate2::Compression::default());
             let (id, _, stats, gz) = write_tar(lower, source, gz, opts)?;
             let blob = gz
@@ -196,6 +192,7 @@ fn write_layer_from<W: Write>(
             (id, stats, blob)
         }
         Compression::Zstd => {
+            let blob = HashWriter::new(out);
             let mut z = zstd::stream::write::Encoder::new(blob, 3)
                 .map_err(|e| Error::io(upper, "start zstd", e))?;
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
