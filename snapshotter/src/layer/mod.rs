@@ -13,6 +13,7 @@ pub mod apply;
 pub mod content;
 pub mod diff;
 mod digest;
+pub mod flatten;
 pub mod oci;
 
 use std::fmt;
