@@ -15,8 +15,8 @@ use crate::layer::diff::{DiffOptions, DiffStats};
 use crate::layer::{Descriptor, Digest};
 use crate::store::CleanupReport;
 use crate::{
-    AppliedLayer, Backend, ExportOptions, ExportReport, FsckReport, GcReport, ImportReport,
-    LayerRecord, LeaseInfo, Result, Snapshotter, Store, VerifyReport,
+    AppliedLayer, Backend, ExportOptions, ExportReport, FlattenedLower, FsckReport, GcReport,
+    ImportReport, LayerRecord, LeaseInfo, Result, Snapshotter, Store, VerifyReport,
 };
 
 /// A store whatever its backend (see the module docs).
@@ -107,6 +107,9 @@ pub trait AnyStore: Snapshotter {
 
     /// [`Store::checksum`]: the cache-key checksum of paths of `name`.
     fn checksum(&self, name: &str, paths: &[&str], excludes: &[String]) -> Result<Digest>;
+
+    /// [`Store::flattened`]: the flattened lowers deep chains are mounted through.
+    fn flattened(&self) -> Result<Vec<FlattenedLower>>;
 }
 
 impl<B: Backend> AnyStore for Store<B> {
@@ -218,5 +221,9 @@ impl<B: Backend> AnyStore for Store<B> {
 
     fn checksum(&self, name: &str, paths: &[&str], excludes: &[String]) -> Result<Digest> {
         Store::checksum(self, name, paths, excludes)
+    }
+
+    fn flattened(&self) -> Result<Vec<FlattenedLower>> {
+        Store::flattened(self)
     }
 }

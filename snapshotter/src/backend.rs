@@ -58,6 +58,32 @@ impl JournalOp {
     }
 }
 
+/// When a backend mounts deep chains through *flattened lowers*: directories holding the
+/// merged content of a chain's bottom layers, made by [`Backend::flatten`] and kept by the
+/// store (see `Store`'s docs on deep chains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlattenPolicy {
+    /// Chains of up to this many layers are mounted layer by layer.
+    pub threshold: usize,
+    /// A deeper chain mounts the flattened lower of its bottom `k` layers, `k` the largest
+    /// multiple of `step` below its depth, under its remaining (at most `step`) layers. One
+    /// flattened lower then serves `step` depths, and a mount never stacks more than
+    /// `step + 1` directories.
+    pub step: usize,
+}
+
+impl FlattenPolicy {
+    /// How many of the bottom layers of a chain of `depth` layers a flattened lower stands
+    /// for when it is mounted; `None` when the chain is mounted layer by layer.
+    pub fn flattened(&self, depth: usize) -> Option<usize> {
+        if depth <= self.threshold || self.step == 0 {
+            return None;
+        }
+        let k = self.step * ((depth - 1) / self.step);
+        (k >= 2).then_some(k)
+    }
+}
+
 /// A storage backend: stores and mounts snapshots by numeric id.
 ///
 /// `parents` always lists the whole parent chain, immediate parent first, as ids of
@@ -138,6 +164,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Read-only mounts presenting the committed `chain` (top first) as one tree, without
     /// creating any storage: what a diff reads.
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, Self::Error>;
+
+    /// Whether (and past which depth) the backend mounts deep chains through flattened
+    /// lowers. `None` (the default): every chain is mounted as it is.
+    fn flatten_policy(&self) -> Option<FlattenPolicy> {
+        None
+    }
+
+    /// Builds storage `id`: one lower layer holding the merged content of `chain` (top
+    /// first; committed layers, the last one possibly an earlier flattened lower), in a
+    /// temporary place renamed into place, synced first with `durable`. Returns what it
+    /// costs on disk beyond the layers it merges. `Ok(None)` (the default): the backend
+    /// cannot flatten. Only called when [`Backend::flatten_policy`] says so; the storage is
+    /// then listed by [`Backend::ids`] and removed by [`Backend::remove`] like a snapshot's.
+    fn flatten(&self, id: u64, chain: &[u64], durable: bool) -> Result<Option<Usage>, Self::Error> {
+        let _ = (id, chain, durable);
+        Ok(None)
+    }
 
     /// Deletes the storage of `id`, including temporary leftovers of an interrupted create.
     /// Succeeds when there is nothing to delete.

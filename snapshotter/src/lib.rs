@@ -91,13 +91,13 @@ mod meta;
 mod sys;
 
 pub use any::AnyStore;
-pub use backend::{Backend, CreateOptions, JournalOp};
+pub use backend::{Backend, CreateOptions, FlattenPolicy, JournalOp};
 pub use error::{BackendError, Error, ErrorKind, Result};
 pub use meta::LayerRecord;
 pub use snapshotter::Snapshotter;
 pub use store::{
-    AppliedLayer, ExportGuard, ExportOptions, ExportReport, FsckReport, GcReport, GuardedLayer,
-    ImportReport, LeaseInfo, Store, StoreOptions, VerifyReport,
+    AppliedLayer, ExportGuard, ExportOptions, ExportReport, FlattenedLower, FsckReport, GcReport,
+    GuardedLayer, ImportReport, LeaseInfo, Store, StoreOptions, VerifyReport,
 };
 pub use types::{Info, Kind, Labels, Mount, Usage};
 

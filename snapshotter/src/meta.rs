@@ -18,6 +18,11 @@
 //! * `blob_holders` — (holder, digest): `image:<name>` or `lease:<name>` holds a blob; triggers
 //!   drop an image's holds when it is deleted or pointed elsewhere, a lease's when it goes.
 //!   `images.manifest` — the digest of the manifest an imported image came with (version 5).
+//! * `spares` — storage a commit made for the next prepare on a layer (version 6);
+//!   `snapshots.rebuildable` — storage recorded without a sync (version 7).
+//! * `flats` — flattened lowers (version 8): storage `id` holding the merged content of the
+//!   chain whose top is `top_id` (`depth` layers), with what it costs on disk; a trigger
+//!   drops the row with its top snapshot's, and cleanup then reclaims the storage.
 //!
 //! The schema version is SQLite's `user_version`; [`MIGRATIONS`] brings an older database up
 //! to date inside one transaction.
@@ -177,6 +182,19 @@ END;
     r#"
 ALTER TABLE snapshots ADD COLUMN rebuildable INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+CREATE TABLE flats (
+    id         INTEGER PRIMARY KEY,
+    top_id     INTEGER NOT NULL UNIQUE,
+    depth      INTEGER NOT NULL,
+    size       INTEGER NOT NULL,
+    inodes     INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TRIGGER snapshots_drop_flats AFTER DELETE ON snapshots BEGIN
+    DELETE FROM flats WHERE top_id = OLD.id;
+END;
+"#,
 ];
 
 /// What is recorded of a layer applied by `apply_layer`.
@@ -190,6 +208,19 @@ pub struct LayerRecord {
     pub content: String,
     /// Bytes of the uncompressed tar.
     pub tar_size: u64,
+}
+
+/// A flattened lower, as `flats` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flat {
+    /// Its storage id.
+    pub id: u64,
+    /// The top snapshot of the chain it merges.
+    pub top: u64,
+    /// How many layers it merges.
+    pub depth: usize,
+    /// What it costs on disk beyond the layers it links to.
+    pub usage: Usage,
 }
 
 /// One row of `snapshots`, with what the store needs besides the Info.
@@ -890,6 +921,67 @@ impl Tx<'_> {
             .map_err(|e| self.e("list spares", e))
     }
 
+    /// Records storage `id` as the flattened lower of the chain topped by `top`. Returns
+    /// false, recording nothing, when that chain has one already (another process built it).
+    pub fn flat_add(&self, flat: &Flat, now: SystemTime) -> Result<bool> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO flats (id, top_id, depth, size, inodes, created_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (top_id) DO NOTHING",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    db_id(flat.id),
+                    db_id(flat.top),
+                    i64::try_from(flat.depth).unwrap_or(i64::MAX),
+                    i64::try_from(flat.usage.size).unwrap_or(i64::MAX),
+                    i64::try_from(flat.usage.inodes).unwrap_or(i64::MAX),
+                    to_ns(now)
+                ])
+            })
+            .map(|n| n == 1)
+            .map_err(|e| self.e("record a flattened lower", e))
+    }
+
+    /// The flattened lower of the chain topped by `top`, if it has one.
+    pub fn flat_of(&self, top: u64) -> Result<Option<u64>> {
+        self.tx
+            .prepare_cached("SELECT id FROM flats WHERE top_id = ?1")
+            .and_then(|mut s| s.query_row([db_id(top)], |r| r.get::<_, i64>(0)).optional())
+            .map(|id| id.map(id_of))
+            .map_err(|e| self.e("look up a flattened lower", e))
+    }
+
+    /// Every flattened lower.
+    pub fn all_flats(&self) -> Result<Vec<Flat>> {
+        self.tx
+            .prepare_cached("SELECT id, top_id, depth, size, inodes FROM flats ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(Flat {
+                        id: id_of(r.get(0)?),
+                        top: id_of(r.get(1)?),
+                        depth: usize::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                        usage: Usage {
+                            size: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                            inodes: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                        },
+                    })
+                })?
+                .collect()
+            })
+            .map_err(|e| self.e("list flattened lowers", e))
+    }
+
+    /// Forgets flattened lower `id` (its storage is then reclaimed by cleanup, if any).
+    pub fn flat_drop(&self, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM flats WHERE id = ?1")
+            .and_then(|mut s| s.execute([db_id(id)]))
+            .map(|_| ())
+            .map_err(|e| self.e("drop a flattened lower", e))
+    }
+
     /// Deletes row `id`, its labels and its entries in (expired) leases. Its spares go with
     /// it (a trigger); their storage is then unknown, so cleanup reclaims it.
     pub fn delete(&self, id: u64) -> Result<()> {
@@ -1296,13 +1388,13 @@ impl Tx<'_> {
             .map_err(|e| self.e("check the gc.root label", e))
     }
 
-    /// Every id that has a row, a journal entry or a spare.
+    /// Every id that has a row, a journal entry, a spare or a flattened lower.
     pub fn known_ids(&self) -> Result<std::collections::HashSet<u64>> {
         let mut stmt = self
             .tx
             .prepare_cached(
                 "SELECT id FROM snapshots UNION SELECT snapshot_id FROM journal
-                 UNION SELECT id FROM spares",
+                 UNION SELECT id FROM spares UNION SELECT id FROM flats",
             )
             .map_err(|e| self.e("list ids", e))?;
         let ids = stmt

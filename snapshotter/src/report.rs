@@ -80,6 +80,7 @@ pub fn gc(r: &GcReport, dry_run: bool) -> Value {
         "expired_leases": r.expired_leases,
         "reclaimed": r.reclaimed,
         "blobs": r.blobs,
+        "flattened": r.flattened,
         "failed": r.failed.iter().map(|(k, e)| json!({"key": k, "error": e})).collect::<Vec<_>>(),
     })
 }
@@ -136,6 +137,7 @@ pub fn fsck(r: &FsckReport) -> Value {
         "clean": r.is_clean(),
         "orphans": r.orphans,
         "spares": r.spares,
+        "flattened": r.flattened,
         "broken": r.broken.iter().map(|(k, why)| json!({"name": k, "reason": why})).collect::<Vec<_>>(),
         "lost_unsynced": r.lost_unsynced,
         "interrupted": r.interrupted,

@@ -35,11 +35,13 @@ use crate::types::{Info, Kind, Labels, Mount, Usage};
 use crate::LABEL_VOLATILE;
 
 mod copying;
+mod flats;
 mod images;
 mod layers;
 mod recovery;
 mod tracker;
 
+pub use flats::FlattenedLower;
 pub use recovery::FsckReport;
 
 pub use images::{ExportOptions, ExportReport, ImportReport, VerifyReport};
@@ -390,14 +392,24 @@ impl<B: Backend> Store<B> {
         let (id, parent_id, parents, seq) = match created {
             Created::Taken(id, parents) => {
                 failpoint("create-after-commit");
+                let (mounted, _hold) = self.mount_chain(key, &parents)?;
                 return self
                     .backend
-                    .mounts(id, kind, &parents)
+                    .mounts(id, kind, &mounted)
                     .map_err(|e| self.backend_err(key, "mounts", e));
             }
             Created::Journaled(id, parent_id, parents, seq) => (id, parent_id, parents, seq),
         };
         failpoint("create-before-backend");
+        // A chain past the backend's flatten threshold mounts through a flattened lower,
+        // built now if it is not there yet (held until the row that holds it is written).
+        let (mounted, _hold) = match self.mount_chain(key, &parents) {
+            Ok(m) => m,
+            Err(e) => {
+                self.abandon(key, seq, id);
+                return Err(e);
+            }
+        };
 
         // Step 2: the backend builds the storage.
         let opts = CreateOptions {
@@ -425,7 +437,7 @@ impl<B: Backend> Store<B> {
         }
         failpoint("create-after-commit");
         self.backend
-            .mounts(id, kind, &parents)
+            .mounts(id, kind, &mounted)
             .map_err(|e| self.backend_err(key, "mounts", e))
     }
 
@@ -630,8 +642,9 @@ impl<B: Backend> Snapshotter for Store<B> {
                 reason,
             });
         }
+        let (mounted, _hold) = self.mount_chain(key, &parents)?;
         self.backend
-            .mounts(row.id, row.kind, &parents)
+            .mounts(row.id, row.kind, &mounted)
             .map_err(|e| self.backend_err(key, "mounts", e))
             .map_err(|e| self.broken(key, row.id, e))
     }
@@ -775,7 +788,9 @@ impl<B: Backend> Snapshotter for Store<B> {
                     format!("cannot remove it: {holder} holds it; untag the image or remove the lease first"),
                 ));
             }
-            let spares = tx.spares_of(row.id)?;
+            let mut spares = tx.spares_of(row.id)?;
+            // Its flattened lower goes with it (a trigger drops the row).
+            spares.extend(tx.flat_of(row.id)?);
             tx.delete(row.id)?;
             let seq = if self.opts.sync_remove {
                 Some(tx.journal_add(JournalOp::Remove, row.id, key, None, &self.owner.token)?)
@@ -793,7 +808,7 @@ impl<B: Backend> Snapshotter for Store<B> {
             // Unknown to the metadata now; cleanup reclaims any that stays.
             for spare in spares {
                 if let Err(e) = self.backend.remove(spare) {
-                    tracing::warn!(key, spare, error = %e, "could not remove a spare; cleanup will retry");
+                    tracing::warn!(key, spare, error = %e, "could not remove a spare or a flattened lower; cleanup will retry");
                 }
             }
             failpoint("remove-after-backend");

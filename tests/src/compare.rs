@@ -130,8 +130,8 @@ fn first_difference(a: &Path, b: &Path) -> io::Result<Option<u64>> {
     }
 }
 
-/// The hardlink groups of a tree: for each path with more than one link, the sorted paths of
-/// this tree that share its inode (itself included).
+/// The hardlink groups of a tree: for each path that shares its inode with another path of
+/// this tree, the sorted paths that do (itself included).
 fn link_groups(tree: &BTreeMap<PathBuf, Entry>) -> BTreeMap<PathBuf, Vec<PathBuf>> {
     let mut by_inode: BTreeMap<(u64, u64), Vec<PathBuf>> = BTreeMap::new();
     for (p, e) in tree {
@@ -140,7 +140,9 @@ fn link_groups(tree: &BTreeMap<PathBuf, Entry>) -> BTreeMap<PathBuf, Vec<PathBuf
         }
     }
     let mut out = BTreeMap::new();
-    for group in by_inode.into_values() {
+    // A file whose other links are outside the tree is a plain file of the tree, as in
+    // continuity (its link count may count names elsewhere: a flattened lower's, say).
+    for group in by_inode.into_values().filter(|g| g.len() > 1) {
         for p in &group {
             out.insert(p.clone(), group.clone());
         }

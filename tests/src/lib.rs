@@ -60,4 +60,4 @@ pub fn change_stored_layer(
 pub use stores::{btrfs_store, durable_btrfs_store, BtrfsStore};
 #[cfg(feature = "devmapper")]
 pub use stores::{devmapper_store, DevmapperStore};
-pub use stores::{native_store, overlay_store, overlay_store_with};
+pub use stores::{native_store, overlay_store, overlay_store_flattening, overlay_store_with};

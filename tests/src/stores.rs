@@ -30,6 +30,23 @@ pub fn overlay_store_with(root: &Path, apply_mounted: bool) -> Store<OverlayBack
     .unwrap()
 }
 
+/// An overlay store on `root` that mounts chains through flattened lowers past `policy`.
+pub fn overlay_store_flattening(
+    root: &Path,
+    policy: strata::FlattenPolicy,
+) -> Store<OverlayBackend> {
+    let opts = strata_overlay::OverlayOptions {
+        flatten: policy,
+        ..Default::default()
+    };
+    Store::open(
+        root,
+        OverlayBackend::open(root, opts).unwrap(),
+        options(false),
+    )
+    .unwrap()
+}
+
 /// A native store on `root`.
 pub fn native_store(root: &Path) -> Store<NativeBackend> {
     Store::open(root, NativeBackend::open(root).unwrap(), options(false)).unwrap()

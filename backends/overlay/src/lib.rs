@@ -20,6 +20,13 @@
 //! added when the kernel has the parameter. Paths are absolute under `ROOT/snapshots/`, one
 //! short common prefix, so that containerd's mount(2) path can shorten long lists.
 //!
+//! **Deep chains.** overlayfs stacks at most 500 lower layers. The backend declares a
+//! [`FlattenPolicy`] ([`DEFAULT_FLATTEN`]: chains past 128 layers, a flattened lower every 32
+//! layers) and builds flattened lowers with [`strata::layer::flatten`] (directories, and hard
+//! links to the layers' files) as `snapshots/<id>/fs` like any layer; the store decides which
+//! chain a mount goes through and hands `mounts` the layers above the flattened one followed
+//! by it.
+//!
 //! Directory renames inside an overlay need `redirect_dir`, which strata does not turn on
 //! (containerd does not either): renaming a directory that comes from a lower layer fails
 //! with `EXDEV`, and tools fall back to copying.
@@ -41,7 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata::fsutil;
 use strata::mount::{volatile_marker, OVERLAY_MAX_LAYERS};
-use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
+use strata::{Backend, BackendError, CreateOptions, ErrorKind, FlattenPolicy, Kind, Mount, Usage};
 
 /// The overlay backend's errors. Each names the snapshot id or path and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -65,11 +72,21 @@ pub enum OverlayError {
         /// What the probe found.
         reason: String,
     },
-    /// The chain is deeper than overlayfs can stack.
-    #[error("a chain of {depth} layers exceeds overlayfs's limit of {OVERLAY_MAX_LAYERS} lower layers; squash the image or use the native backend")]
+    /// The mount would stack more directories than overlayfs can (only with a flatten
+    /// policy whose step is past the kernel's limit).
+    #[error("a mount of {depth} lower directories exceeds overlayfs's limit of {OVERLAY_MAX_LAYERS}; use a flatten step below the limit")]
     TooDeep {
-        /// Number of parents.
+        /// Number of lower directories.
         depth: usize,
+    },
+    /// Building a flattened lower failed.
+    #[error("flattened lower {id}: {source}")]
+    Flatten {
+        /// The storage id being built.
+        id: u64,
+        /// What went wrong, naming the path.
+        #[source]
+        source: strata::Error,
     },
     /// The machine stopped while the snapshot was mounted volatile.
     #[error("snapshot {id} was mounted volatile when the machine stopped (mounted in boot {recorded}, now boot {current}); its contents may be incomplete: remove it and recreate it")]
@@ -100,6 +117,7 @@ impl BackendError for OverlayError {
                 ErrorKind::FailedPrecondition
             }
             OverlayError::VolatileLost { .. } => ErrorKind::DataLoss,
+            OverlayError::Flatten { source, .. } => source.kind(),
             OverlayError::EmptyChain => ErrorKind::InvalidArgument,
         }
     }
@@ -114,11 +132,32 @@ fn io_err(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> Overl
     }
 }
 
+/// The overlay backend's default [`FlattenPolicy`]: chains of up to 128 layers (every image
+/// Docker can build) are mounted layer by layer, as containerd mounts them; deeper ones
+/// through a flattened lower every 32 layers, so that a mount stacks at most 33 directories.
+pub const DEFAULT_FLATTEN: FlattenPolicy = FlattenPolicy {
+    threshold: 128,
+    step: 32,
+};
+
 /// Options of the overlay backend.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OverlayOptions {
     /// Skip the mount probe at open (for tools that only read metadata).
     pub skip_probe: bool,
+    /// When chains are mounted through flattened lowers ([`DEFAULT_FLATTEN`]). Every process
+    /// opening a root should use the same policy: `gc` keeps the flattened lowers that the
+    /// Active snapshots and Views mount through by its own.
+    pub flatten: FlattenPolicy,
+}
+
+impl Default for OverlayOptions {
+    fn default() -> Self {
+        OverlayOptions {
+            skip_probe: false,
+            flatten: DEFAULT_FLATTEN,
+        }
+    }
 }
 
 /// The overlay backend.
@@ -126,6 +165,7 @@ pub struct OverlayOptions {
 pub struct OverlayBackend {
     dirs: fsutil::SnapshotDirs,
     index_off: bool,
+    flatten: FlattenPolicy,
 }
 
 const VOLATILE_FILE: &str = "volatile";
@@ -146,7 +186,11 @@ impl OverlayBackend {
         ))?;
         // containerd adds index=off whenever the kernel has the parameter.
         let index_off = Path::new("/sys/module/overlay/parameters/index").exists();
-        let mut backend = OverlayBackend { dirs, index_off };
+        let mut backend = OverlayBackend {
+            dirs,
+            index_off,
+            flatten: opts.flatten,
+        };
         if !opts.skip_probe {
             if let Err(e) = backend.probe(root) {
                 if !backend.index_off {
@@ -344,11 +388,6 @@ impl Backend for OverlayBackend {
         parents: &[u64],
         opts: &CreateOptions,
     ) -> Result<(), OverlayError> {
-        if parents.len() > OVERLAY_MAX_LAYERS {
-            return Err(OverlayError::TooDeep {
-                depth: parents.len(),
-            });
-        }
         let tmp = self.tmp_dir(id);
         fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
         if let Err(e) = self.build(&tmp, kind, parents.first().copied(), opts) {
@@ -425,7 +464,63 @@ impl Backend for OverlayBackend {
         fsutil::disk_usage(&fs_dir).map_err(io_err(&fs_dir, "measure the layer"))
     }
 
+    fn flatten_policy(&self) -> Option<FlattenPolicy> {
+        Some(self.flatten)
+    }
+
+    fn flatten(
+        &self,
+        id: u64,
+        chain: &[u64],
+        durable: bool,
+    ) -> Result<Option<Usage>, OverlayError> {
+        let tmp = self.tmp_dir(id);
+        fsutil::remove_tree(&tmp).map_err(io_err(&tmp, "remove a leftover temporary directory"))?;
+        let built = (|| {
+            fs::create_dir(&tmp).map_err(io_err(&tmp, "create the temporary directory"))?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(&tmp, "set the snapshot directory's mode"))?;
+            let fs_dir = tmp.join("fs");
+            // flatten gives it the top layer's owner, mode and times.
+            fs::create_dir(&fs_dir).map_err(io_err(&fs_dir, "create a snapshot directory"))?;
+            let layers: Vec<PathBuf> = chain.iter().map(|l| self.fs_path(*l)).collect();
+            strata::layer::flatten::flatten(&layers, &fs_dir)
+                .map_err(|source| OverlayError::Flatten { id, source })
+        })();
+        let stats = match built {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = fsutil::remove_tree(&tmp);
+                return Err(e);
+            }
+        };
+        let dir = self.dir(id);
+        if durable {
+            // Before the rename: a flattened lower in place is a complete one.
+            fsutil::sync_filesystem(&tmp).map_err(io_err(&tmp, "sync the flattened lower"))?;
+        }
+        if let Err(e) = fs::rename(&tmp, &dir) {
+            let _ = fsutil::remove_tree(&tmp);
+            return Err(io_err(&dir, "rename the flattened lower into place")(e));
+        }
+        if durable {
+            fsutil::fsync_dir(self.dirs.snapshots()).map_err(io_err(
+                self.dirs.snapshots(),
+                "sync the snapshots directory",
+            ))?;
+        }
+        Ok(Some(Usage {
+            size: stats.bytes,
+            inodes: stats.dirs + 1 + stats.copies,
+        }))
+    }
+
     fn mounts(&self, id: u64, kind: Kind, parents: &[u64]) -> Result<Vec<Mount>, OverlayError> {
+        if parents.len() > OVERLAY_MAX_LAYERS {
+            return Err(OverlayError::TooDeep {
+                depth: parents.len(),
+            });
+        }
         match (kind, parents) {
             (Kind::Committed, _) => Err(OverlayError::Committed { id }),
             (Kind::Active, []) => Ok(vec![Mount::bind(&self.fs_path(id), false)]),

@@ -104,20 +104,112 @@ fn mounts_have_containerds_shapes() {
 }
 
 #[test]
-fn chains_past_the_kernel_limit_are_refused_clearly() {
+fn mounts_past_the_kernel_limit_are_refused_clearly() {
+    if !can_mount() {
+        return;
+    }
+    // The store hands the backend a flattened chain; a list the kernel cannot stack is an
+    // error naming both numbers, never a mount that fails later.
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    let parents: Vec<u64> = (1..=501).collect();
+    for kind in [Kind::Active, Kind::View] {
+        let e = b.mounts(1000, kind, &parents).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        assert!(
+            e.to_string().contains("501") && e.to_string().contains("500"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_flattened_lower_stands_for_the_chain_below_it() {
     if !can_mount() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let b = backend(tmp.path());
-    let parents: Vec<u64> = (1..=501).collect();
-    let e = b.create(1000, Kind::Active, &parents, &opts()).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    chain(&b, 6);
+    // Layer 4 deletes f2; layer 5 makes d opaque over layer 3's d.
+    fs::create_dir(b.fs_path(3).join("d")).unwrap();
+    fs::write(b.fs_path(3).join("d/old"), "old").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        b.fs_path(4).join("f2"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        rustix::fs::makedev(0, 0),
+    )
+    .unwrap();
+    fs::create_dir(b.fs_path(5).join("d")).unwrap();
+    rustix::fs::lsetxattr(
+        b.fs_path(5).join("d"),
+        "trusted.overlay.opaque",
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let usage = b.flatten(100, &[5, 4, 3, 2, 1], true).unwrap().unwrap();
+    assert!(b.ids().unwrap().contains(&100));
+    assert!(b.exists(100).unwrap());
+    // The root and d: the files are links, not data.
+    assert_eq!(usage.inodes, 2, "{usage:?}");
+    assert!(usage.size >= 4096 && usage.size < 64 * 1024, "{usage:?}");
+    assert_eq!(
+        fs::metadata(b.fs_path(100).join("f1")).unwrap().ino(),
+        fs::metadata(b.fs_path(1).join("f1")).unwrap().ino()
+    );
+    // [6, flat] shows what [6, 5, 4, 3, 2, 1] shows.
+    let names = |parents: &[u64]| {
+        b.create(200, Kind::View, parents, &opts()).unwrap();
+        let t =
+            TempMount::new_in(tmp.path(), &b.mounts(200, Kind::View, parents).unwrap()).unwrap();
+        let mut all: Vec<String> = Vec::new();
+        for sub in ["", "d"] {
+            for e in fs::read_dir(t.path().join(sub)).unwrap() {
+                all.push(format!(
+                    "{sub}/{}",
+                    e.unwrap().file_name().to_string_lossy()
+                ));
+            }
+        }
+        all.sort();
+        t.unmount().unwrap();
+        b.remove(200).unwrap();
+        all
+    };
+    let flat = names(&[6, 100]);
+    assert_eq!(flat, names(&[6, 5, 4, 3, 2, 1]));
+    assert_eq!(flat, ["/d", "/f1", "/f3", "/f4", "/f5", "/f6"]);
+    b.remove(100).unwrap();
+    assert!(!b.ids().unwrap().contains(&100));
+}
+
+#[test]
+fn a_failed_flatten_leaves_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path());
+    chain(&b, 2);
+    fs::create_dir(b.fs_path(2).join("moved")).unwrap();
+    rustix::fs::lsetxattr(
+        b.fs_path(2).join("moved"),
+        "trusted.overlay.redirect",
+        b"/elsewhere",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let e = b.flatten(100, &[2, 1], true).unwrap_err();
     assert!(
-        e.to_string().contains("501") && e.to_string().contains("500"),
+        e.to_string().contains("redirect") && e.to_string().contains("moved"),
         "{e}"
     );
-    assert!(b.ids().unwrap().is_empty(), "nothing left behind");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(!b.ids().unwrap().contains(&100));
+    assert!(!b.dir(100).exists() && !b.tmp_dir(100).exists());
 }
 
 #[test]
@@ -328,7 +420,7 @@ fn new_layers_have_exact_modes_whatever_the_umask() {
 }
 
 #[test]
-fn five_hundred_layers_mount_and_five_hundred_and_one_do_not() {
+fn five_hundred_layers_mount_and_five_hundred_and_one_do_not_unflattened() {
     if !can_mount() {
         return;
     }
@@ -350,15 +442,17 @@ fn five_hundred_layers_mount_and_five_hundred_and_one_do_not() {
     let mut deeper = parents.clone();
     deeper.push(1000);
     for kind in [Kind::Active, Kind::View] {
-        let e = b.create(1001, kind, &deeper, &fast).unwrap_err();
+        // The storage is made at any depth; the store mounts it through a flattened lower.
+        b.create(1001, kind, &deeper, &fast).unwrap();
+        let e = b.mounts(1001, kind, &deeper).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{kind}");
         assert!(
             e.to_string()
-                .contains("chain of 501 layers exceeds overlayfs's limit of 500"),
+                .contains("501 lower directories exceeds overlayfs's limit of 500"),
             "{e}"
         );
+        b.remove(1001).unwrap();
     }
-    assert!(!b.ids().unwrap().contains(&1001));
     assert_eq!(
         b.view_mounts(&deeper).unwrap_err().kind(),
         ErrorKind::FailedPrecondition

@@ -55,6 +55,9 @@ pub struct FlattenStats {
     pub links: u64,
     /// Files copied because their inode was at the link limit.
     pub copies: u64,
+    /// Bytes the directories made take on disk, the root included: with the copies, what
+    /// the flattened directory costs beyond the layers it links to.
+    pub bytes: u64,
 }
 
 /// Fills the empty directory `dest` with the merged content of `layers` (top first); see the
@@ -83,6 +86,7 @@ pub fn flatten(layers: &[PathBuf], dest: &Path) -> Result<FlattenStats> {
     f.merge(&dest_fd, dest, b"", &sources)?;
     let top_fd = open_dir_path(top).map_err(|e| Error::io(top, "open the layer", e.into()))?;
     copy_dir_attrs(&top_fd, &dest_fd, dest)?;
+    f.count_dir(&dest_fd, dest)?;
     Ok(f.stats)
 }
 
@@ -274,7 +278,8 @@ impl Flattener<'_> {
                 match rustix::fs::linkat(&dir, name, dest, name, AtFlags::empty()) {
                     Ok(()) => self.stats.links += 1,
                     Err(Errno::MLINK) => {
-                        copy_nondir(&dir, name, ft, dest, &dir_path.join(name))?;
+                        self.stats.bytes +=
+                            copy_nondir(&dir, name, ft, dest, &dir_path.join(name))?;
                         self.stats.copies += 1;
                     }
                     Err(e) => {
@@ -307,7 +312,15 @@ impl Flattener<'_> {
             let top_fd = open_dir_path(&top)
                 .map_err(|e| Error::io(&top, "open a layer directory", e.into()))?;
             copy_dir_attrs(&top_fd, &child, &child_path)?;
+            self.count_dir(&child, &child_path)?;
         }
+        Ok(())
+    }
+
+    /// Adds the blocks of directory `fd` to the bytes made.
+    fn count_dir(&mut self, fd: &OwnedFd, at: &Path) -> Result<()> {
+        let st = rustix::fs::fstat(fd).map_err(|e| Error::io(at, "stat", e.into()))?;
+        self.stats.bytes += u64::try_from(st.st_blocks).unwrap_or(0) * 512;
         Ok(())
     }
 }
@@ -352,7 +365,13 @@ fn set_attrs(fd: &OwnedFd, st: &Stat, xattrs: &[(Vec<u8>, Vec<u8>)], at: &Path) 
 
 /// Copies the regular file `name` of `dir` (at `at`) to `dest`, with its owner, mode,
 /// extended attributes and times: for an inode that cannot take another link.
-fn copy_nondir(dir: &OwnedFd, name: &OsStr, ft: FileType, dest: &OwnedFd, at: &Path) -> Result<()> {
+fn copy_nondir(
+    dir: &OwnedFd,
+    name: &OsStr,
+    ft: FileType,
+    dest: &OwnedFd,
+    at: &Path,
+) -> Result<u64> {
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .map_err(|e| Error::io(at, "stat", e.into()))?;
     match ft {
@@ -377,7 +396,8 @@ fn copy_nondir(dir: &OwnedFd, name: &OsStr, ft: FileType, dest: &OwnedFd, at: &P
             let mut w = std::fs::File::from(dst);
             io::copy(&mut r, &mut w).map_err(|e| Error::io(at, "copy", e))?;
             let dst = OwnedFd::from(w);
-            set_attrs(&dst, &st, &xattrs, at)
+            set_attrs(&dst, &st, &xattrs, at)?;
+            Ok(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
         }
         _ => Err(Error::io(
             at,

@@ -12,18 +12,26 @@ use crate::types::Kind;
 
 impl<B: Backend> Store<B> {
     /// A read-only mount of committed snapshot or image `name`, pinned while it lives.
-    fn read_view(&self, name: &str) -> Result<(super::ExportGuard<'_, B>, TempMount)> {
+    fn read_view(
+        &self,
+        name: &str,
+    ) -> Result<(
+        super::ExportGuard<'_, B>,
+        super::flats::FlatsHold,
+        TempMount,
+    )> {
         let guard = self.guard(&[name])?;
         let (row, parents) = self.row(name)?;
         let mut chain = vec![row.id];
         chain.extend(parents);
+        let (chain, hold) = self.mount_chain(name, &chain)?;
         let mounts = self
             .backend
             .view_mounts(&chain)
             .map_err(|e| self.backend_err(name, "view", e))?;
         let tmp = self.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        Ok((guard, TempMount::new_in(&tmp, &mounts)?))
+        Ok((guard, hold, TempMount::new_in(&tmp, &mounts)?))
     }
 
     /// Copies `sources` (paths in committed snapshot or image `from`) into active snapshot
@@ -43,7 +51,7 @@ impl<B: Backend> Store<B> {
                 format!("files are copied into active snapshots; it is {}", row.kind),
             ));
         }
-        let (guard, src) = self.read_view(from)?;
+        let (guard, _hold, src) = self.read_view(from)?;
         let mounts = crate::snapshotter::Snapshotter::mounts(self, key)?;
         let tmp = self.root.join("tmp");
         let dst = TempMount::new_in(&tmp, &mounts)?;
@@ -58,7 +66,7 @@ impl<B: Backend> Store<B> {
     /// image `name`, leaving out `excludes`: see [`crate::checksum::checksum`]. The same tree
     /// gives the same checksum on every backend.
     pub fn checksum(&self, name: &str, paths: &[&str], excludes: &[String]) -> Result<Digest> {
-        let (guard, view) = self.read_view(name)?;
+        let (guard, _hold, view) = self.read_view(name)?;
         let result = crate::checksum::checksum(view.path(), paths, excludes);
         view.unmount()?;
         guard.release()?;

@@ -49,12 +49,13 @@ impl<B: Backend> Store<B> {
         chain.extend(parents);
         let tmp = self.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+        let (parents, _lower_hold) = self.mount_chain(name, parents)?;
         let lower = match parents.is_empty() {
             true => None,
             false => {
                 let m = self
                     .backend
-                    .view_mounts(parents)
+                    .view_mounts(&parents)
                     .map_err(|e| self.backend_err(name, "view the parent for a diff", e))?;
                 Some(TempMount::new_in(&tmp, &m)?)
             }
@@ -68,6 +69,7 @@ impl<B: Backend> Store<B> {
         let written = match fast_dir {
             Some(dir) => write_overlay_layer(lower_path, &dir, out, opts)?,
             None => {
+                let (chain, _upper_hold) = self.mount_chain(name, &chain)?;
                 let upper_mounts = self
                     .backend
                     .view_mounts(&chain)
@@ -139,6 +141,7 @@ impl<B: Backend> Store<B> {
             TempMount::new_in(&tmp, &mounts)
         };
         // On overlay, straight into the upper directory (mounting only if an entry needs it).
+        let (parents, _hold) = self.mount_chain(key, &parents)?;
         let lowers: Option<Vec<_>> = parents
             .iter()
             .map(|p| self.backend.layer_path(*p))
@@ -343,6 +346,9 @@ impl<B: Backend> Store<B> {
             Ok((chain, got, descriptor, content, existed)) => {
                 if existed {
                     crate::snapshotter::Snapshotter::remove(self, &key)?;
+                } else {
+                    // A pull: the time to flatten a deep chain, before a container waits.
+                    self.flatten_ahead(chain.as_str());
                 }
                 Ok(AppliedLayer {
                     name: chain.to_string(),

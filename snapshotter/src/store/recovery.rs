@@ -36,6 +36,10 @@ pub struct FsckReport {
     /// layer to take (btrfs), not snapshots. A spare whose storage is missing is dropped
     /// (with repair): the next prepare then makes its snapshot the usual way.
     pub spares: Vec<u64>,
+    /// Flattened lowers with their storage in place (see [`Store::flattened`]): merged
+    /// copies of deep chains' bottom layers, not snapshots. One whose storage is missing is
+    /// dropped (with repair) and built again when a mount needs it.
+    pub flattened: Vec<u64>,
     /// Snapshots whose storage is missing or that were marked broken, with the reason.
     pub broken: Vec<(String, String)>,
     /// Interrupted operations of dead processes, as `op key`.
@@ -119,10 +123,35 @@ impl<B: Backend> Store<B> {
             .map_err(|e| self.backend_err("", "list storage", e))?
             .into_iter()
             .collect();
-        let (rows, known, spares) = self.with_meta(|m| {
+        let (rows, known, spares, flats) = self.with_meta(|m| {
             let tx = m.read("")?;
-            Ok((tx.all_rows()?, tx.known_ids()?, tx.all_spares()?))
+            Ok((
+                tx.all_rows()?,
+                tx.known_ids()?,
+                tx.all_spares()?,
+                tx.all_flats()?,
+            ))
         })?;
+        for flat in flats {
+            let present = ids.contains(&flat.id)
+                || self
+                    .backend
+                    .exists(flat.id)
+                    .map_err(|e| self.backend_err("", "check a flattened lower's storage", e))?;
+            if present {
+                r.flattened.push(flat.id);
+            } else if repair {
+                self.with_meta(|m| {
+                    let tx = m.write("")?;
+                    tx.flat_drop(flat.id)?;
+                    tx.commit()
+                })?;
+                r.repaired.push(format!(
+                    "dropped flattened lower {} (of {} layers), whose storage is missing; it is built again when a mount needs it",
+                    flat.id, flat.depth
+                ));
+            }
+        }
         for spare in spares {
             let present = ids.contains(&spare)
                 || self

@@ -40,6 +40,9 @@ pub struct GcReport {
     pub failed: Vec<(String, String)>,
     /// Blobs of the content store nothing held any more, deleted.
     pub blobs: usize,
+    /// Flattened lowers no Active snapshot or View mounted through, dropped (built again
+    /// when a mount needs one); their storage is counted in `reclaimed`.
+    pub flattened: usize,
 }
 
 impl<B: Backend> Store<B> {
@@ -182,6 +185,7 @@ impl<B: Backend> Store<B> {
             // refers to.
             report.managed = true;
             if !dry_run {
+                report.flattened = self.collect_flats()?;
                 let cleanup = self.cleanup_report()?;
                 report.reclaimed = cleanup.reclaimed.len();
                 report.failed.extend(
@@ -225,6 +229,12 @@ impl<B: Backend> Store<B> {
                 Ok(false) => report.kept.push(key),
                 Err(e) => report.failed.push((key, e.to_string())),
             }
+        }
+        match self.collect_flats() {
+            Ok(n) => report.flattened = n,
+            Err(e) => report
+                .failed
+                .push(("flattened lowers".into(), e.to_string())),
         }
         let cleanup = self.cleanup_report()?;
         report.reclaimed = cleanup.reclaimed.len();
