@@ -53,17 +53,38 @@ fn bench_reports_the_documented_fields() {
     }
     assert!(r["p99_ms"].as_f64() >= r["p50_ms"].as_f64());
 
-    // Deeper than overlay can stack: refused before any work, with what to do.
+    // Past the depth where overlay mounts through flattened lowers: the deep workload runs
+    // and reports its figures by depth.
     let out = Command::new(BIN)
-        .args(["bench", "--backend", "overlay", "--layers", "600"])
+        .args([
+            "--no-sync",
+            "bench",
+            "--backend",
+            "overlay",
+            "-w",
+            "deep",
+            "--depth",
+            "200",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8(out.stderr).unwrap();
     assert!(
-        err.contains("--layers 600") && err.contains("--backend native"),
-        "{err}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let depths: Vec<u64> = v["results"][0]["by_depth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert!(d["mount_p50_ms"].as_f64().unwrap() > 0.0, "{d}");
+            d["depth"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(depths, [1, 50, 100, 200]);
 }
 
 /// Every workload of `strata bench`, small, on `backend`: each reports what the README says.

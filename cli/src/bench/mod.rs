@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use strata::layer::Compression;
 
 use crate::output::Output;
-use crate::{open_store, parse_size, AnyStore, CliError, Failure, Global};
+use crate::{open_store, parse_size, AnyStore, Failure, Global};
 use workloads::Sample;
 
 /// Arguments of `strata bench`.
@@ -27,8 +27,7 @@ pub(crate) struct BenchArgs {
     #[arg(long = "workload", short = 'w', value_enum)]
     workloads: Vec<Workload>,
 
-    /// Layers of empty-chain, empty-flat, small-files and concurrent [default: 500; on
-    /// overlay a chain is at most 501 layers deep]
+    /// Layers of empty-chain, empty-flat, small-files and concurrent [default: 500]
     #[arg(long)]
     layers: Option<usize>,
 
@@ -64,7 +63,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     repeat: usize,
 
-    /// deep: depth of the chain [default: 500 on overlay, else 1000]
+    /// deep: depth of the chain [default: 500 on overlay (the deepest chain containerd
+    /// mounts, for --against), else 1000]
     #[arg(long)]
     depth: Option<usize>,
 
@@ -225,7 +225,6 @@ pub(crate) fn run_in(
 ) -> std::result::Result<Vec<Value>, Failure> {
     let store: Arc<AnyStore> = Arc::new(open_store(root, global)?);
     let overlay = store.backend_name() == "overlay";
-    let max_chain = strata::mount::OVERLAY_MAX_LAYERS + 1;
     let layers = args.layers.unwrap_or(500);
     let depth = args.depth.unwrap_or(if overlay { 500 } else { 1000 });
     let workloads: &[Workload] = if args.workloads.is_empty() {
@@ -233,28 +232,6 @@ pub(crate) fn run_in(
     } else {
         &args.workloads
     };
-    if overlay {
-        for w in workloads {
-            let deep = match w {
-                Workload::EmptyChain | Workload::SmallFiles => layers,
-                Workload::Concurrent => layers / args.threads.max(1),
-                Workload::Deep => depth,
-                _ => 0,
-            };
-            if deep > max_chain {
-                let flag = match w {
-                    Workload::Deep => format!("--depth {depth}"),
-                    _ => format!("--layers {layers}"),
-                };
-                return Err(CliError(format!(
-                    "{flag} ({}): a chain on overlay can be at most {max_chain} layers deep (overlayfs stacks at most {} lower layers); use {max_chain} or less, or --backend native",
-                    w.name(),
-                    strata::mount::OVERLAY_MAX_LAYERS
-                ))
-                .into());
-            }
-        }
-    }
     let work = root.join("bench-work");
     std::fs::create_dir_all(&work)
         .map_err(|e| strata::Error::io(&work, "create the work directory", e))?;
