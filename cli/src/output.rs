@@ -168,8 +168,9 @@ impl Output {
         }
         if !dry_run {
             println!(
-                "expired {} lease(s), reclaimed the storage of {} snapshot(s), {} failure(s)",
+                "expired {} lease(s), dropped {} unused flattened lower(s), reclaimed the storage of {} snapshot(s), {} failure(s)",
                 r.expired_leases.len(),
+                r.flattened,
                 r.reclaimed,
                 r.failed.len()
             );
@@ -249,6 +250,10 @@ impl Output {
         println!(
             "spares (storage made at commit for the next prepare): {}",
             r.spares.len()
+        );
+        println!(
+            "flattened lowers (merged bottom layers of deep chains): {}",
+            r.flattened.len()
         );
         println!("broken snapshots: {}", r.broken.len());
         for (k, why) in &r.broken {
