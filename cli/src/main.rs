@@ -160,6 +160,8 @@ enum Command {
     },
     /// List images
     Images,
+    /// List the flattened lowers deep chains mount through, with what each costs on disk
+    Flattened,
     /// Manage leases: named holders a builder takes for the duration of a build
     Lease {
         #[command(subcommand)]
@@ -769,6 +771,7 @@ fn tracker(s: &dyn strata::AnyStore, cmd: &Command, out: &Output) -> Result<(), 
             out.done(&format!("untagged {image}"));
         }
         Command::Images => out.images(&s.images()?),
+        Command::Flattened => out.flattened(&s.flattened()?),
         Command::Lease { command } => match command {
             LeaseCommand::Create { name, expire } => {
                 s.lease_create(name, *expire)?;
@@ -921,6 +924,7 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
         cmd @ (Command::Tag { .. }
         | Command::Untag { .. }
         | Command::Images
+        | Command::Flattened
         | Command::Lease { .. }
         | Command::Gc { .. }) => tracker(s, &cmd, out)?,
         Command::Umount { .. } | Command::Bench(_) | Command::Pool(_) | Command::Serve { .. } => {}

@@ -143,6 +143,28 @@ impl Output {
         }
     }
 
+    /// Flattened lowers, and their total cost.
+    pub(crate) fn flattened(&self, flats: &[strata::FlattenedLower]) {
+        if self.json {
+            self.print_json(&strata::report::flattened(flats));
+            return;
+        }
+        println!("{:>6}  {:>12}  {:>8}  TOP", "DEPTH", "SIZE", "INODES");
+        for f in flats {
+            println!(
+                "{:>6}  {:>12}  {:>8}  {}",
+                f.depth, f.usage.size, f.usage.inodes, f.top
+            );
+        }
+        let (size, inodes) = flats
+            .iter()
+            .fold((0, 0), |(s, i), f| (s + f.usage.size, i + f.usage.inodes));
+        println!(
+            "{} flattened lower(s): {size} bytes, {inodes} inodes",
+            flats.len()
+        );
+    }
+
     /// Leases.
     pub(crate) fn leases(&self, leases: &[LeaseInfo]) {
         if self.json {

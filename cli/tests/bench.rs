@@ -55,7 +55,11 @@ fn bench_reports_the_documented_fields() {
 
     // Past the depth where overlay mounts through flattened lowers: the deep workload runs
     // and reports its figures by depth.
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().join("store");
     let out = Command::new(BIN)
+        .arg("--root")
+        .arg(&root_arg)
         .args([
             "--no-sync",
             "bench",
@@ -85,6 +89,39 @@ fn bench_reports_the_documented_fields() {
         })
         .collect();
     assert_eq!(depths, [1, 50, 100, 200]);
+    // The chain is left in the root: its prepares past 128 layers mounted through the
+    // flattened lowers of depths 128, 160 and 192, which `strata flattened` lists; gc removes
+    // the chain (nothing holds it) and them with it.
+    let strata = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--root")
+            .arg(&root_arg)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let flats = strata(&["--json", "flattened"]);
+    let depths: Vec<u64> = flats
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            assert!(
+                f["size"].as_u64().unwrap() > 0 && f["inodes"].as_u64().unwrap() > 0,
+                "{f}"
+            );
+            f["depth"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(depths, [128, 160, 192]);
+    strata(&["--json", "gc"]);
+    assert_eq!(strata(&["--json", "flattened"]), serde_json::json!([]));
 }
 
 /// Every workload of `strata bench`, small, on `backend`: each reports what the README says.

@@ -54,6 +54,16 @@ pub fn images(images: &[(String, String)]) -> Value {
     )
 }
 
+/// Flattened lowers: the top layer of the chain each merges, its depth, its disk cost.
+pub fn flattened(flats: &[crate::FlattenedLower]) -> Value {
+    Value::Array(
+        flats
+            .iter()
+            .map(|f| json!({"top": f.top, "depth": f.depth, "size": f.usage.size, "inodes": f.usage.inodes}))
+            .collect(),
+    )
+}
+
 /// Leases: name, expiry (null: never) and the snapshots each holds.
 pub fn leases(leases: &[LeaseInfo]) -> Value {
     Value::Array(
