@@ -126,6 +126,36 @@ fn crash_remove(backend: &'static str) {
 }
 
 #[test]
+fn crash_while_flattening_a_deep_chain_leaves_a_consistent_store() {
+    if !can_run("crash_while_flattening", true) {
+        return;
+    }
+    let r = Root::new("overlay");
+    // A chain of 129 layers: a prepare on its top is the first to mount through a flattened
+    // lower (of the bottom 128), and builds it.
+    r.ok(&["--no-sync", "bench", "-w", "deep", "--depth", "129"]);
+    let top = r
+        .names()
+        .into_iter()
+        .find(|n| n.ends_with("/layer/128"))
+        .unwrap();
+    for fp in ["flatten-before-backend", "flatten-after-backend"] {
+        r.crash(fp, &["prepare", "k", &top]);
+        // Both the prepare and the build are rolled back.
+        r.fails(&["stat", "k"], "not-found");
+        assert_eq!(r.ok(&["flattened"]), serde_json::json!([]), "{fp}");
+        r.assert_consistent();
+    }
+    r.ok(&["prepare", "k", &top]);
+    let flats = r.ok(&["flattened"]);
+    assert_eq!(flats[0]["depth"], 128, "{flats}");
+    r.write("k", "f", "on a deep chain");
+    r.ok(&["commit", "c", "k"]);
+    assert_eq!(r.read("c", "f"), "on a deep chain");
+    r.assert_consistent();
+}
+
+#[test]
 fn removed_storage_is_reclaimed_by_cleanup() {
     if !can_run("removed_storage_is_reclaimed", false) {
         return;

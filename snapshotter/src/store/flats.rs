@@ -159,6 +159,7 @@ impl<B: Backend> Store<B> {
             tx.commit()?;
             Ok((id, seq))
         })?;
+        super::failpoint("flatten-before-backend");
         let started = std::time::Instant::now();
         let usage = match self.backend.flatten(id, &sources, self.opts.durable) {
             Ok(Some(usage)) => usage,
@@ -179,6 +180,7 @@ impl<B: Backend> Store<B> {
                 return Err(err);
             }
         };
+        super::failpoint("flatten-after-backend");
         let flat = Flat {
             id,
             top,
