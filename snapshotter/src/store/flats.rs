@@ -45,7 +45,9 @@ fn flat_key(top: u64) -> String {
 /// A shared hold on the flattened lowers a mount goes through (nothing when it goes through
 /// none): `gc` does not collect them while it lives.
 #[derive(Debug)]
-pub(crate) struct FlatsHold(#[allow(dead_code)] Option<File>);
+pub(crate) struct FlatsHold {
+    _lock: Option<File>,
+}
 
 /// A flattened lower as [`Store::flattened`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,14 +86,14 @@ impl<B: Backend> Store<B> {
             .flatten_policy()
             .and_then(|p| p.flattened(chain.len()))
         else {
-            return Ok((chain.to_vec(), FlatsHold(None)));
+            return Ok((chain.to_vec(), FlatsHold { _lock: None }));
         };
         let hold = self.lock_file(FLATS_LOCK, rustix::fs::FlockOperation::LockShared)?;
         let cut = chain.len() - k;
         let flat = self.ensure_flat(key, &chain[cut..])?;
         let mut mounted = chain[..cut].to_vec();
         mounted.push(flat);
-        Ok((mounted, FlatsHold(hold)))
+        Ok((mounted, FlatsHold { _lock: hold }))
     }
 
     /// Builds now, off the path of the first prepare on top of it, the flattened lower that
@@ -111,7 +113,12 @@ impl<B: Backend> Store<B> {
 
     /// The flattened lower of `prefix` (top first), built when missing.
     fn ensure_flat(&self, key: &str, prefix: &[u64]) -> Result<u64> {
-        let top = prefix[0];
+        let Some(&top) = prefix.first() else {
+            return Err(Error::invalid(
+                "chain",
+                "flattening needs at least one layer",
+            ));
+        };
         if let Some(id) = self.present_flat(key, top)? {
             return Ok(id);
         }
@@ -296,8 +303,11 @@ impl<B: Backend> Store<B> {
                     continue;
                 }
                 let parents = tx.chain(row.parent_id)?;
-                if let Some(k) = policy.flattened(parents.len()) {
-                    used.insert(parents[parents.len() - k]);
+                if let Some(top) = policy
+                    .flattened(parents.len())
+                    .and_then(|k| parents.get(parents.len() - k))
+                {
+                    used.insert(*top);
                 }
             }
             let mut dropped = 0;
