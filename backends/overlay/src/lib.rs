@@ -191,6 +191,7 @@ impl OverlayBackend {
             index_off,
             flatten: opts.flatten,
         };
+        backend.remove_stale_probes();
         if !opts.skip_probe {
             if let Err(e) = backend.probe(root) {
                 if !backend.index_off {
@@ -208,6 +209,44 @@ impl OverlayBackend {
     /// Whether mounts carry `index=off` (the kernel has the parameter and the probe took it).
     pub fn index_off(&self) -> bool {
         self.index_off
+    }
+
+    /// Takes off and removes the probes of processes that died while probing (a SIGKILL
+    /// between the probe's mount and its unmount leaves the overlay mounted). Best effort.
+    fn remove_stale_probes(&self) {
+        let Ok(entries) = fs::read_dir(self.dirs.snapshots()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(".probe-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let dir = entry.path();
+            let merged = dir.join("merged");
+            if let Err(e) = rustix::mount::unmount(&merged, rustix::mount::UnmountFlags::DETACH) {
+                if e != rustix::io::Errno::INVAL && e != rustix::io::Errno::NOENT {
+                    tracing::warn!(path = %merged.display(), error = %e, "could not take off a dead process's probe mount");
+                    continue;
+                }
+            }
+            match fsutil::remove_tree(&dir) {
+                Ok(()) => {
+                    tracing::info!(path = %dir.display(), pid, "removed the probe of a process that died while probing")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %dir.display(), error = %e, "could not remove a dead process's probe")
+                }
+            }
+        }
     }
 
     /// Mounts and unmounts a one-layer overlay (lower, upper, work) in the snapshots

@@ -588,3 +588,46 @@ fn only_an_untouched_layer_is_fresh() {
         "a deletion through the mount"
     );
 }
+
+#[test]
+fn a_probe_left_mounted_by_a_dead_process_is_taken_off_at_open() {
+    if !can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    drop(backend(tmp.path()));
+    // What a process killed between the probe's mount and its unmount leaves behind.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let probe = tmp
+        .path()
+        .join("snapshots")
+        .join(format!(".probe-{dead}-0"));
+    for d in ["lower", "upper", "work", "merged"] {
+        fs::create_dir_all(probe.join(d)).unwrap();
+    }
+    let m = Mount {
+        fs_type: "overlay".into(),
+        source: "overlay".into(),
+        options: vec![
+            format!("workdir={}", probe.join("work").display()),
+            format!("upperdir={}", probe.join("upper").display()),
+            format!("lowerdir={}", probe.join("lower").display()),
+        ],
+    };
+    mount_all(&[m], &probe.join("merged")).unwrap();
+    let merged = probe.join("merged");
+    let mounted = || {
+        strata::mount::list_mounts()
+            .unwrap()
+            .iter()
+            .any(|m| m.target == merged)
+    };
+    assert!(mounted());
+
+    let b = backend(tmp.path());
+    assert!(!mounted(), "the dead process's probe is unmounted");
+    assert!(!probe.exists(), "and removed");
+    assert!(b.ids().unwrap().is_empty());
+}
