@@ -1,0 +1,677 @@
+//! `strata-stress`: the reliability campaigns of `RELIABILITY.md`.
+//!
+//! ```text
+//! strata-stress crash --backend overlay|native|btrfs --root DIR [--kills N] [--seed S]
+//!                     [--max-ms M] [--no-sync]
+//! ```
+//!
+//! **Crash campaign.** `N` times: a worker process (this program, `worker` mode) runs a random
+//! mix of operations on the store at `DIR` — build a layer (prepare, mount, write files,
+//! unmount, commit, tag), apply a generated layer (`apply_layer`), diff, checksum, export an
+//! image and import it back, untag, remove Actives left behind, gc — and is killed with
+//! SIGKILL after a random 10 to `M` ms (so also while it opens and recovers the store).
+//! Then this process opens the store (which recovers it) and checks:
+//!
+//! * `fsck` is clean: no orphaned storage, no row without storage, no interrupted
+//!   operation, no leaked mount or guard;
+//! * every layer the workers reported kept (committed and tagged; logged only once both
+//!   returned) is still there, committed, unless a worker reported it was about to let it go;
+//! * every committed layer any worker made (reported or not) holds exactly what that worker
+//!   wrote: each layer carries a manifest of its files and their SHA-256, checked through a
+//!   View; layers with a recorded content checksum are re-verified (`verify`);
+//! * after the last kill, a worker runs a fixed number of operations to the end: everything
+//!   works afterwards; then nothing is left mounted under the root.
+//!
+//! Each worker appends what it did to `DIR.log` (a SIGKILL loses no completed `write`).
+//! Prints a JSON summary; exits 1 on the first violation, naming it.
+//!
+//! The random numbers are a splitmix64 sequence from `--seed` (and the round), so a failing
+//! round can be replayed; no dependency for twenty lines.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use strata::layer::diff::DiffOptions;
+use strata::mount::TempMount;
+use strata::{AnyStore, Kind, Labels, Store, StoreOptions};
+
+type Res<T> = Result<T, String>;
+
+fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
+        if v.is_empty() {
+            None
+        } else {
+            v.get(self.below(v.len() as u64) as usize)
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+struct Args {
+    mode: String,
+    backend: String,
+    root: PathBuf,
+    kills: u64,
+    seed: u64,
+    max_ms: u64,
+    ops: Option<u64>,
+    durable: bool,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut it = std::env::args().skip(1);
+    let mode = it
+        .next()
+        .ok_or("usage: strata-stress crash|worker --backend B --root DIR ...")?;
+    let mut a = Args {
+        mode,
+        backend: "overlay".into(),
+        root: PathBuf::new(),
+        kills: 30,
+        seed: 1,
+        max_ms: 400,
+        ops: None,
+        durable: true,
+    };
+    while let Some(flag) = it.next() {
+        if flag == "--no-sync" {
+            a.durable = false;
+            continue;
+        }
+        let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let num = || v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--backend" => a.backend = v.clone(),
+            "--root" => a.root = PathBuf::from(&v),
+            "--kills" => a.kills = num()?,
+            "--seed" => a.seed = num()?,
+            "--max-ms" => a.max_ms = num()?.max(11),
+            "--ops" => a.ops = Some(num()?),
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    if a.root.as_os_str().is_empty() {
+        return Err("--root DIR is required".into());
+    }
+    Ok(a)
+}
+
+fn open(backend: &str, root: &Path, durable: bool) -> Res<Box<dyn AnyStore>> {
+    let opts = StoreOptions {
+        durable,
+        ..StoreOptions::default()
+    };
+    fs::create_dir_all(root).map_err(err("create the root"))?;
+    Ok(match backend {
+        "native" => Box::new(
+            Store::open(
+                root,
+                strata_native::NativeBackend::open(root).map_err(err("native"))?,
+                opts,
+            )
+            .map_err(err("open"))?,
+        ),
+        "overlay" => Box::new(
+            Store::open(
+                root,
+                strata_overlay::OverlayBackend::open(root, Default::default())
+                    .map_err(err("overlay"))?,
+                opts,
+            )
+            .map_err(err("open"))?,
+        ),
+        #[cfg(feature = "btrfs")]
+        "btrfs" => Box::new(
+            Store::open(
+                root,
+                strata_btrfs::BtrfsBackend::open(root).map_err(err("btrfs"))?,
+                opts,
+            )
+            .map_err(err("open"))?,
+        ),
+        other => return Err(format!("backend {other:?} is not built into strata-stress")),
+    })
+}
+
+fn log_path(root: &Path) -> PathBuf {
+    let mut p = root.as_os_str().to_owned();
+    p.push(".log");
+    PathBuf::from(p)
+}
+
+/// The manifest file a layer carries: `<sha256 hex> <path>` per file it wrote.
+fn manifest_name(id: &str) -> String {
+    format!(".stress-manifest-{id}")
+}
+
+fn sha_hex(data: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// Files for a new layer: (path, content), then the manifest.
+fn layer_files(rng: &mut Rng, id: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..1 + rng.below(6) {
+        let size = match rng.below(10) {
+            0 => 0,
+            1 => 200_000 + rng.below(300_000) as usize,
+            _ => rng.below(20_000) as usize,
+        };
+        files.push((format!("d{}/f-{id}-{i}", rng.below(4)), rng.bytes(size)));
+    }
+    let manifest: String = files
+        .iter()
+        .map(|(p, d)| format!("{} {p}\n", sha_hex(d)))
+        .collect();
+    files.push((manifest_name(id), manifest.into_bytes()));
+    files
+}
+
+fn committed(s: &dyn AnyStore) -> Res<Vec<String>> {
+    Ok(s.list(&["kind==committed"])
+        .map_err(err("list"))?
+        .into_iter()
+        .map(|i| i.name)
+        .collect())
+}
+
+struct Worker<'a> {
+    s: &'a dyn AnyStore,
+    rng: Rng,
+    log: fs::File,
+    tag: String,
+    tmp: PathBuf,
+    n: u64,
+}
+
+impl Worker<'_> {
+    fn note(&mut self, line: &str) -> Res<()> {
+        writeln!(self.log, "{line}").map_err(err("write the log"))
+    }
+
+    fn parent(&mut self) -> Res<Option<String>> {
+        if self.rng.below(5) == 0 {
+            return Ok(None);
+        }
+        let all = committed(self.s)?;
+        Ok(self.rng.pick(&all).cloned())
+    }
+
+    /// prepare, mount, write, unmount, commit, tag.
+    fn build(&mut self) -> Res<()> {
+        let id = format!("{}-{}", self.tag, self.n);
+        let parent = self.parent()?;
+        let key = format!("a/{id}");
+        let mounts = match self.s.prepare(&key, parent.as_deref(), Labels::new()) {
+            Ok(m) => m,
+            // Removed by gc (or another round's untag) since it was listed.
+            Err(e) if e.kind() == strata::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("prepare {key}: {e}")),
+        };
+        let m = TempMount::new_in(&self.tmp, &mounts).map_err(err("mount"))?;
+        // Sometimes delete something the parent has: whiteouts, copy-ups.
+        if parent.is_some() && self.rng.below(3) == 0 {
+            let d = m.path().join(format!("d{}", self.rng.below(4)));
+            if let Ok(entries) = fs::read_dir(&d) {
+                let names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+                if let Some(victim) = self.rng.pick(&names) {
+                    fs::remove_file(victim).map_err(err("delete a lower file"))?;
+                }
+            }
+        }
+        for (p, data) in layer_files(&mut self.rng, &id) {
+            let path = m.path().join(&p);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(err("mkdir"))?;
+            }
+            fs::write(&path, data).map_err(err("write"))?;
+        }
+        m.unmount().map_err(err("unmount"))?;
+        let name = format!("l/{id}");
+        self.s
+            .commit(&name, &key, Labels::new())
+            .map_err(|e| format!("commit {name}: {e}"))?;
+        self.s
+            .tag(&format!("img/{id}"), &name)
+            .map_err(|e| format!("tag {name}: {e}"))?;
+        self.note(&format!("kept {name} {id}"))
+    }
+
+    /// apply_layer of a generated tar, tagged.
+    fn apply_layer(&mut self) -> Res<()> {
+        let id = format!("{}-{}", self.tag, self.n);
+        let parent = self.parent()?;
+        let mut b = tar::Builder::new(Vec::new());
+        let mut dirs = BTreeSet::new();
+        for (p, data) in layer_files(&mut self.rng, &id) {
+            if let Some((d, _)) = p.rsplit_once('/') {
+                if dirs.insert(d.to_string()) {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_uid(0);
+                    h.set_gid(0);
+                    h.set_size(0);
+                    h.set_mtime(1_600_000_000);
+                    b.append_data(&mut h, format!("{d}/"), std::io::empty())
+                        .map_err(err("tar"))?;
+                }
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(data.len() as u64);
+            h.set_mtime(1_600_000_000);
+            b.append_data(&mut h, &p, data.as_slice())
+                .map_err(err("tar"))?;
+        }
+        let bytes = b.into_inner().map_err(err("tar"))?;
+        let applied = match self
+            .s
+            .apply_layer(parent.as_deref(), None, None, &mut bytes.as_slice())
+        {
+            Ok(a) => a,
+            Err(e) if e.kind() == strata::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("apply-layer on {parent:?}: {e}")),
+        };
+        self.s
+            .tag(&format!("img/{id}"), &applied.name)
+            .map_err(|e| format!("tag {}: {e}", applied.name))?;
+        self.note(&format!("kept {} {id}", applied.name))
+    }
+
+    /// Untags an image, announcing first that its layer may go.
+    fn untag(&mut self) -> Res<()> {
+        let images = self.s.images().map_err(err("images"))?;
+        let Some((image, snapshot)) = self.rng.pick(&images).cloned() else {
+            return Ok(());
+        };
+        self.note(&format!("removing {snapshot}"))?;
+        match self.s.untag(&image) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == strata::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("untag {image}: {e}")),
+        }
+    }
+
+    /// Removes the Active snapshots and Views killed workers left behind.
+    fn remove_leftovers(&mut self) -> Res<()> {
+        for info in self
+            .s
+            .list(&["kind==active", "kind==view"])
+            .map_err(err("list"))?
+        {
+            match self.s.remove(&info.name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == strata::ErrorKind::NotFound => {}
+                // A child of a view? Views have none; an Active has none. In progress
+                // elsewhere: only one worker runs at a time, so this is a failure.
+                Err(e) => return Err(format!("remove {}: {e}", info.name)),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_op(&mut self, kind: u64) -> Res<()> {
+        let all = committed(self.s)?;
+        let Some(name) = self.rng.pick(&all).cloned() else {
+            return Ok(());
+        };
+        let r = match kind {
+            0 => self
+                .s
+                .diff(&name, &DiffOptions::default(), &mut std::io::sink())
+                .map(|_| ()),
+            _ => self.s.checksum(&name, &[], &[]).map(|_| ()),
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == strata::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("read {name}: {e}")),
+        }
+    }
+
+    fn export_import(&mut self) -> Res<()> {
+        let images = self.s.images().map_err(err("images"))?;
+        let Some((image, _)) = self.rng.pick(&images).cloned() else {
+            return Ok(());
+        };
+        let out = self.tmp.join(format!("export-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&out);
+        match self.s.export(&[&image], &out, &Default::default()) {
+            Ok(_) => {}
+            Err(e) if e.kind() == strata::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("export {image}: {e}")),
+        }
+        let r = self
+            .s
+            .import(&out, Some(&format!("imp/{}-{}", self.tag, self.n)))
+            .map_err(|e| format!("import {image}: {e}"));
+        let _ = fs::remove_dir_all(&out);
+        r.map(|_| ())
+    }
+
+    fn step(&mut self) -> Res<()> {
+        self.n += 1;
+        let kind = self.rng.below(100);
+        let what = match kind {
+            0..=39 => "build",
+            40..=54 => "apply-layer",
+            55..=64 => "untag",
+            65..=69 => "gc",
+            70..=79 => "diff",
+            80..=87 => "checksum",
+            88..=93 => "export-import",
+            _ => "leftovers",
+        };
+        self.note(&format!("op {} {what}", self.n))?;
+        match what {
+            "build" => self.build(),
+            "apply-layer" => self.apply_layer(),
+            "untag" => self.untag(),
+            "gc" => self.s.gc(false).map(|_| ()).map_err(err("gc")),
+            "diff" => self.read_op(0),
+            "checksum" => self.read_op(1),
+            "export-import" => self.export_import(),
+            _ => self.remove_leftovers(),
+        }
+    }
+}
+
+fn worker(a: &Args) -> Res<()> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(&a.root))
+        .map_err(err("open the log"))?;
+    let s = open(&a.backend, &a.root, a.durable)?;
+    let tmp = a.root.join("tmp");
+    fs::create_dir_all(&tmp).map_err(err("create tmp"))?;
+    let mut w = Worker {
+        s: &*s,
+        rng: Rng(a.seed),
+        log,
+        tag: format!("{}", a.seed),
+        tmp,
+        n: 0,
+    };
+    w.note(&format!("start {}", a.seed))?;
+    loop {
+        if a.ops.is_some_and(|n| w.n >= n) {
+            break;
+        }
+        w.step()?;
+    }
+    w.remove_leftovers()?;
+    w.note("done")?;
+    drop(w);
+    s.close().map_err(err("close"))
+}
+
+/// What the log says, over every round so far.
+#[derive(Default)]
+struct Log {
+    /// Layers reported kept: name → manifest id.
+    kept: BTreeMap<String, String>,
+    /// Layers a worker said it might let go.
+    let_go: BTreeSet<String>,
+    ops: u64,
+}
+
+fn read_log(root: &Path) -> Res<Log> {
+    let mut text = String::new();
+    if let Ok(mut f) = fs::File::open(log_path(root)) {
+        f.read_to_string(&mut text).map_err(err("read the log"))?;
+    }
+    let mut l = Log::default();
+    for line in text.lines() {
+        let mut w = line.split(' ');
+        match (w.next(), w.next(), w.next()) {
+            (Some("kept"), Some(name), Some(id)) => {
+                l.kept.insert(name.to_string(), id.to_string());
+                l.let_go.remove(name);
+            }
+            (Some("removing"), Some(name), _) => {
+                l.let_go.insert(name.to_string());
+            }
+            (Some("op"), _, _) => l.ops += 1,
+            _ => {}
+        }
+    }
+    Ok(l)
+}
+
+/// Checks a committed layer's manifest through a View: every file it lists, with its hash.
+fn check_manifest(s: &dyn AnyStore, tmp: &Path, name: &str, id: &str) -> Res<()> {
+    let key = format!("check/{id}");
+    let mounts = s
+        .view(&key, Some(name), Labels::new())
+        .map_err(|e| format!("view {name}: {e}"))?;
+    let result = (|| {
+        let m = TempMount::new_in(tmp, &mounts).map_err(err("mount a view"))?;
+        let manifest = fs::read_to_string(m.path().join(manifest_name(id)))
+            .map_err(|e| format!("layer {name} has no manifest {}: {e}", manifest_name(id)))?;
+        for line in manifest.lines() {
+            let (sha, path) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("layer {name}: bad manifest line {line:?}"))?;
+            let data =
+                fs::read(m.path().join(path)).map_err(|e| format!("layer {name}: {path}: {e}"))?;
+            if sha_hex(&data) != sha {
+                return Err(format!(
+                    "layer {name}: {path} holds other bytes than were written ({} bytes)",
+                    data.len()
+                ));
+            }
+        }
+        m.unmount().map_err(err("unmount a view"))
+    })();
+    s.remove(&key).map_err(|e| format!("remove {key}: {e}"))?;
+    result
+}
+
+/// The checks after a kill (see the module docs). `checked`: layers whose content was
+/// already checked (committed layers never change).
+fn check(a: &Args, checked: &mut BTreeSet<String>) -> Res<(usize, usize)> {
+    let s = open(&a.backend, &a.root, a.durable)?;
+    let report = s.fsck(false).map_err(err("fsck"))?;
+    if !report.is_clean() {
+        return Err(format!("fsck after recovery is not clean: {report:?}"));
+    }
+    let log = read_log(&a.root)?;
+    let mut lost = Vec::new();
+    for name in log.kept.keys().filter(|n| !log.let_go.contains(*n)) {
+        match s.stat(name) {
+            Ok(i) if i.kind == Kind::Committed => {}
+            Ok(i) => lost.push(format!("{name} is {}", i.kind)),
+            Err(e) => lost.push(format!("{name}: {e}")),
+        }
+    }
+    if !lost.is_empty() {
+        return Err(format!("layers reported kept are gone: {lost:?}"));
+    }
+    // Every committed layer a worker made, reported or not: its content is what was
+    // written (its manifest id is in its name, or in the log for apply-layer's chainIDs).
+    let tmp = a.root.join("tmp");
+    fs::create_dir_all(&tmp).map_err(err("create tmp"))?;
+    let mut new = 0;
+    let ids: BTreeMap<&String, &String> = log.kept.iter().collect();
+    for name in committed(&*s)? {
+        if checked.contains(&name) {
+            continue;
+        }
+        let id = match name.strip_prefix("l/") {
+            Some(id) => id.to_string(),
+            None => match ids.get(&name) {
+                Some(id) => id.to_string(),
+                // An applied layer whose worker died before logging it: its recorded
+                // content checksum is verified below.
+                None => String::new(),
+            },
+        };
+        if !id.is_empty() {
+            check_manifest(&*s, &tmp, &name, &id)?;
+        }
+        let v = s
+            .verify(&[&name])
+            .map_err(|e| format!("verify {name}: {e}"))?;
+        if !v.damaged.is_empty() {
+            return Err(format!("verify found damaged layers: {:?}", v.damaged));
+        }
+        checked.insert(name);
+        new += 1;
+    }
+    s.close().map_err(err("close"))?;
+    Ok((log.kept.len(), new))
+}
+
+fn crash(a: &Args) -> Res<()> {
+    let exe = std::env::current_exe().map_err(err("current exe"))?;
+    let mut rng = Rng(a.seed ^ 0x5eed);
+    let mut checked = BTreeSet::new();
+    let started = Instant::now();
+    let mut killed_running = 0;
+    for round in 0..a.kills {
+        let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(round);
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "worker",
+            "--backend",
+            &a.backend,
+            "--seed",
+            &seed.to_string(),
+        ])
+        .arg("--root")
+        .arg(&a.root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        if !a.durable {
+            cmd.arg("--no-sync");
+        }
+        // Its own process group: nothing it starts outlives the kill.
+        cmd.process_group(0);
+        let mut child = cmd.spawn().map_err(err("spawn a worker"))?;
+        let wait = 10 + rng.below(a.max_ms - 10);
+        std::thread::sleep(Duration::from_millis(wait));
+        let _ = child.kill();
+        let out = child
+            .wait_with_output()
+            .map_err(err("wait for the worker"))?;
+        if out.status.code().is_some() {
+            // It finished (or failed) before the kill.
+            return Err(format!(
+                "round {round}: the worker exited before the kill: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        killed_running += 1;
+        check(a, &mut checked).map_err(|e| format!("round {round} (seed {seed}): {e}"))?;
+    }
+    // Afterwards everything works: a worker runs to the end.
+    let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(a.kills);
+    let mut cmd = Command::new(&exe);
+    cmd.args([
+        "worker",
+        "--backend",
+        &a.backend,
+        "--seed",
+        &seed.to_string(),
+    ])
+    .arg("--root")
+    .arg(&a.root)
+    .args(["--ops", "40"]);
+    if !a.durable {
+        cmd.arg("--no-sync");
+    }
+    let out = cmd.output().map_err(err("run the last worker"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the worker after the last kill failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let (kept, _) = check(a, &mut checked)?;
+    // Nothing left mounted from the store, by the workers or by the checks.
+    let root = fs::canonicalize(&a.root).map_err(err("resolve the root"))?;
+    let leaked: Vec<PathBuf> = strata::mount::list_mounts()
+        .map_err(err("read the mount table"))?
+        .into_iter()
+        .filter(|m| m.target.starts_with(&root))
+        .map(|m| m.target)
+        .collect();
+    if !leaked.is_empty() {
+        return Err(format!("mounts left under the root: {leaked:?}"));
+    }
+    let log = read_log(&a.root)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "campaign": "crash",
+            "backend": a.backend,
+            "durable": a.durable,
+            "seed": a.seed,
+            "kills": killed_running,
+            "operations_started": log.ops,
+            "layers_kept": kept,
+            "layers_checked": checked.len(),
+            "seconds": started.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let result = parse_args().and_then(|a| match a.mode.as_str() {
+        "crash" => crash(&a),
+        "worker" => worker(&a),
+        other => Err(format!("unknown mode {other:?}: crash or worker")),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata-stress: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
