@@ -5,7 +5,7 @@
 #![cfg(feature = "containerd")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -34,8 +34,23 @@ impl Server {
             child,
             socket: socket.to_path_buf(),
         };
+        // Listening means: the server's own socket is there (a stale one at that path is
+        // replaced: another file, though maybe with the inode number the stale one freed)
+        // and takes connections. Connecting alone could reach the stale socket while a child
+        // forked by another test thread, before its exec, still holds the listener it was
+        // made with.
+        let identity = || {
+            std::fs::symlink_metadata(socket)
+                .ok()
+                .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
+        };
+        let stale = identity();
+        let listening = || {
+            let now = identity();
+            now.is_some() && now != stale && UnixStream::connect(socket).is_ok()
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(socket).is_err() {
+        while !listening() {
             if let Some(status) = s.child.try_wait().unwrap() {
                 panic!("strata serve exited with {status} before listening");
             }
