@@ -119,7 +119,7 @@ pub enum Error {
     Closed,
 
     /// A backend operation failed.
-    #[error("snapshot {key:?}: {op} failed in the {backend} backend: {source}")]
+    #[error("snapshot {key:?}: {op} failed in the {backend} backend: {source}{}", full_hint(&**.source))]
     Backend {
         /// The snapshot concerned.
         key: String,
@@ -135,7 +135,7 @@ pub enum Error {
     },
 
     /// The metadata database failed.
-    #[error("metadata database {path}: {context}: {source}")]
+    #[error("metadata database {path}: {context}: {source}{}", full_hint(.source))]
     Metadata {
         /// The database file.
         path: PathBuf,
@@ -156,7 +156,7 @@ pub enum Error {
     },
 
     /// Mounting failed.
-    #[error("mount {mount} on {target}: {source}")]
+    #[error("mount {mount} on {target}: {source}{}", full_hint(.source))]
     Mount {
         /// The mount point.
         target: PathBuf,
@@ -168,7 +168,7 @@ pub enum Error {
     },
 
     /// A file-system operation on a path failed.
-    #[error("{path}: {context}: {source}")]
+    #[error("{path}: {context}: {source}{}", full_hint(.source))]
     Io {
         /// The path concerned.
         path: PathBuf,
@@ -178,6 +178,49 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Whether `e` or what caused it says the disk is full: ENOSPC, EDQUOT, SQLite's "database
+/// or disk is full".
+fn chain_is_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        let full = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|c| {
+                c == rustix::io::Errno::NOSPC.raw_os_error()
+                    || c == rustix::io::Errno::DQUOT.raw_os_error()
+            })
+            || e.downcast_ref::<rusqlite::Error>()
+                .is_some_and(|e| e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull));
+        if full {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// What to do when `e` says the disk is full; empty otherwise.
+fn full_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    if chain_is_full(e) {
+        "; the file system holding the store is full: remove what is not needed (strata remove, strata gc) or give it more space, then try again"
+    } else {
+        ""
+    }
+}
+
+impl Error {
+    /// Whether the error comes from a full disk (or quota).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Error::Io { source, .. } | Error::Mount { source, .. } => chain_is_full(source),
+            Error::Metadata { source, .. } => chain_is_full(source),
+            Error::Backend { source, .. } => chain_is_full(&**source),
+            _ => false,
+        }
+    }
 }
 
 fn hint_suffix(hint: &str) -> String {
@@ -272,3 +315,41 @@ impl Error {
 
 /// The result type of the `strata` crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("write {0}")]
+    struct Wrapped(#[source] std::io::Error);
+    impl BackendError for Wrapped {}
+
+    #[test]
+    fn a_full_disk_says_what_to_do_wherever_it_is_in_the_chain() {
+        let full = || std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        let direct = Error::io("/s/snapshots/3/fs/f", "write the file", full()).to_string();
+        assert!(
+            direct.contains("/s/snapshots/3/fs/f") && direct.contains("strata gc"),
+            "{direct}"
+        );
+        let backend = Error::backend("k", "commit", "overlay", Wrapped(full())).to_string();
+        assert!(
+            backend.contains("\"k\"") && backend.contains("is full"),
+            "{backend}"
+        );
+        let sqlite = Error::Metadata {
+            path: "/s/metadata.db".into(),
+            context: "commit".into(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                None,
+            ),
+        }
+        .to_string();
+        assert!(sqlite.contains("is full"), "{sqlite}");
+        // Other failures get no such advice.
+        let eio = Error::io("/s/x", "read", std::io::Error::from_raw_os_error(5)).to_string();
+        assert!(!eio.contains("full"), "{eio}");
+    }
+}
