@@ -39,6 +39,7 @@ mod flats;
 mod images;
 mod layers;
 mod recovery;
+mod reserve;
 mod tracker;
 
 pub use flats::FlattenedLower;
@@ -248,6 +249,7 @@ impl<B: Backend> Store<B> {
             }
             store.remove_dead_owner_files();
         }
+        store.keep_reserve();
         Ok(store)
     }
 
@@ -317,6 +319,8 @@ impl<B: Backend> Store<B> {
             ));
         }
 
+        // A reserve given back to a full disk is taken again once there is room.
+        self.keep_reserve();
         // Storage the backend can make again from the row is not synced (see
         // Backend::fresh_is_rebuildable); recovery rebuilds it if a power loss takes it.
         let rebuildable = kind != Kind::Committed && self.backend.fresh_is_rebuildable();
@@ -764,7 +768,8 @@ impl<B: Backend> Snapshotter for Store<B> {
 
     fn remove(&self, key: &str) -> Result<()> {
         check_key("key", key)?;
-        let (id, seq, spares) = self.with_meta(|m| {
+        // On a full disk, the reserve makes room for this metadata write.
+        let (id, seq, spares) = self.freeing(|| self.with_meta(|m| {
             let tx = m.write(key)?;
             let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
             if tx.has_children(row.id)? {
@@ -799,7 +804,7 @@ impl<B: Backend> Snapshotter for Store<B> {
             };
             tx.commit()?;
             Ok((row.id, seq, spares))
-        })?;
+        }))?;
         if let Some(seq) = seq {
             failpoint("remove-before-backend");
             self.backend
@@ -812,10 +817,12 @@ impl<B: Backend> Snapshotter for Store<B> {
                 }
             }
             failpoint("remove-after-backend");
-            self.with_meta(|m| {
-                let tx = m.write(key)?;
-                tx.journal_remove(seq)?;
-                tx.commit()
+            self.freeing(|| {
+                self.with_meta(|m| {
+                    let tx = m.write(key)?;
+                    tx.journal_remove(seq)?;
+                    tx.commit()
+                })
             })?;
         }
         Ok(())

@@ -97,15 +97,17 @@ impl<B: Backend> Store<B> {
     /// Deletes image `name`; its layers stay until gc finds nothing else holds them.
     pub fn untag(&self, name: &str) -> Result<()> {
         check_key("image", name)?;
-        self.with_meta(|m| {
-            let tx = m.write(name)?;
-            if !tx.delete_image(name)? {
-                return Err(Error::NotFound {
-                    key: name.into(),
-                    hint: "no such image".into(),
-                });
-            }
-            tx.commit()
+        self.freeing(|| {
+            self.with_meta(|m| {
+                let tx = m.write(name)?;
+                if !tx.delete_image(name)? {
+                    return Err(Error::NotFound {
+                        key: name.into(),
+                        hint: "no such image".into(),
+                    });
+                }
+                tx.commit()
+            })
         })
     }
 
@@ -209,20 +211,22 @@ impl<B: Backend> Store<B> {
             Ok(names)
         })?;
         for (id, key) in candidates {
-            let removed = self.with_meta(|m| {
-                let tx = m.write(&key)?;
-                // Re-check: something may have taken hold of it since the scan.
-                let row = tx.row_by_id(id)?;
-                let still = matches!(&row, Some(r) if r.kind == Kind::Committed && r.key == key)
-                    && !tx.has_children(id)?
-                    && tx.pending_op(id)?.is_none()
-                    && tx.holder(id, now)?.is_none()
-                    && !tx.is_gc_root(id)?;
-                if still {
-                    tx.delete(id)?;
-                    tx.commit()?;
-                }
-                Ok(still)
+            let removed = self.freeing(|| {
+                self.with_meta(|m| {
+                    let tx = m.write(&key)?;
+                    // Re-check: something may have taken hold of it since the scan.
+                    let row = tx.row_by_id(id)?;
+                    let still = matches!(&row, Some(r) if r.kind == Kind::Committed && r.key == key)
+                        && !tx.has_children(id)?
+                        && tx.pending_op(id)?.is_none()
+                        && tx.holder(id, now)?.is_none()
+                        && !tx.is_gc_root(id)?;
+                    if still {
+                        tx.delete(id)?;
+                        tx.commit()?;
+                    }
+                    Ok(still)
+                })
             });
             match removed {
                 Ok(true) => report.removed.push(key),
@@ -248,6 +252,8 @@ impl<B: Backend> Store<B> {
             Ok(n) => report.blobs = n,
             Err(e) => report.failed.push(("content store".into(), e.to_string())),
         }
+        // Given back to a full disk by a remove? Taken again if there is room now.
+        self.keep_reserve();
         Ok(report)
     }
 }
