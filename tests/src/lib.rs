@@ -30,7 +30,7 @@ pub use compare::{
 pub use dmpool::{delete_behind_the_stores_back, pool_has_thin, with_layer_mounted, DevmapperPool};
 pub use fstest::{apply, Op};
 pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
-pub use loopfs::{run_ok, LoopBtrfs};
+pub use loopfs::{run_ok, LoopBtrfs, LoopFs};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
 

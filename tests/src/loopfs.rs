@@ -1,11 +1,12 @@
-//! A loop-backed btrfs filesystem a test makes for itself: a sparse image file, a loop device
-//! attached for it, `mkfs.btrfs`, a mount — and on drop exactly those undone, in reverse.
+//! A loop-backed filesystem (btrfs or ext4) a test makes for itself: a sparse image file, a
+//! loop device attached for it, `mkfs`, a mount — and on drop exactly those undone, in
+//! reverse.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A btrfs filesystem mounted on a directory, backed by a loop device and a sparse file.
-pub struct LoopBtrfs {
+/// A filesystem mounted on a directory, backed by a loop device and a sparse file.
+pub struct LoopFs {
     mountpoint: PathBuf,
     image: PathBuf,
     device: String,
@@ -26,11 +27,23 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-impl LoopBtrfs {
+/// The loop-backed btrfs most tests make ([`LoopFs::mount_at`]).
+pub type LoopBtrfs = LoopFs;
+
+impl LoopFs {
     /// Makes a `size`-byte btrfs (sparse image beside `mountpoint`) and mounts it there.
-    pub fn mount_at(mountpoint: &Path, size: u64) -> LoopBtrfs {
+    pub fn mount_at(mountpoint: &Path, size: u64) -> LoopFs {
+        LoopFs::make(mountpoint, size, "btrfs", &["mkfs.btrfs", "-q"])
+    }
+
+    /// Makes a `size`-byte ext4 (sparse image beside `mountpoint`) and mounts it there.
+    pub fn ext4_at(mountpoint: &Path, size: u64) -> LoopFs {
+        LoopFs::make(mountpoint, size, "ext4", &["mkfs.ext4", "-q", "-F"])
+    }
+
+    fn make(mountpoint: &Path, size: u64, kind: &str, mkfs: &[&str]) -> LoopFs {
         std::fs::create_dir_all(mountpoint).unwrap();
-        let image = mountpoint.with_extension("btrfs.img");
+        let image = mountpoint.with_extension(format!("{kind}.img"));
         let f = std::fs::File::create(&image).unwrap();
         f.set_len(size).unwrap();
         drop(f);
@@ -41,12 +54,12 @@ impl LoopBtrfs {
         )
         .trim()
         .to_string();
-        let fs = LoopBtrfs {
+        let fs = LoopFs {
             mountpoint: mountpoint.to_path_buf(),
             image,
             device,
         };
-        run_ok(Command::new("mkfs.btrfs").arg("-q").arg(&fs.device));
+        run_ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&fs.device));
         run_ok(Command::new("mount").arg(&fs.device).arg(&fs.mountpoint));
         fs
     }
@@ -56,8 +69,8 @@ impl LoopBtrfs {
         &self.mountpoint
     }
 
-    /// How many transactions the filesystem has committed since it was mounted (the
-    /// kernel's `commit_stats`).
+    /// How many transactions the btrfs has committed since it was mounted (the kernel's
+    /// `commit_stats`).
     pub fn commits(&self) -> u64 {
         let uuid = run_ok(
             Command::new("blkid")
@@ -74,7 +87,7 @@ impl LoopBtrfs {
     }
 }
 
-impl Drop for LoopBtrfs {
+impl Drop for LoopFs {
     fn drop(&mut self) {
         // Busy for a moment when a child process still held a descriptor into it.
         let umount = |lazy: bool| {

@@ -2,7 +2,8 @@
 //! backend at random moments of a random mix of operations, each followed by the checks of
 //! `tests/src/bin/strata-stress.rs` (fsck clean after recovery, nothing reported kept lost,
 //! every committed layer holding exactly what was written, everything working afterwards).
-//! The long runs (1000 kills and more) are the commands in RELIABILITY.md.
+//! Then the full-disk campaign, one round of each operation per backend. The long runs
+//! (1000 kills and more, 40 full-disk rounds) are the commands in RELIABILITY.md.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -66,4 +67,64 @@ fn crash_campaign_on_btrfs() {
     let tmp = tempfile::tempdir().unwrap();
     let fs = strata_tests::LoopBtrfs::mount_at(&tmp.path().join("btrfs"), 1 << 30);
     campaign("btrfs", &fs.path().join("root"), "13");
+}
+
+/// The full-disk campaign, one round of each operation: each fails saying the disk is full
+/// (or succeeds), keeps what was kept, leaks nothing, and the space comes back.
+fn full_disk(backend: &str, mountpoint: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_strata-stress"))
+        .args([
+            "enospc",
+            "--backend",
+            backend,
+            "--rounds",
+            "4",
+            "--size",
+            "64",
+        ])
+        .arg("--root")
+        .arg(mountpoint)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{backend}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{summary}");
+    let outcomes = summary["outcomes"].as_object().unwrap();
+    assert_eq!(outcomes.len(), 4, "{summary}");
+    // apply-layer, copy and import bring more than there is room for.
+    for op in ["apply-layer", "copy", "import"] {
+        assert_eq!(outcomes[op]["failed_full"], 1, "{op}: {summary}");
+    }
+}
+
+#[test]
+fn full_disk_on_native() {
+    if !require_privileged("a full ext4 under native") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    full_disk("native", &tmp.path().join("fs"));
+}
+
+#[test]
+fn full_disk_on_overlay() {
+    if !require_privileged("a full ext4 under overlay") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    full_disk("overlay", &tmp.path().join("fs"));
+}
+
+#[cfg(feature = "btrfs")]
+#[test]
+fn full_disk_on_btrfs() {
+    if !require_privileged("a full btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    full_disk("btrfs", &tmp.path().join("fs"));
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! strata-stress crash --backend overlay|native|btrfs --root DIR [--kills N] [--seed S]
 //!                     [--max-ms M] [--no-sync]
+//! strata-stress enospc --backend overlay|native|btrfs --root DIR [--rounds N] [--size MIB]
 //! ```
 //!
 //! **Crash campaign.** `N` times: a worker process (this program, `worker` mode) runs a random
@@ -24,6 +25,16 @@
 //!
 //! Each worker appends what it did to `DIR.log` (a SIGKILL loses no completed `write`).
 //! Prints a JSON summary; exits 1 on the first violation, naming it.
+//!
+//! **Full disk.** On a file system of its own (`--size` MiB, default 96: ext4 on a loop device
+//! for native and overlay, btrfs — at least 160 MiB — for btrfs, mounted on `DIR`), a store gets a few small kept
+//! layers, a layer with a 12 MiB file and an OCI layout (outside the file system) of an image
+//! with a 24 MiB layer. Each round fills the file system with an Active snapshot's files to
+//! within 2 MiB, then runs one of: apply a 24 MiB layer, copy the 12 MiB file into a new
+//! Active snapshot, import the layout, write into a new Active snapshot and commit it. Each
+//! must succeed or fail with an error that says the disk is full; then the kept layers hold
+//! what they held, `fsck` is clean after `cleanup`, and once the round's snapshots are removed
+//! and `gc` ran the free space is back (within 4 MiB of what it was).
 //!
 //! The random numbers are a splitmix64 sequence from `--seed` (and the round), so a failing
 //! round can be replayed; no dependency for twenty lines.
@@ -96,6 +107,8 @@ struct Args {
     max_ms: u64,
     ops: Option<u64>,
     durable: bool,
+    rounds: u64,
+    size_mib: u64,
 }
 
 fn parse_args() -> Res<Args> {
@@ -112,6 +125,8 @@ fn parse_args() -> Res<Args> {
         max_ms: 400,
         ops: None,
         durable: true,
+        rounds: 12,
+        size_mib: 96,
     };
     while let Some(flag) = it.next() {
         if flag == "--no-sync" {
@@ -127,6 +142,8 @@ fn parse_args() -> Res<Args> {
             "--seed" => a.seed = num()?,
             "--max-ms" => a.max_ms = num()?.max(11),
             "--ops" => a.ops = Some(num()?),
+            "--rounds" => a.rounds = num()?,
+            "--size" => a.size_mib = num()?.max(48),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -460,8 +477,12 @@ struct Log {
 }
 
 fn read_log(root: &Path) -> Res<Log> {
+    read_log_file(&log_path(root))
+}
+
+fn read_log_file(path: &Path) -> Res<Log> {
     let mut text = String::new();
-    if let Ok(mut f) = fs::File::open(log_path(root)) {
+    if let Ok(mut f) = fs::File::open(path) {
         f.read_to_string(&mut text).map_err(err("read the log"))?;
     }
     let mut l = Log::default();
@@ -661,11 +682,245 @@ fn crash(a: &Args) -> Res<()> {
     Ok(())
 }
 
+/// Bytes free for an unprivileged writer on the file system of `p`.
+fn free_bytes(p: &Path) -> Res<u64> {
+    let st = rustix::fs::statvfs(p).map_err(err("statvfs"))?;
+    Ok(st.f_bavail * st.f_frsize)
+}
+
+/// Whether an error says the disk is full.
+fn says_full(e: &str) -> bool {
+    let e = e.to_lowercase();
+    e.contains("space") || e.contains("full")
+}
+
+/// Writes 1 MiB files into `dir` until fewer than `leave` bytes are free (or the disk is
+/// full); returns how many.
+fn fill(dir: &Path, leave: u64, rng: &mut Rng) -> Res<usize> {
+    let chunk = rng.bytes(1 << 20);
+    let mut n = 0;
+    while free_bytes(dir)? > leave + (1 << 20) {
+        match fs::write(dir.join(format!("fill-{n}")), &chunk) {
+            Ok(()) => n += 1,
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => return Err(format!("fill: {e}")),
+        }
+    }
+    Ok(n)
+}
+
+fn enospc(a: &Args) -> Res<()> {
+    // mkfs.btrfs refuses less than 109 MiB, and a small btrfs gives much of itself to
+    // metadata (kept twice).
+    let size_mib = match a.backend.as_str() {
+        "btrfs" => a.size_mib.max(160),
+        _ => a.size_mib,
+    };
+    let size = size_mib << 20;
+    let fs_guard = match a.backend.as_str() {
+        "btrfs" => strata_tests::LoopFs::mount_at(&a.root, size),
+        _ => strata_tests::LoopFs::ext4_at(&a.root, size),
+    };
+    let root = fs_guard.path().join("store");
+    let outside = a.root.with_extension("outside");
+    let _ = fs::remove_dir_all(&outside);
+    fs::create_dir_all(&outside).map_err(err("create the outside directory"))?;
+    let started = Instant::now();
+    let result = (|| {
+        let s = open(&a.backend, &root, a.durable)?;
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(err("create tmp"))?;
+        let log = fs::File::create(outside.join("log")).map_err(err("create the log"))?;
+        let mut w = Worker {
+            s: &*s,
+            rng: Rng(a.seed),
+            log,
+            tag: format!("{}", a.seed),
+            tmp: tmp.clone(),
+            n: 0,
+        };
+        // Kept layers with manifests.
+        for _ in 0..3 {
+            w.n += 1;
+            w.build()?;
+            w.n += 1;
+            w.apply_layer()?;
+        }
+        let big12 = w.rng.bytes(12 << 20);
+        let big24 = w.rng.bytes(24 << 20);
+        let source = {
+            let m = s
+                .prepare("source-a", None, Labels::new())
+                .map_err(err("prepare"))?;
+            let t = TempMount::new_in(&tmp, &m).map_err(err("mount"))?;
+            fs::write(t.path().join("big"), &big12).map_err(err("write"))?;
+            t.unmount().map_err(err("unmount"))?;
+            s.commit("source", "source-a", Labels::new())
+                .map_err(err("commit"))?;
+            s.tag("img/source", "source").map_err(err("tag"))?;
+            "source"
+        };
+        let tar24 = {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_size(big24.len() as u64);
+            h.set_mtime(1_600_000_000);
+            b.append_data(&mut h, "big24", big24.as_slice())
+                .map_err(err("tar"))?;
+            b.into_inner().map_err(err("tar"))?
+        };
+        // The layout to import: exported while there is room, then let go.
+        let big_image = s
+            .apply_layer(None, None, None, &mut tar24.as_slice())
+            .map_err(err("apply the big layer"))?;
+        s.tag("img/big", &big_image.name).map_err(err("tag"))?;
+        let layout = outside.join("layout");
+        s.export(&["img/big"], &layout, &Default::default())
+            .map_err(err("export"))?;
+        s.untag("img/big").map_err(err("untag"))?;
+        s.gc(false).map_err(err("gc"))?;
+        s.cleanup().map_err(err("cleanup"))?;
+        let kept = read_log_file(&outside.join("log"))?.kept;
+        let free0 = free_bytes(&root)?;
+
+        let mut outcomes: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        let mut messages = BTreeSet::new();
+        for round in 0..a.rounds {
+            let filler = format!("filler-{round}");
+            let m = s
+                .prepare(&filler, None, Labels::new())
+                .map_err(err("prepare the filler"))?;
+            let t = TempMount::new_in(&tmp, &m).map_err(err("mount the filler"))?;
+            fill(t.path(), 2 << 20, &mut w.rng)?;
+            t.unmount()
+                .map_err(|e| format!("unmount the filler: {e}"))?;
+            let op = ["apply-layer", "copy", "import", "commit"][(round % 4) as usize];
+            let key = format!("r/{round}");
+            let r: Result<(), String> = match op {
+                "apply-layer" => s
+                    .apply_layer(Some(source), None, None, &mut tar24.as_slice())
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                "copy" => s
+                    .prepare(&key, None, Labels::new())
+                    .and_then(|_| {
+                        s.copy(source, &["/big"], &key, "/big", &Default::default())
+                            .map(|_| ())
+                    })
+                    .map_err(|e| e.to_string()),
+                "import" => s
+                    .import(&layout, Some(&format!("imp/{round}")))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                _ => (|| {
+                    let m = s
+                        .prepare(&key, Some(source), Labels::new())
+                        .map_err(|e| e.to_string())?;
+                    let t = TempMount::new_in(&tmp, &m).map_err(|e| e.to_string())?;
+                    // A build step that runs out of space, as builds do; what it could
+                    // write is committed or the commit fails cleanly.
+                    let _ = fs::write(t.path().join("more"), &big12);
+                    t.unmount().map_err(|e| e.to_string())?;
+                    s.commit(&format!("c/{round}"), &key, Labels::new())
+                        .map_err(|e| e.to_string())
+                })(),
+            };
+            let entry = outcomes.entry(op).or_default();
+            match r {
+                Ok(()) => entry.0 += 1,
+                Err(e) if says_full(&e) => {
+                    entry.1 += 1;
+                    messages.insert(format!("{op}: {e}"));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "round {round}, {op}: an error that does not say the disk is full: {e}"
+                    ))
+                }
+            }
+            // The round's snapshots go, while the disk is still full: the store stays usable.
+            for info in s.list(&[]).map_err(err("list"))? {
+                let n = info.name.as_str();
+                if n.starts_with("filler-") || n.starts_with("r/") || n.starts_with("c/") {
+                    s.remove(n)
+                        .map_err(|e| format!("round {round}, {op}, after: remove {n}: {e}"))?;
+                }
+            }
+            for (image, _) in s.images().map_err(err("images"))? {
+                if image.starts_with("imp/") {
+                    s.untag(&image).map_err(err("untag"))?;
+                }
+            }
+            s.gc(false).map_err(err("gc"))?;
+            s.cleanup().map_err(err("cleanup"))?;
+            // Nothing kept changed.
+            for (name, id) in &kept {
+                check_manifest(&*s, &tmp, name, id)
+                    .map_err(|e| format!("round {round}, {op}, after: {e}"))?;
+            }
+            s.cleanup().map_err(err("cleanup"))?;
+            let report = s.fsck(false).map_err(err("fsck"))?;
+            if !report.is_clean() {
+                return Err(format!(
+                    "round {round}, {op}: fsck is not clean: {report:?}"
+                ));
+            }
+            // btrfs gives a deleted subvolume's space back when its cleaner has run and
+            // a transaction committed: wait for that, as a user would see it a moment later.
+            if a.backend == "btrfs" {
+                for args in [&["subvolume", "sync"][..], &["filesystem", "sync"][..]] {
+                    let _ = Command::new("btrfs")
+                        .args(args)
+                        .arg(fs_guard.path())
+                        .stdout(Stdio::null())
+                        .status();
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut back = free_bytes(&root)?;
+            while back + (4 << 20) < free0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+                back = free_bytes(&root)?;
+            }
+            if back + (4 << 20) < free0 {
+                return Err(format!(
+                    "round {round}, {op}: {} MiB free after remove and gc, {} MiB before the round",
+                    back >> 20,
+                    free0 >> 20
+                ));
+            }
+        }
+        drop(w);
+        s.close().map_err(err("close"))?;
+        let failed_cleanly: u64 = outcomes.values().map(|o| o.1).sum();
+        if failed_cleanly == 0 {
+            return Err(format!("the disk never ran full: {outcomes:?}"));
+        }
+        Ok(serde_json::json!({
+            "campaign": "enospc",
+            "backend": a.backend,
+            "size_mib": size_mib,
+            "rounds": a.rounds,
+            "outcomes": outcomes.iter().map(|(op, (ok, full))| (op.to_string(), serde_json::json!({"succeeded": ok, "failed_full": full}))).collect::<serde_json::Map<_, _>>(),
+            "messages": messages,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))
+    })();
+    drop(fs_guard);
+    let _ = fs::remove_dir_all(&outside);
+    println!("{}", result?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let result = parse_args().and_then(|a| match a.mode.as_str() {
         "crash" => crash(&a),
         "worker" => worker(&a),
-        other => Err(format!("unknown mode {other:?}: crash or worker")),
+        "enospc" => enospc(&a),
+        other => Err(format!("unknown mode {other:?}: crash, enospc or worker")),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
