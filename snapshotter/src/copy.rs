@@ -797,7 +797,7 @@ fn set_path_xattrs(dir: BorrowedFd<'_>, name: &OsStr, xattrs: &[Xattr], at: &Pat
     Ok(())
 }
 
-fn times(st: &Stat) -> Timestamps {
+pub(crate) fn times(st: &Stat) -> Timestamps {
     Timestamps {
         last_access: Timespec {
             tv_sec: st.st_atime as _,

@@ -757,13 +757,13 @@ impl Drop for TempMount {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     /// Whether this process may mount; with `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot
     /// run fails instead of being skipped.
-    fn can_mount() -> bool {
+    pub(crate) fn can_mount() -> bool {
         let root = rustix::process::geteuid().is_root();
         let overlay = fs::read_to_string("/proc/filesystems")
             .unwrap_or_default()

@@ -14,30 +14,29 @@ use strata_tests::require_privileged;
 
 const KILLS: &str = "24";
 
-fn campaign(backend: &str, root: &Path, seed: &str) {
+/// Runs `strata-stress MODE --backend B --root ROOT ARGS...`; returns its JSON summary.
+fn stress(mode: &str, backend: &str, root: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_strata-stress"))
-        .args([
-            "crash",
-            "--backend",
-            backend,
-            "--kills",
-            KILLS,
-            "--seed",
-            seed,
-        ])
+        .args([mode, "--backend", backend])
         .arg("--root")
         .arg(root)
+        .args(args)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{backend}: {}",
+        "{mode} on {backend}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{summary}");
+    summary
+}
+
+fn campaign(backend: &str, root: &Path, seed: &str) {
+    let summary = stress("crash", backend, root, &["--kills", KILLS, "--seed", seed]);
     assert_eq!(summary["kills"], 24, "{summary}");
     assert!(summary["layers_checked"].as_u64().unwrap() > 0, "{summary}");
-    eprintln!("{summary}");
 }
 
 #[test]
@@ -72,27 +71,12 @@ fn crash_campaign_on_btrfs() {
 /// The full-disk campaign, one round of each operation: each fails saying the disk is full
 /// (or succeeds), keeps what was kept, leaks nothing, and the space comes back.
 fn full_disk(backend: &str, mountpoint: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_strata-stress"))
-        .args([
-            "enospc",
-            "--backend",
-            backend,
-            "--rounds",
-            "4",
-            "--size",
-            "64",
-        ])
-        .arg("--root")
-        .arg(mountpoint)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{backend}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let summary = stress(
+        "enospc",
+        backend,
+        mountpoint,
+        &["--rounds", "4", "--size", "64"],
     );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    eprintln!("{summary}");
     let outcomes = summary["outcomes"].as_object().unwrap();
     assert_eq!(outcomes.len(), 4, "{summary}");
     // apply-layer, copy and import bring more than there is room for.

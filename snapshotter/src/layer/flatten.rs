@@ -36,10 +36,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps, XattrFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, XattrFlags};
 use rustix::io::Errno;
 
-use crate::copy::fd_xattrs;
+use crate::copy::{fd_xattrs, times};
 use crate::error::{Error, Result};
 
 const OPAQUE: &str = "trusted.overlay.opaque";
@@ -322,19 +322,6 @@ impl Flattener<'_> {
         let st = rustix::fs::fstat(fd).map_err(|e| Error::io(at, "stat", e.into()))?;
         self.stats.bytes += u64::try_from(st.st_blocks).unwrap_or(0) * 512;
         Ok(())
-    }
-}
-
-fn times(st: &Stat) -> Timestamps {
-    Timestamps {
-        last_access: Timespec {
-            tv_sec: st.st_atime as _,
-            tv_nsec: st.st_atime_nsec as _,
-        },
-        last_modification: Timespec {
-            tv_sec: st.st_mtime as _,
-            tv_nsec: st.st_mtime_nsec as _,
-        },
     }
 }
 

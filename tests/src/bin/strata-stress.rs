@@ -587,6 +587,24 @@ fn check(a: &Args, checked: &mut BTreeSet<String>) -> Res<(usize, usize)> {
     Ok((log.kept.len(), new))
 }
 
+/// This program in worker mode on the campaign's store, with `seed`.
+fn worker_command(exe: &Path, a: &Args, seed: u64) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "worker",
+        "--backend",
+        &a.backend,
+        "--seed",
+        &seed.to_string(),
+    ])
+    .arg("--root")
+    .arg(&a.root);
+    if !a.durable {
+        cmd.arg("--no-sync");
+    }
+    cmd
+}
+
 fn crash(a: &Args) -> Res<()> {
     let exe = std::env::current_exe().map_err(err("current exe"))?;
     let mut rng = Rng(a.seed ^ 0x5eed);
@@ -595,21 +613,8 @@ fn crash(a: &Args) -> Res<()> {
     let mut killed_running = 0;
     for round in 0..a.kills {
         let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(round);
-        let mut cmd = Command::new(&exe);
-        cmd.args([
-            "worker",
-            "--backend",
-            &a.backend,
-            "--seed",
-            &seed.to_string(),
-        ])
-        .arg("--root")
-        .arg(&a.root)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        if !a.durable {
-            cmd.arg("--no-sync");
-        }
+        let mut cmd = worker_command(&exe, a, seed);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         // Its own process group: nothing it starts outlives the kill.
         cmd.process_group(0);
         let mut child = cmd.spawn().map_err(err("spawn a worker"))?;
@@ -631,20 +636,8 @@ fn crash(a: &Args) -> Res<()> {
     }
     // Afterwards everything works: a worker runs to the end.
     let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(a.kills);
-    let mut cmd = Command::new(&exe);
-    cmd.args([
-        "worker",
-        "--backend",
-        &a.backend,
-        "--seed",
-        &seed.to_string(),
-    ])
-    .arg("--root")
-    .arg(&a.root)
-    .args(["--ops", "40"]);
-    if !a.durable {
-        cmd.arg("--no-sync");
-    }
+    let mut cmd = worker_command(&exe, a, seed);
+    cmd.args(["--ops", "40"]);
     let out = cmd.output().map_err(err("run the last worker"))?;
     if !out.status.success() {
         return Err(format!(

@@ -9,22 +9,12 @@ use sha2::{Digest as _, Sha256};
 use super::*;
 use crate::mount::{mount_all, unmount};
 use crate::types::Mount;
+use rustix::fs::{Timespec, Timestamps};
 
-/// Whether this process may mount overlays and write trusted xattrs; with
-/// `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot run fails instead of being skipped.
+/// Whether this process may mount overlays and write trusted xattrs (root); with
+/// `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot fails instead.
 fn privileged() -> bool {
-    let root = rustix::process::geteuid().is_root();
-    let overlay = fs::read_to_string("/proc/filesystems")
-        .unwrap_or_default()
-        .contains("overlay");
-    if root && overlay {
-        return true;
-    }
-    if std::env::var("STRATA_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
-        panic!("this test needs root and overlayfs, and STRATA_REQUIRE_PRIVILEGED=1 forbids skipping it");
-    }
-    eprintln!("SKIPPED: needs root and overlayfs");
-    false
+    crate::mount::tests::can_mount()
 }
 
 fn set_xattr(p: &Path, name: &str, value: &[u8]) {
