@@ -613,17 +613,28 @@ impl Copier<'_> {
 
     /// Owner, then mode (the owner change clears setuid), extended attributes, then times.
     fn set_fd_attrs(&self, fd: &impl AsFd, st: &Stat, xattrs: &[Xattr], at: &Path) -> Result<()> {
-        let (uid, gid) = self.owner_of(st);
-        rustix::fs::fchown(fd, Some(uid), Some(gid))
-            .map_err(|e| Error::io(at, "set the owner", e.into()))?;
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(st.st_mode & 0o7777))
-            .map_err(|e| Error::io(at, "set the mode", e.into()))?;
-        for (k, v) in xattrs {
-            rustix::fs::fsetxattr(fd, OsStr::from_bytes(k), v, XattrFlags::empty())
-                .map_err(|e| Error::io(at, "set an extended attribute", e.into()))?;
-        }
-        rustix::fs::futimens(fd, &times(st)).map_err(|e| Error::io(at, "set the times", e.into()))
+        set_attrs(fd, self.owner_of(st), st, xattrs, at)
     }
+}
+
+/// Gives `fd` the owner `owner`, then the mode of `st` (an owner change clears set-id bits),
+/// `xattrs`, then the times of `st` (last: the other changes would move them).
+pub(crate) fn set_attrs(
+    fd: &impl AsFd,
+    (uid, gid): (Uid, Gid),
+    st: &Stat,
+    xattrs: &[Xattr],
+    at: &Path,
+) -> Result<()> {
+    rustix::fs::fchown(fd, Some(uid), Some(gid))
+        .map_err(|e| Error::io(at, "set the owner", e.into()))?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(st.st_mode & 0o7777))
+        .map_err(|e| Error::io(at, "set the mode", e.into()))?;
+    for (k, v) in xattrs {
+        rustix::fs::fsetxattr(fd, OsStr::from_bytes(k), v, XattrFlags::empty())
+            .map_err(|e| Error::io(at, "set an extended attribute", e.into()))?;
+    }
+    rustix::fs::futimens(fd, &times(st)).map_err(|e| Error::io(at, "set the times", e.into()))
 }
 
 /// Whether anything below the excluded directory `dir` (at `rel`) is included again by an

@@ -36,10 +36,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fd::{AsFd, OwnedFd};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, XattrFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
-use crate::copy::{fd_xattrs, times};
+use crate::copy::fd_xattrs;
 use crate::error::{Error, Result};
 
 const OPAQUE: &str = "trusted.overlay.opaque";
@@ -333,21 +333,13 @@ fn copy_dir_attrs(src: &OwnedFd, dst: &OwnedFd, at: &Path) -> Result<()> {
     set_attrs(dst, &st, &xattrs, at)
 }
 
-/// Owner, then mode (a change of owner clears set-id bits), extended attributes, times.
+/// The owner, mode, extended attributes and times of `st` on `fd`.
 fn set_attrs(fd: &OwnedFd, st: &Stat, xattrs: &[(Vec<u8>, Vec<u8>)], at: &Path) -> Result<()> {
-    rustix::fs::fchown(
-        fd,
-        Some(rustix::fs::Uid::from_raw(st.st_uid)),
-        Some(rustix::fs::Gid::from_raw(st.st_gid)),
-    )
-    .map_err(|e| Error::io(at, "set the owner", e.into()))?;
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(st.st_mode & 0o7777))
-        .map_err(|e| Error::io(at, "set the mode", e.into()))?;
-    for (k, v) in xattrs {
-        rustix::fs::fsetxattr(fd, OsStr::from_bytes(k), v, XattrFlags::empty())
-            .map_err(|e| Error::io(at, "set an extended attribute", e.into()))?;
-    }
-    rustix::fs::futimens(fd, &times(st)).map_err(|e| Error::io(at, "set the times", e.into()))
+    let owner = (
+        rustix::fs::Uid::from_raw(st.st_uid),
+        rustix::fs::Gid::from_raw(st.st_gid),
+    );
+    crate::copy::set_attrs(fd, owner, st, xattrs, at)
 }
 
 /// Copies the regular file `name` of `dir` (at `at`) to `dest`, with its owner, mode,

@@ -9,7 +9,7 @@ use sha2::{Digest as _, Sha256};
 use super::*;
 use crate::mount::{mount_all, unmount};
 use crate::types::Mount;
-use rustix::fs::{Timespec, Timestamps};
+use rustix::fs::{Timespec, Timestamps, XattrFlags};
 
 /// Whether this process may mount overlays and write trusted xattrs (root); with
 /// `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot fails instead.
