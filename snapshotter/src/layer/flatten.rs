@@ -41,6 +41,7 @@ use rustix::io::Errno;
 
 use crate::copy::fd_xattrs;
 use crate::error::{Error, Result};
+use crate::layer::apply::upper::{child_key, open_dir};
 
 const OPAQUE: &str = "trusted.overlay.opaque";
 const REDIRECT: &str = "trusted.overlay.redirect";
@@ -112,24 +113,6 @@ fn open_dir_path(p: &Path) -> rustix::io::Result<OwnedFd> {
         OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
-}
-
-fn open_dir_at<Fd: AsFd>(dir: Fd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-fn rel_join(rel: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut r = rel.to_vec();
-    if !r.is_empty() {
-        r.push(b'/');
-    }
-    r.extend_from_slice(name);
-    r
 }
 
 fn under(base: &Path, rel: &[u8]) -> PathBuf {
@@ -213,7 +196,7 @@ impl Flattener<'_> {
                     ft == FileType::CharacterDevice && st.is_some_and(|s| s.st_rdev == 0);
                 let opaque = match ft {
                     FileType::Directory => {
-                        let sub = open_dir_at(&dir, name_os)
+                        let sub = open_dir(&dir, name_os)
                             .map_err(|e| Error::io(at(), "open a layer directory", e.into()))?;
                         Some(self.dir_marks(&sub, &at())?)
                     }
@@ -304,9 +287,9 @@ impl Flattener<'_> {
             rustix::fs::mkdirat(dest, name_os, Mode::from_raw_mode(0o700))
                 .map_err(|e| Error::io(&child_path, "create a directory", e.into()))?;
             self.stats.dirs += 1;
-            let child = open_dir_at(dest, name_os)
+            let child = open_dir(dest, name_os)
                 .map_err(|e| Error::io(&child_path, "open a directory", e.into()))?;
-            let child_rel = rel_join(rel, name);
+            let child_rel = child_key(rel, name);
             self.merge(&child, &child_path, &child_rel, sources)?;
             let top = under(&self.layers[sources[0]], &child_rel);
             let top_fd = open_dir_path(&top)

@@ -298,32 +298,17 @@ impl Worker<'_> {
     fn apply_layer(&mut self) -> Res<()> {
         let id = format!("{}-{}", self.tag, self.n);
         let parent = self.parent()?;
-        let mut b = tar::Builder::new(Vec::new());
+        let mut layer = strata_tests::LayerBuilder::new();
         let mut dirs = BTreeSet::new();
         for (p, data) in layer_files(&mut self.rng, &id) {
             if let Some((d, _)) = p.rsplit_once('/') {
                 if dirs.insert(d.to_string()) {
-                    let mut h = tar::Header::new_gnu();
-                    h.set_entry_type(tar::EntryType::Directory);
-                    h.set_mode(0o755);
-                    h.set_uid(0);
-                    h.set_gid(0);
-                    h.set_size(0);
-                    h.set_mtime(1_600_000_000);
-                    b.append_data(&mut h, format!("{d}/"), std::io::empty())
-                        .map_err(err("tar"))?;
+                    layer.dir(&format!("{d}/"));
                 }
             }
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(data.len() as u64);
-            h.set_mtime(1_600_000_000);
-            b.append_data(&mut h, &p, data.as_slice())
-                .map_err(err("tar"))?;
+            layer.file(&p, &data);
         }
-        let bytes = b.into_inner().map_err(err("tar"))?;
+        let bytes = layer.bytes();
         let applied = match self
             .s
             .apply_layer(parent.as_deref(), None, None, &mut bytes.as_slice())
@@ -753,18 +738,9 @@ fn enospc(a: &Args) -> Res<()> {
             s.tag("img/source", "source").map_err(err("tag"))?;
             "source"
         };
-        let tar24 = {
-            let mut b = tar::Builder::new(Vec::new());
-            let mut h = tar::Header::new_gnu();
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_size(big24.len() as u64);
-            h.set_mtime(1_600_000_000);
-            b.append_data(&mut h, "big24", big24.as_slice())
-                .map_err(err("tar"))?;
-            b.into_inner().map_err(err("tar"))?
-        };
+        let tar24 = strata_tests::LayerBuilder::new()
+            .file("big24", &big24)
+            .bytes();
         // The layout to import: exported while there is room, then let go.
         let big_image = s
             .apply_layer(None, None, None, &mut tar24.as_slice())

@@ -59,7 +59,8 @@ fn is_dir(st: &Stat) -> bool {
     FileType::from_raw_mode(st.st_mode) == FileType::Directory
 }
 
-fn open_dir<Fd: AsFd>(dir: Fd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
+/// Opens directory `name` of `dir`, never following a symlink.
+pub(crate) fn open_dir<Fd: AsFd>(dir: Fd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(
         dir,
         name,
@@ -68,7 +69,8 @@ fn open_dir<Fd: AsFd>(dir: Fd, name: &OsStr) -> rustix::io::Result<OwnedFd> {
     )
 }
 
-fn child_key(parent: &[u8], name: &[u8]) -> Vec<u8> {
+/// The path `name` below `parent` (components joined by `/`; the root is empty).
+pub(crate) fn child_key(parent: &[u8], name: &[u8]) -> Vec<u8> {
     let mut k = parent.to_vec();
     if !k.is_empty() {
         k.push(b'/');
