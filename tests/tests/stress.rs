@@ -1,6 +1,6 @@
 //! The crash campaign of `strata-stress` (RELIABILITY.md), small: a few dozen SIGKILLs per
 //! backend at random moments of a random mix of operations, each followed by the checks of
-//! `tests/src/bin/strata-stress.rs` (fsck clean after recovery, nothing reported kept lost,
+//! `tests/src/bin/strata-stress/` (fsck clean after recovery, nothing reported kept lost,
 //! every committed layer holding exactly what was written, everything working afterwards).
 //! Then the full-disk campaign, one round of each operation per backend. The long runs
 //! (1000 kills and more, 40 full-disk rounds) are the commands in RELIABILITY.md.
