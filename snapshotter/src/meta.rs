@@ -1497,9 +1497,11 @@ fn selector_sql(field: &Field, op: &Op, args: &mut Vec<String>) -> String {
             let (k, v) = (arg(k), arg(v));
             format!("s.id IN (SELECT snapshot_id FROM labels WHERE name = {k} AND value = {v})")
         }
+        // An absent label compares as "" (containerd's rule, as `Selector::matches`), so
+        // `labels.k!=""` selects the snapshots whose label k is set and not empty.
         (Field::Label(k), Op::NotEqual(v)) => {
             let (k, v) = (arg(k), arg(v));
-            format!("s.id NOT IN (SELECT snapshot_id FROM labels WHERE name = {k} AND value = {v})")
+            format!("COALESCE((SELECT value FROM labels WHERE snapshot_id = s.id AND name = {k}), '') != {v}")
         }
     }
 }
