@@ -747,6 +747,11 @@ pub fn walk(s: &dyn Snapshotter, _work: &Path, _backend: &str) {
         ),
         (&["p-wl", "a-wl", "v-wl", "a-np-wl"], &["labels.l"]),
         (&["a-wl", "a-np-wl"], &["labels.l==2"]),
+        // strata: `!=` compares an absent label as "" (found by the filter fuzz target: the
+        // SQL walk used to select every snapshot without the label for `labels.k!=""`).
+        (&["p-wl", "a-wl", "v-wl", "a-np-wl"], &[r#"labels.l!="""#]),
+        (&[], &[r#"labels.nowhere!="""#]),
+        (&["a-np", "p", "a", "v", "p-wl", "v-wl"], &["labels.l!=2"]),
     ];
     for (i, (matches, filters)) in cases.iter().enumerate() {
         let mut actual = Vec::new();
