@@ -186,6 +186,21 @@ fn a_hostile_layer_never_touches_anything_outside_the_tree() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("reserved"), "{e}");
+    // A missing parent named .wh.* would be made as a directory that a diff writes back as
+    // a deletion (found by the whiteout fuzz target): refused, nothing made.
+    let (e, outcome) = apply_layer(
+        &root,
+        Hostile::new().file("d/.wh.x/f", b"").bytes().as_slice(),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("\"d/.wh.x/f\"")
+            && e.to_string().contains("parent directory named .wh."),
+        "{e}"
+    );
+    assert_eq!(outcome, strata::layer::apply::ApplyOutcome::Untouched);
+    assert!(!root.join("d/.wh.x").exists());
 }
 
 #[test]

@@ -546,9 +546,17 @@ impl Parsed {
 
     /// The whiteout's target name, when this is a whiteout, checked.
     fn whiteout(&self) -> Result<Option<Whiteout<'_>>> {
-        let Some(last) = self.parts.last() else {
+        let Some((last, parents)) = self.parts.split_last() else {
             return Ok(None);
         };
+        if parents.iter().any(|c| c.starts_with(b".wh.")) {
+            // Made as a missing parent, such a directory would be written back by a diff as
+            // an entry that means a deletion.
+            return Err(hostile(
+                &self.shown,
+                "a parent directory named .wh.* cannot be in a layer (the name means a deletion); refused",
+            ));
+        }
         let Some(target) = last.strip_prefix(b".wh.") else {
             return Ok(None);
         };
