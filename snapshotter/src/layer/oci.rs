@@ -130,6 +130,31 @@ pub struct Config {
     pub history: Vec<History>,
 }
 
+impl Index {
+    /// Parses an image index (a layout's `index.json`, a nested index or a manifest list) as
+    /// `import` reads it: unknown fields are ignored. The error says what is wrong with the
+    /// JSON, for the caller to name the document.
+    pub fn parse(bytes: &[u8]) -> Result<Index, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not an OCI index: {e}"))
+    }
+}
+
+impl Manifest {
+    /// Parses an image manifest (OCI or Docker schema 2) as `import` reads it; see
+    /// [`Index::parse`].
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not an image manifest: {e}"))
+    }
+}
+
+impl ConfigRootfs {
+    /// Parses the `rootfs` part of an image configuration as `import` reads it; see
+    /// [`Index::parse`].
+    pub fn parse(bytes: &[u8]) -> Result<ConfigRootfs, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not an image config: {e}"))
+    }
+}
+
 /// This machine's architecture in GOARCH spelling.
 pub fn goarch() -> &'static str {
     match std::env::consts::ARCH {

@@ -137,12 +137,8 @@ fn manifests_of(layout: &Path, index: &Index, out: &mut Vec<OciDescriptor>) -> R
         if desc.media_type == MEDIA_TYPE_INDEX || desc.media_type == MEDIA_TYPE_DOCKER_LIST {
             let d = parse_digest("index", &desc.digest)?;
             let bytes = read_checked(&layout.join("blobs/sha256").join(hex_of(&d)), desc, "index")?;
-            let nested: Index = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::invalid(
-                    format!("index {}", desc.digest),
-                    format!("not an OCI index: {e}"),
-                )
-            })?;
+            let nested = Index::parse(&bytes)
+                .map_err(|e| Error::invalid(format!("index {}", desc.digest), e))?;
             let mut inner = Vec::new();
             manifests_of(layout, &nested, &mut inner)?;
             for mut m in inner {
@@ -629,8 +625,8 @@ impl<B: Backend> Store<B> {
             Ok(b) => b,
             Err(_) => return Ok(None),
         };
-        let parsed: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::invalid(format!("manifest {manifest}"), e.to_string()))?;
+        let parsed = Manifest::parse(&bytes)
+            .map_err(|e| Error::invalid(format!("manifest {manifest}"), e))?;
         let mut wanted = vec![md.clone()];
         wanted.push(parse_digest("config", &parsed.config.digest)?);
         for l in &parsed.layers {
@@ -692,12 +688,8 @@ impl<B: Backend> Store<B> {
                 e,
             )
         })?;
-        let index: Index = serde_json::from_slice(&index_bytes).map_err(|e| {
-            Error::invalid(
-                index_path.display().to_string(),
-                format!("not an OCI index: {e}"),
-            )
-        })?;
+        let index = Index::parse(&index_bytes)
+            .map_err(|e| Error::invalid(index_path.display().to_string(), e))?;
         let mut manifests = Vec::new();
         manifests_of(&layout, &index, &mut manifests)?;
         if manifests.is_empty() {
@@ -754,17 +746,12 @@ impl<B: Backend> Store<B> {
             check_key("image", &name)?;
             let md = parse_digest("manifest", &desc.digest)?;
             let bytes = read_checked(&blob(&md), desc, "manifest")?;
-            let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::invalid(
-                    format!("manifest {md}"),
-                    format!("not an image manifest: {e}"),
-                )
-            })?;
+            let manifest =
+                Manifest::parse(&bytes).map_err(|e| Error::invalid(format!("manifest {md}"), e))?;
             let cd = parse_digest("config", &manifest.config.digest)?;
             let config_bytes = read_checked(&blob(&cd), &manifest.config, "config")?;
-            let config: oci::ConfigRootfs = serde_json::from_slice(&config_bytes).map_err(|e| {
-                Error::invalid(format!("config {cd}"), format!("not an image config: {e}"))
-            })?;
+            let config = oci::ConfigRootfs::parse(&config_bytes)
+                .map_err(|e| Error::invalid(format!("config {cd}"), e))?;
             if config.rootfs.diff_ids.len() != manifest.layers.len() {
                 return Err(Error::invalid(
                     format!("image {name}"),
