@@ -1,0 +1,4 @@
+//! libFuzzer entry point of `strata_fuzz::oci`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz::oci(data));
