@@ -202,12 +202,17 @@ enum Command {
         /// The blob digest the layer must have
         #[arg(long)]
         digest: Option<String>,
+        /// Add the layer to this lease before gc could see it unheld (a pull beside a
+        /// running gc holds its layers under a lease until it tags the image)
+        #[arg(long)]
+        lease: Option<String>,
     },
     /// The device-mapper thin pool of a devmapper store
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// Check the store: interrupted operations, orphaned storage, broken snapshots, stale
-    /// export guards, leaked mounts. Exit status 1 when anything is wrong
+    /// Check the store: interrupted operations, broken snapshots, stale export guards,
+    /// leaked mounts, and storage awaiting cleanup (not a problem). Exit status 1 when
+    /// anything is wrong
     Fsck {
         /// Fix what can be fixed without losing committed data, and say what was done
         #[arg(long)]
@@ -639,6 +644,7 @@ fn layers(s: &dyn strata::AnyStore, cmd: &Command, out: &Output) -> Result<(), F
             parent,
             diff_id,
             digest,
+            lease,
         } => {
             let parse = |d: &Option<String>| {
                 d.as_deref()
@@ -649,7 +655,8 @@ fn layers(s: &dyn strata::AnyStore, cmd: &Command, out: &Output) -> Result<(), F
             let (diff_id, digest) = (parse(diff_id)?, parse(digest)?);
             let mut reading = open_with_progress(file, "apply-layer", out)?;
             let bar = reading.bar.clone();
-            let l = s.apply_layer(
+            let l = s.apply_layer_in(
+                lease.as_deref(),
                 parent.as_deref(),
                 digest.as_ref(),
                 diff_id.as_ref(),

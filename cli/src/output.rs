@@ -268,7 +268,10 @@ impl Output {
             self.print_json(&strata::report::fsck(r));
             return;
         }
-        println!("orphaned storage: {}", r.orphans.len());
+        println!(
+            "storage awaiting cleanup (of removed snapshots; cleanup or gc reclaims it): {}",
+            r.orphans.len()
+        );
         println!(
             "spares (storage made at commit for the next prepare): {}",
             r.spares.len()

@@ -47,6 +47,16 @@ pub trait AnyStore: Snapshotter {
         input: &mut dyn Read,
     ) -> Result<AppliedLayer>;
 
+    /// [`Store::apply_layer_in`]: [`AnyStore::apply_layer`], the layer held by `lease`.
+    fn apply_layer_in(
+        &self,
+        lease: Option<&str>,
+        parent: Option<&str>,
+        digest: Option<&Digest>,
+        diff_id: Option<&Digest>,
+        input: &mut dyn Read,
+    ) -> Result<AppliedLayer>;
+
     /// [`Store::cleanup_report`]: [`Snapshotter::cleanup`] saying what it did.
     fn cleanup_report(&self) -> Result<CleanupReport>;
 
@@ -142,6 +152,17 @@ impl<B: Backend> AnyStore for Store<B> {
         input: &mut dyn Read,
     ) -> Result<AppliedLayer> {
         Store::apply_layer(self, parent, digest, diff_id, input)
+    }
+
+    fn apply_layer_in(
+        &self,
+        lease: Option<&str>,
+        parent: Option<&str>,
+        digest: Option<&Digest>,
+        diff_id: Option<&Digest>,
+        input: &mut dyn Read,
+    ) -> Result<AppliedLayer> {
+        Store::apply_layer_in(self, lease, parent, digest, diff_id, input)
     }
 
     fn cleanup_report(&self) -> Result<CleanupReport> {

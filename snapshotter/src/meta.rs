@@ -1102,6 +1102,15 @@ impl Tx<'_> {
             .map_err(|e| self.e("add to the lease", e))
     }
 
+    /// Takes snapshot `id` out of lease `name` (nothing when it was not in it).
+    pub fn lease_drop(&self, name: &str, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM lease_snapshots WHERE lease = ?1 AND snapshot_id = ?2")
+            .and_then(|mut s| s.execute(params![name, db_id(id)]))
+            .map(|_| ())
+            .map_err(|e| self.e("take a snapshot out of the lease", e))
+    }
+
     /// Deletes lease `name`; false when there was none.
     pub fn delete_lease(&self, name: &str) -> Result<bool> {
         self.tx

@@ -243,6 +243,65 @@ fn apply_layer_commits_under_the_chain_id_and_hits_the_cache() {
     apply_layer_cycle(&s, tmp.path());
 }
 
+/// A pull beside gc: `apply_layer_in` leases what it returns (applied, a cache hit, or a
+/// layer another pull committed), so a gc between it and the tag removes nothing; without a
+/// lease the fresh layer is fair game. A failed apply leaves nothing in the lease.
+#[test]
+fn apply_layer_in_a_lease_is_held_until_tagged() {
+    if !require_privileged("apply-layer") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let s = overlay_store(tmp.path());
+    s.lease_create("pull", None).unwrap();
+    let applied = s
+        .apply_layer_in(Some("pull"), None, None, None, &first_layer()[..])
+        .unwrap();
+    assert!(!applied.cached);
+    s.gc(false).unwrap();
+    assert_eq!(s.stat(&applied.name).unwrap().kind, strata::Kind::Committed);
+    // The cache hit is leased too (the lease taken first: a gc in between removes it).
+    s.lease_remove("pull").unwrap();
+    s.lease_create("pull-again", None).unwrap();
+    let hit = s
+        .apply_layer_in(
+            Some("pull-again"),
+            None,
+            None,
+            Some(&applied.diff_id),
+            MustNotRead,
+        )
+        .unwrap();
+    assert!(hit.cached);
+    s.gc(false).unwrap();
+    assert!(s.stat(&applied.name).is_ok(), "the cache hit is leased");
+    let leases = s.leases().unwrap();
+    let lease = leases.iter().find(|l| l.name == "pull-again").unwrap();
+    assert_eq!(lease.snapshots, vec![applied.name.clone()]);
+    // A failed apply (a wrong diffID) leaves neither a snapshot nor a lease entry.
+    let before = s.list(&[]).unwrap().len();
+    let wrong = strata::layer::Digest::of(b"not this layer");
+    let e = s
+        .apply_layer_in(
+            Some("pull-again"),
+            Some(&applied.name),
+            None,
+            Some(&wrong),
+            &first_layer()[..],
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(s.list(&[]).unwrap().len(), before);
+    let leases = s.leases().unwrap();
+    let lease = leases.iter().find(|l| l.name == "pull-again").unwrap();
+    assert_eq!(lease.snapshots, vec![applied.name.clone()]);
+    // Without a lease, nothing holds a fresh layer: gc takes it.
+    s.lease_remove("pull-again").unwrap();
+    s.gc(false).unwrap();
+    let e = s.stat(&applied.name).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}
+
 /// apply-layer on `s`: chainIDs, cache hits, records, errors that leave nothing behind.
 fn apply_layer_cycle<B: Backend>(s: &Store<B>, tmp: &Path) {
     build(s, tmp);

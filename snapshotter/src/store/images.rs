@@ -706,7 +706,8 @@ impl<B: Backend> Store<B> {
         }
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let lease = format!(
-            "strata.io/import/{}/{}",
+            "{}{}/{}",
+            super::tracker::IMPORT_PREFIX,
             self.owner.token,
             COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
@@ -776,7 +777,8 @@ impl<B: Backend> Store<B> {
                     Error::io(&path, "open a layer of the layout (layer missing?)", e)
                 })?;
                 let applied = self
-                    .apply_layer(
+                    .apply_layer_in(
+                        Some(lease),
                         parent.as_deref(),
                         Some(&ld),
                         Some(&di),
@@ -794,7 +796,6 @@ impl<B: Backend> Store<B> {
                 } else {
                     report.applied += 1;
                 }
-                self.lease_add(lease, &[applied.name.as_str()])?;
                 self.ingest_blob(&path, &ld, &layer.media_type, &holder)?;
                 parent = Some(applied.name);
             }

@@ -254,6 +254,9 @@ impl<B: Backend> Store<B> {
     /// commits it under its chainID. When `diff_id` is given and that chain is already
     /// committed, returns it without reading `input` (the cache hit). `digest` checks the
     /// blob. A failure leaves nothing behind.
+    ///
+    /// Nothing holds the layer once this returns: beside a running gc, use
+    /// [`Store::apply_layer_in`] with a lease, or the layer may be gone before it is tagged.
     pub fn apply_layer<R: Read>(
         &self,
         parent: Option<&str>,
@@ -261,6 +264,42 @@ impl<B: Backend> Store<B> {
         diff_id: Option<&Digest>,
         input: R,
     ) -> Result<AppliedLayer> {
+        self.apply_layer_in(None, parent, digest, diff_id, input)
+    }
+
+    /// [`Store::apply_layer`], with the layer added to `lease` (when given) before any gc
+    /// could see it unheld: a layer it applies is leased while still Active (a commit keeps
+    /// the snapshot's identity), and a cached or concurrently committed one is leased before
+    /// it is returned (if gc removed it meanwhile, the layer is applied after all).
+    pub fn apply_layer_in<R: Read>(
+        &self,
+        lease: Option<&str>,
+        parent: Option<&str>,
+        digest: Option<&Digest>,
+        diff_id: Option<&Digest>,
+        input: R,
+    ) -> Result<AppliedLayer> {
+        if let Some(l) = lease {
+            crate::store::check_key("lease", l)?;
+            if !self.with_meta(|m| m.read(l)?.lease_exists(l))? {
+                return Err(Error::NotFound {
+                    key: l.into(),
+                    hint: "no such lease; create it first (strata lease create)".into(),
+                });
+            }
+        }
+        // Whether the committed layer `chain` is there and now held by the lease.
+        let hold = |chain: &str| -> Result<bool> {
+            match lease {
+                None => Ok(true),
+                Some(l) => match self.lease_add(l, &[chain]) {
+                    Ok(()) => Ok(true),
+                    // Removed by gc since it was seen: apply it after all.
+                    Err(Error::NotFound { key, .. }) if key == chain => Ok(false),
+                    Err(e) => Err(e),
+                },
+            }
+        };
         let parent_chain = parent.map(|p| self.chain_id_of(p)).transpose()?;
         let chain_for = |d: &Digest| match &parent_chain {
             Some(p) => crate::layer::chain_id(&[p.clone(), d.clone()]),
@@ -274,7 +313,9 @@ impl<B: Backend> Store<B> {
             }
         };
         if let Some(known) = diff_id {
-            if let Some(chain) = chain_for(known).filter(|c| exists(c.as_str()).unwrap_or(false)) {
+            if let Some(chain) = chain_for(known).filter(|c| {
+                exists(c.as_str()).unwrap_or(false) && hold(c.as_str()).unwrap_or(false)
+            }) {
                 let content = self
                     .layer(chain.as_str())?
                     .map(|l| l.content)
@@ -307,7 +348,7 @@ impl<B: Backend> Store<B> {
                 }
             }
             let chain = chain_for(&got).unwrap_or_else(|| got.clone());
-            if exists(chain.as_str())? {
+            if exists(chain.as_str())? && hold(chain.as_str())? {
                 // Committed meanwhile (or the diffID was not known): keep the existing one.
                 let content = self
                     .layer(chain.as_str())?
@@ -334,17 +375,56 @@ impl<B: Backend> Store<B> {
                 )?;
                 tx.commit()
             })?;
-            crate::snapshotter::Snapshotter::commit(
-                self,
-                chain.as_str(),
-                &key,
-                crate::Labels::new(),
-            )?;
-            Ok((chain, got, applied.descriptor, content, false))
+            if let Some(l) = lease {
+                self.lease_add(l, &[&key])?;
+            }
+            // Another thread or process may be committing the same layer (two pulls of one
+            // image): its commit reserves the name until it ends. Keep theirs once it is
+            // there, as when it was there before; commit ours if theirs failed.
+            let deadline = std::time::Instant::now() + self.opts.lock_timeout;
+            loop {
+                match crate::snapshotter::Snapshotter::commit(
+                    self,
+                    chain.as_str(),
+                    &key,
+                    crate::Labels::new(),
+                ) {
+                    Ok(()) => return Ok((chain, got, applied.descriptor, content, false)),
+                    Err(Error::AlreadyExists { .. })
+                        if exists(chain.as_str())? && hold(chain.as_str())? =>
+                    {
+                        let content = self
+                            .layer(chain.as_str())?
+                            .map(|l| l.content)
+                            .unwrap_or_default();
+                        return Ok((chain, got, applied.descriptor, content, true));
+                    }
+                    Err(Error::AlreadyExists { .. }) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         })();
+        // Takes the apply's own snapshot out of the lease (it may hold it after a commit
+        // that failed), so that it can be removed.
+        let unlease = || {
+            let Some(l) = lease else { return };
+            let dropped = self.with_meta(|m| {
+                let tx = m.write(&key)?;
+                if let Some(row) = tx.row_by_key_or_image(&key)? {
+                    tx.lease_drop(l, row.id)?;
+                }
+                tx.commit()
+            });
+            if let Err(d) = dropped {
+                tracing::warn!(key, lease = l, error = %d, "could not take the snapshot of an apply-layer out of its lease");
+            }
+        };
         match result {
             Ok((chain, got, descriptor, content, existed)) => {
                 if existed {
+                    unlease();
                     crate::snapshotter::Snapshotter::remove(self, &key)?;
                 } else {
                     // A pull: the time to flatten a deep chain, before a container waits.
@@ -359,6 +439,7 @@ impl<B: Backend> Store<B> {
                 })
             }
             Err(e) => {
+                unlease();
                 if let Err(rm) = crate::snapshotter::Snapshotter::remove(self, &key) {
                     tracing::warn!(key, error = %rm, "could not remove the snapshot of a failed apply-layer; gc or cleanup will");
                 }

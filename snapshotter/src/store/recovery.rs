@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::tracker::GUARD_PREFIX;
+use super::tracker::{GUARD_PREFIX, IMPORT_PREFIX};
 use super::{dead_owner, Store};
 use crate::backend::{Backend, CreateOptions};
 use crate::error::{Error, Result};
@@ -30,7 +30,9 @@ const REBUILD_LOCK: &str = "rebuild.lock";
 /// What [`Store::fsck`] found, and with `repair`, what it did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FsckReport {
-    /// Ids with storage but no row and no operation in flight.
+    /// Ids with storage but no row and no operation in flight: removed snapshots whose
+    /// storage `remove` left to [`crate::Snapshotter::cleanup`] (containerd's model; `gc` and the
+    /// next open reclaim it too). Garbage, not damage: it does not make the report unclean.
     pub orphans: Vec<u64>,
     /// Spares with their storage in place: made by a commit for the next prepare on that
     /// layer to take (btrfs), not snapshots. A spare whose storage is missing is dropped
@@ -47,7 +49,7 @@ pub struct FsckReport {
     /// Snapshots recorded without a sync whose storage a power loss took (empty committed
     /// layers; Active snapshots and Views from before the boot): rebuilt by the repair.
     pub lost_unsynced: Vec<String>,
-    /// Export guards whose process is gone.
+    /// Export guards and import leases whose process is gone.
     pub stale_guards: Vec<String>,
     /// Mounts left by dead processes.
     pub leaked_mounts: Vec<PathBuf>,
@@ -58,10 +60,10 @@ pub struct FsckReport {
 }
 
 impl FsckReport {
-    /// True when nothing is wrong (broken snapshots count as wrong until removed).
+    /// True when nothing is wrong (broken snapshots count as wrong until removed; storage
+    /// awaiting cleanup does not).
     pub fn is_clean(&self) -> bool {
-        self.orphans.is_empty()
-            && self.broken.is_empty()
+        self.broken.is_empty()
             && self.lost_unsynced.is_empty()
             && self.interrupted.is_empty()
             && self.stale_guards.is_empty()
@@ -95,21 +97,26 @@ impl<B: Backend> Store<B> {
             ));
         }
 
-        // Export guards of dead processes.
-        let guards = self.with_meta(|m| m.read("")?.leases_with_prefix(GUARD_PREFIX))?;
-        for lease in guards {
-            let token = lease[GUARD_PREFIX.len()..]
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
+        // Export guards and import leases of dead processes.
+        let mut guards = Vec::new();
+        for prefix in [GUARD_PREFIX, IMPORT_PREFIX] {
+            for lease in self.with_meta(|m| m.read("")?.leases_with_prefix(prefix))? {
+                let token = lease[prefix.len()..]
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                guards.push((lease, token));
+            }
+        }
+        for (lease, token) in guards {
             if token != self.owner.token && dead_owner(&self.root, &token).is_some() {
                 if repair {
                     match self.lease_remove(&lease) {
-                        Ok(()) => r
-                            .repaired
-                            .push(format!("dropped stale export guard {lease}")),
-                        Err(e) => r.failed.push(format!("export guard {lease}: {e}")),
+                        Ok(()) => r.repaired.push(format!(
+                            "dropped stale export guard or import lease {lease}"
+                        )),
+                        Err(e) => r.failed.push(format!("lease {lease}: {e}")),
                     }
                 }
                 r.stale_guards.push(lease);
@@ -170,11 +177,18 @@ impl<B: Backend> Store<B> {
                     .push(format!("dropped spare {spare}, whose storage is missing"));
             }
         }
-        r.orphans = ids
-            .iter()
-            .copied()
-            .filter(|id| !known.contains(id))
-            .collect();
+        // Storage listed before the metadata was read and unknown to it is orphaned only if
+        // it is still there: a remove in flight when the storage was listed deletes its row,
+        // then the storage, then its journal entry, all before the metadata may be read.
+        for id in ids.iter().copied().filter(|id| !known.contains(id)) {
+            if self
+                .backend
+                .exists(id)
+                .map_err(|e| self.backend_err("", "check orphaned storage", e))?
+            {
+                r.orphans.push(id);
+            }
+        }
         r.orphans.sort_unstable();
         if repair && !r.orphans.is_empty() {
             let report = self.cleanup_report()?;

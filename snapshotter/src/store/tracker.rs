@@ -265,6 +265,10 @@ const MANAGED_META: &str = "managed_by";
 /// that the guards of a dead process can be found and dropped.
 pub(crate) const GUARD_PREFIX: &str = "strata.io/guard/";
 
+/// Lease names of imports start with this, then the owner's token and a counter: an import
+/// killed half way leaves its lease (holding the layers it applied) to the next recovery.
+pub(crate) const IMPORT_PREFIX: &str = "strata.io/import/";
+
 /// One layer pinned by an [`ExportGuard`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardedLayer {
