@@ -544,3 +544,253 @@ fn containerds_snapshotter_suite_passes_on_btrfs() {
     let fs = strata_tests::LoopBtrfs::mount_at(&dir.path().join("btrfs"), 2 << 30);
     containerd_suite_on("btrfs", fs.path());
 }
+
+/// `ctr ARGS` bounded: a call that takes more than 120 s is a deadlock.
+fn ctr_bounded(ctrd: &Containerd, args: &[&str]) -> Output {
+    let out = Command::new("timeout")
+        .args(["--signal=KILL", "120", "ctr", "--address"])
+        .arg(&ctrd.socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_ne!(
+        out.status.code(),
+        None,
+        "ctr {args:?} ran for 120 s: a deadlock?\ncontainerd's log:\n{}",
+        fs::read_to_string(&ctrd.log).unwrap_or_default()
+    );
+    out
+}
+
+/// The concurrency campaign's `serve` part (RELIABILITY.md): containerd pulls, runs and
+/// removes images through `strata serve` from two threads while, on the same root, this
+/// process pulls and tags its own layers (under leases), exports its images and the layers
+/// containerd made (each export complete or refused as gone, checked by importing it into a
+/// store of its own), untags and removes its images and runs gc every few ms, and other
+/// processes run `strata gc` and `strata fsck`. Every containerd call succeeds, every
+/// container prints what its image holds, no export misses a layer, nothing hangs, and the
+/// store is clean and empty of containerd's snapshots at the end.
+#[test]
+fn containerd_traffic_beside_builders_gc_and_exports() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use strata::{ErrorKind, Snapshotter};
+
+    if !require_privileged("containerd traffic beside builders") || !containerd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (root, work) = (dir.path().join("store"), dir.path());
+    let archive = busybox_image(work);
+    let strata_socket = work.join("strata.sock");
+    let serve = Serve::start(&root, "overlay", &strata_socket, &work.join("strata.log"));
+    let ctrd = Containerd::start(&work.join("containerd"), &strata_socket);
+    let s = strata::Store::open(
+        &root,
+        strata_overlay::OverlayBackend::open(&root, Default::default()).unwrap(),
+        strata::StoreOptions::default(),
+    )
+    .unwrap();
+    let done = AtomicBool::new(false);
+    let (theirs_exported, exports, refused, pulls, gcs, runs) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    // An export either fails because what it names went away, or is complete: a store of
+    // its own imports it (which checks every blob's digest and applies every layer).
+    let export_checked = |name: &str, n: u64| {
+        let out = work.join(format!("export-{n}"));
+        match s.export(&[name], &out, &Default::default()) {
+            Ok(_) => {
+                let scratch = work.join(format!("scratch-{n}"));
+                let other = strata::Store::open(
+                    &scratch,
+                    strata_native::NativeBackend::open(&scratch).unwrap(),
+                    strata::StoreOptions::default(),
+                )
+                .unwrap();
+                other
+                    .import(&out, Some("checked"))
+                    .unwrap_or_else(|e| panic!("the export of {name} does not import: {e}"));
+                other.close().unwrap();
+                fs::remove_dir_all(&scratch).unwrap();
+                exports.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound) => {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => panic!("export of {name}: {e}"),
+        }
+        let _ = fs::remove_dir_all(&out);
+    };
+    std::thread::scope(|sc| {
+        let containerd: Vec<_> = (0..2)
+            .map(|t| {
+                let (ctrd, archive, runs) = (&ctrd, &archive, &runs);
+                sc.spawn(move || {
+                    for i in 0..4 {
+                        let base = format!("strata.test/traffic-{t}-{i}");
+                        let ok = |args: &[&str]| {
+                            let out = ctr_bounded(ctrd, args);
+                            assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
+                            String::from_utf8_lossy(&out.stdout).into_owned()
+                        };
+                        ok(&[
+                            "images",
+                            "import",
+                            "--snapshotter",
+                            "strata",
+                            "--base-name",
+                            &base,
+                            archive.to_str().unwrap(),
+                        ]);
+                        let image = format!("{base}:v1");
+                        let output = ok(&[
+                            "run",
+                            "--rm",
+                            "--snapshotter",
+                            "strata",
+                            &image,
+                            &format!("strata-traffic-{t}-{i}"),
+                            "/bin/cat",
+                            "/etc/greeting",
+                        ]);
+                        assert_eq!(output.trim(), "hello from layer 2", "{image}");
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        ok(&["images", "rm", "--sync", &image]);
+                    }
+                })
+            })
+            .collect();
+        // This process's own pulls, exports, untags and removes.
+        sc.spawn(|| {
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                n += 1;
+                let lease = format!("pull-{n}");
+                s.lease_create(&lease, Some(Duration::from_secs(600)))
+                    .unwrap();
+                let parent = (!n.is_multiple_of(3)).then(|| format!("own/{}", n - 1));
+                let parent = parent.filter(|p| s.images().unwrap().iter().any(|(i, _)| i == p));
+                let layer = strata_tests::LayerBuilder::new()
+                    .file(&format!("own-{n}"), format!("layer {n}").as_bytes())
+                    .bytes();
+                let applied = s
+                    .apply_layer_in(
+                        Some(&lease),
+                        parent.as_deref(),
+                        None,
+                        None,
+                        &mut layer.as_slice(),
+                    )
+                    .unwrap_or_else(|e| panic!("apply-layer {n} on {parent:?}: {e}"));
+                s.tag(&format!("own/{n}"), &applied.name)
+                    .unwrap_or_else(|e| panic!("tag own/{n}: {e}"));
+                s.lease_remove(&lease).unwrap();
+                pulls.fetch_add(1, Ordering::Relaxed);
+                export_checked(&format!("own/{n}"), n);
+                if n.is_multiple_of(4) {
+                    let victim = format!("own/{}", n - 2);
+                    let images = s.images().unwrap();
+                    if let Some((_, layer)) = images.iter().find(|(i, _)| *i == victim) {
+                        s.untag(&victim).unwrap();
+                        // Refused while a child or another image holds it: fine.
+                        if let Err(e) = s.remove(layer) {
+                            assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+                        }
+                    }
+                }
+            }
+        });
+        // Exports of the layers containerd made, while containerd removes them.
+        sc.spawn(|| {
+            let mut n = 1_000_000u64;
+            while !done.load(Ordering::Relaxed) {
+                n += 1;
+                // containerd's keys are `NAMESPACE/N/CHAINID`; this process's are chainIDs.
+                let theirs: Vec<String> = s
+                    .list(&["kind==committed"])
+                    .unwrap()
+                    .into_iter()
+                    .map(|i| i.name)
+                    .filter(|n| !n.starts_with("sha256:"))
+                    .collect();
+                if let Some(name) = theirs.get(n as usize % theirs.len().max(1)) {
+                    let before = exports.load(Ordering::Relaxed);
+                    export_checked(name, n);
+                    if exports.load(Ordering::Relaxed) > before {
+                        theirs_exported.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        // gc every few ms here, and strata gc / fsck processes beside.
+        sc.spawn(|| {
+            let mut i = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                i += 1;
+                s.gc(false).unwrap();
+                gcs.fetch_add(1, Ordering::Relaxed);
+                if i.is_multiple_of(50) {
+                    for args in [&["gc"][..], &["fsck"][..]] {
+                        let out = Command::new("timeout")
+                            .args(["--signal=KILL", "120", BIN, "--root"])
+                            .arg(&root)
+                            .args(args)
+                            .output()
+                            .unwrap();
+                        assert!(out.status.success(), "strata {args:?}: {}", text(&out));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        for c in containerd {
+            let r = c.join();
+            done.store(true, Ordering::Relaxed);
+            if let Err(panic) = r {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+    eprintln!(
+        "{} containers ran; {} own layers pulled; {} exports complete ({} of containerd's layers), {} refused as gone; {} gc runs",
+        runs.load(Ordering::Relaxed),
+        pulls.load(Ordering::Relaxed),
+        exports.load(Ordering::Relaxed),
+        theirs_exported.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        gcs.load(Ordering::Relaxed),
+    );
+    assert_eq!(runs.load(Ordering::Relaxed), 8);
+    assert!(exports.load(Ordering::Relaxed) > 0);
+    // containerd removed what it made; the store is clean.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snaps = ctrd.ctr_ok(&["snapshots", "--snapshotter", "strata", "ls"]);
+        if snaps.lines().count() <= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containerd's gc left snapshots: {snaps}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let report = s.fsck(false).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    for (image, name) in s.images().unwrap() {
+        assert_eq!(
+            s.stat(&name).unwrap().kind,
+            strata::Kind::Committed,
+            "{image}"
+        );
+    }
+    s.close().unwrap();
+    drop(ctrd);
+    serve.stop();
+}
