@@ -260,7 +260,11 @@ pub fn whiteout(data: &[u8]) {
         panic!("the overlay differ's layer does not apply: {e}");
     }
     if let Some(d) = tree::difference(&result, &tree::read(&t2)) {
-        panic!("upper directory -> overlay differ -> apply: the trees differ: {d}");
+        panic!(
+            "upper directory -> overlay differ -> apply: the trees differ: {d}\nlayer: {:?}\nthe differ's layer: {:?}",
+            entries(&layer),
+            entries(&again)
+        );
     }
 }
 
@@ -284,6 +288,18 @@ fn effect(op: &Op) -> Option<Effect> {
         Some(t) => Effect::Delete(parent.join(t)),
         None => Effect::Make(p),
     })
+}
+
+/// The entry names of a tar, for messages.
+fn entries(tar: &[u8]) -> Vec<String> {
+    let mut a = tar::Archive::new(tar);
+    a.entries()
+        .map(|es| {
+            es.filter_map(|e| e.ok())
+                .map(|e| String::from_utf8_lossy(&e.path_bytes()).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Checks what the whiteouts and opaque markers did, from the entries alone, on a layer

@@ -243,6 +243,26 @@ fn a_file_replaced_by_a_directory_with_children() {
     .unwrap();
 }
 
+/// Found by the whiteout fuzz target: a directory removed and made again, with a
+/// subdirectory of the same name as a lower one. The new directory is opaque, so the lower
+/// subdirectory's files do not show through the new one either; the overlay fast path
+/// merged it with the lower one and lost their deletion.
+#[test]
+fn a_directory_made_again_hides_the_lower_files_of_its_subdirectories() {
+    if !require_privileged("layer property tests") {
+        return;
+    }
+    check(
+        &[
+            Spec::Dir(2, 0o755),
+            Spec::Dir(5, 0o755),
+            Spec::File(6, b"x".to_vec(), 0o644),
+        ],
+        &[Spec::Remove(2), Spec::Dir(2, 0o755), Spec::Dir(5, 0o755)],
+    )
+    .unwrap();
+}
+
 proptest! {
     // Each case mounts and builds real snapshots: a few dozen cases keep CI short;
     // STRATA_PROPTEST_CASES=1000 explores further.

@@ -243,7 +243,7 @@ fn write_tar<W: Write>(
         Source::Tree(_) => diff_dir(&mut w, lower, upper, Path::new(""))?,
         Source::OverlayUpper(_) => {
             w.stats.fast_path = true;
-            diff_upper_dir(&mut w, lower, upper, Path::new(""))?;
+            diff_upper_dir(&mut w, lower, upper, Path::new(""), false)?;
         }
     }
     let hashed = w
@@ -336,16 +336,21 @@ fn diff_dir<W: Write>(
 
 /// The overlay fast path: like [`diff_dir`], but `upper` is an overlayfs upper directory, so
 /// only its entries can have changed; lower entries are listed only below opaque directories.
+/// `hidden`: an ancestor of `rel` is opaque. Below an opaque directory the lower directory
+/// does not show through at all, not even in the subdirectories the upper one holds, so what
+/// only the lower directory holds there is deleted too.
 fn diff_upper_dir<W: Write>(
     w: &mut Writer<W>,
     lower: Option<&Path>,
     upper: &Path,
     rel: &Path,
+    hidden: bool,
 ) -> Result<()> {
     let dir = upper.join(rel);
     let up_names = sorted_names(&dir)?;
+    let hidden = hidden || is_opaque(&dir)?;
     let low_names = match lower {
-        Some(l) if is_opaque(&dir)? && lstat(&l.join(rel))?.is_some_and(|m| m.is_dir()) => {
+        Some(l) if hidden && lstat(&l.join(rel))?.is_some_and(|m| m.is_dir()) => {
             sorted_names(&l.join(rel))?
         }
         _ => Vec::new(),
@@ -382,6 +387,7 @@ fn diff_upper_dir<W: Write>(
                     },
                     upper,
                     &path,
+                    hidden,
                 )?;
             } else {
                 match lm {
