@@ -291,6 +291,50 @@ fn gc_collects_blobs_that_nothing_holds() {
     assert_eq!((r.blobs, blobs()), (3, 0), "{r:?}");
 }
 
+/// Threads of one process importing the same layout at once all succeed (each blob written
+/// through a temporary file of its own), and gc reclaims the temporary blob file a dead
+/// process left while keeping a live one's.
+#[test]
+fn concurrent_imports_of_one_image_in_one_process_all_succeed() {
+    if !require_privileged("images") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = tmp.path();
+    let src = overlay_store(&w.join("src"));
+    build(&src, w);
+    let layout = w.join("layout");
+    src.export(&["app:1"], &layout, &ExportOptions::default())
+        .unwrap();
+    let s = overlay_store(&w.join("dst"));
+    std::thread::scope(|sc| {
+        for t in 0..4 {
+            let (s, layout) = (&s, &layout);
+            sc.spawn(move || {
+                for i in 0..3 {
+                    s.import(layout, Some(&format!("app-{t}-{i}")))
+                        .unwrap_or_else(|e| panic!("import {t}/{i}: {e}"));
+                }
+            });
+        }
+    });
+    assert_eq!(s.images().unwrap().len(), 12);
+    let dir = w.join("dst/blobs/sha256");
+    let dead = dir.join(format!(".{}.999999-1-0", "ab".repeat(32)));
+    fs::write(&dead, "half a blob").unwrap();
+    s.gc(false).unwrap();
+    assert!(
+        !dead.exists(),
+        "a dead process's temporary blob is reclaimed"
+    );
+    let leftovers: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 fn umoci_available() -> bool {
     let ok = Command::new("umoci")
         .arg("--version")

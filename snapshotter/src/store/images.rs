@@ -289,7 +289,11 @@ impl<B: Backend> Store<B> {
         }
         let dir = self.root.join(BLOBS_DIR);
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create the content store", e))?;
-        let tmp = dir.join(format!(".{}.{}", hex_of(want), self.owner.token));
+        // Unique per call: two threads (or imports) may ingest the same blob at once; each
+        // writes its own file and the renames replace one complete copy with another.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{}.{}-{n}", hex_of(want), self.owner.token));
         copy_checked(from, &tmp, want).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })?;
@@ -328,10 +332,18 @@ impl<B: Backend> Store<B> {
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
-                if !name.starts_with('.')
-                    && !known.contains(&name)
-                    && fs::remove_file(e.path()).is_ok()
-                {
+                let garbage = match name.strip_prefix('.') {
+                    // `.HEX.TOKEN-N`: a blob being written, garbage once its process died.
+                    Some(tmp) => tmp
+                        .split_once('.')
+                        .and_then(|(_, owner)| owner.rsplit_once('-'))
+                        .is_some_and(|(token, _)| {
+                            token != self.owner.token
+                                && super::dead_owner(&self.root, token).is_some()
+                        }),
+                    None => !known.contains(&name),
+                };
+                if garbage && fs::remove_file(e.path()).is_ok() {
                     removed += 1;
                 }
             }
