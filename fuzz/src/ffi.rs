@@ -3,8 +3,9 @@
 //! close and reopen, with keys, parents, labels, field paths and filters picked by the bytes
 //! among good ones, taken ones, empty ones, NULLs and strings that are not UTF-8. Checked:
 //! every call returns a status code strata defines; a failure leaves a non-empty message in
-//! `strata_last_error`; a closed handle is refused with `STRATA_E_CLOSED`; what `stat` says
-//! agrees with what the calls did; and the store is fsck-clean after a cleanup at the end.
+//! `strata_last_error`; a closed handle is refused with `STRATA_E_CLOSED`; gc removes only
+//! committed snapshots, none in a dry run; what `stat` says agrees with what the calls did;
+//! and the store is fsck-clean after a cleanup at the end.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -342,16 +343,33 @@ pub fn ffi(data: &[u8]) {
             }
             9 => {
                 let mut out: *mut c_char = ptr::null_mut();
+                let dry_run = b.next() % 2 == 0;
                 // SAFETY: a handle value and an output pointer.
-                let rc = check("gc", unsafe {
-                    strata_gc(s.cast(), b.next() % 2 == 0, &mut out)
-                });
+                let rc = check("gc", unsafe { strata_gc(s.cast(), dry_run, &mut out) });
+                if rc == abi::STRATA_OK {
+                    // SAFETY: a string strata returned.
+                    let text = unsafe { CStr::from_ptr(out) }
+                        .to_string_lossy()
+                        .into_owned();
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .unwrap_or_else(|e| panic!("gc report {text:?}: {e}"));
+                    // gc removes the committed snapshots nothing holds (no image, lease, child,
+                    // Active or View on them); never an Active or View, never in a dry run.
+                    let keys: Vec<(Vec<u8>, c_int)> =
+                        model.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                    for (k, kind) in keys {
+                        let c = CString::new(k.clone()).unwrap();
+                        if stat_kind(s, &c).is_err() {
+                            assert!(
+                                !dry_run && kind == abi::STRATA_KIND_COMMITTED,
+                                "gc (dry run: {dry_run}) removed {c:?} of kind {kind}"
+                            );
+                            model.remove(&k);
+                        }
+                    }
+                }
                 // SAFETY: NULL or from the call.
                 unsafe { strata_free_string(out) };
-                if rc == abi::STRATA_OK {
-                    // gc keeps snapshots (only images and leases hold layers, and removed
-                    // storage); the model's keys all stay.
-                }
             }
             10 => {
                 // SAFETY: the open handle.
