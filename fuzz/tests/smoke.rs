@@ -121,7 +121,7 @@ fn run_one(name: &str, f: fn(&[u8]), data: &[u8], what: &str) {
         for b in data {
             h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
         }
-        let path = std::env::temp_dir().join(format!("strata-fuzz-{name}-{h:016x}"));
+        let path = std::env::temp_dir().join(format!("strata-fuzz-failed-{name}-{h:016x}"));
         std::fs::write(&path, data).unwrap();
         panic!(
             "fuzz target {name} failed on {what}; the input is in {} \
