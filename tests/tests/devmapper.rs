@@ -311,6 +311,70 @@ mod devmapper {
         );
     }
 
+    /// A process killed between suspending an origin (to snapshot it) and resuming it leaves
+    /// the device suspended and its block device frozen, which refuses mounts (EBUSY) and
+    /// holds reads; one killed while activating a device leaves it without a table. The next
+    /// view of the layer, diff of it and prepare on it set it right and work. Found by the
+    /// crash campaign (RELIABILITY.md).
+    #[test]
+    fn a_device_left_suspended_or_without_a_table_is_set_right() {
+        if !require_privileged("a thin device left suspended") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let (cfg, s) = own_pool(&root, 256 << 20, 64 << 20, "ext4");
+        let w = tmp.path();
+        layer(&s, w, None, "base", &[("a", b"kept")]);
+        // A diff leaves the layer's device active, read-only: the one device of the store.
+        s.diff("base", &Default::default(), std::io::sink())
+            .unwrap();
+        let ls = dmsetup(&["ls"]);
+        let prefix = format!("{}-", cfg.prefix);
+        let device = String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .find(|n| n.starts_with(&prefix))
+            .unwrap()
+            .to_string();
+        // What a process killed inside `create_snap`'s suspend/resume leaves.
+        let out = dmsetup(&["suspend", &device]);
+        assert!(out.status.success(), "{out:?}");
+
+        assert_eq!(read(&s, w, "base", "a"), b"kept");
+        s.diff("base", &Default::default(), std::io::sink())
+            .unwrap();
+        layer(&s, w, Some("base"), "child", &[("b", b"new")]);
+        assert_eq!(read(&s, w, "child", "a"), b"kept");
+        let info = dmsetup(&["info", "-c", "--noheadings", "-o", "attr", &device]);
+        assert!(
+            !String::from_utf8_lossy(&info.stdout).contains('s'),
+            "{device} is still suspended: {info:?}"
+        );
+
+        // A process killed between creating a layer's device and loading its table leaves
+        // the device without one: the next view of the layer makes it again.
+        let ids = |root: &Path| -> Vec<String> {
+            fs::read_dir(root.join("devices"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let before = ids(&root);
+        layer(&s, w, None, "other", &[("c", b"other")]);
+        let id = ids(&root)
+            .into_iter()
+            .find(|i| !before.contains(i))
+            .unwrap();
+        let out = dmsetup(&["create", &format!("{prefix}{id}"), "--notable"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(read(&s, w, "other", "c"), b"other");
+        s.diff("other", &Default::default(), std::io::sink())
+            .unwrap();
+        drop(s);
+        DevmapperBackend::destroy_pool(&root).unwrap();
+    }
+
     /// A pool the user made: strata keeps to its id range, a second store on the same range
     /// is refused with a clear error, and taking the stores down leaves the pool.
     #[test]

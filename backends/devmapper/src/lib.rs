@@ -589,7 +589,9 @@ impl DevmapperBackend {
     /// link fought over by snapshots that all carry their base's file-system UUID.
     fn activate(&self, thin: u64, readonly: bool) -> Result<PathBuf, DmapError> {
         if let Some(node) = self.node(thin)? {
-            return Ok(node);
+            if self.set_right(thin)? {
+                return Ok(node);
+            }
         }
         let name = self.name(thin);
         let dm_name = pool::dm_name(&name)?;
@@ -649,10 +651,38 @@ impl DevmapperBackend {
         }
     }
 
+    /// Makes active thin device `thin` usable again after a process died half way through
+    /// using it; says whether it is there afterwards. Resumes it if it is suspended: left so
+    /// by a process killed between suspending it as an origin and resuming it
+    /// ([`Self::snapshot`]); a suspended device holds every I/O, and device-mapper froze its
+    /// block device, which refuses mounts (EBUSY). Resuming a device another process suspended
+    /// a moment ago for its own snapshot is harmless: origins are committed layers, nothing
+    /// writes to them. Removes it if it has no table: left by a process killed between
+    /// creating the device and loading its table ([`Self::activate`] makes it again).
+    fn set_right(&self, thin: u64) -> Result<bool, DmapError> {
+        let name = self.name(thin);
+        let id = DevId::Name(pool::dm_name(&name)?);
+        let Ok(info) = self.dm.device_info(&id) else {
+            return Ok(false);
+        };
+        if !info.flags().contains(DmFlags::DM_ACTIVE_PRESENT) {
+            self.dm
+                .device_remove(&id, DmOptions::private())
+                .map_err(|e| DmapError::dm(&name, "remove the device left without a table", e))?;
+            return Ok(false);
+        }
+        if info.flags().contains(DmFlags::DM_SUSPEND) {
+            self.dm
+                .device_suspend(&id, DmOptions::private())
+                .map_err(|e| DmapError::dm(&name, "resume the device left suspended", e))?;
+        }
+        Ok(true)
+    }
+
     /// `create_snap new origin`, suspending the origin around it when it is active.
     fn snapshot(&self, new: u64, origin: u64) -> Result<(), DmapError> {
         let origin_name = self.name(origin);
-        let active = self.node(origin)?.is_some();
+        let active = self.node(origin)?.is_some() && self.set_right(origin)?;
         let dm_name = pool::dm_name(&origin_name)?;
         let id = DevId::Name(dm_name);
         if active {
