@@ -112,3 +112,126 @@ fn full_disk_on_btrfs() {
     let tmp = tempfile::tempdir().unwrap();
     full_disk("btrfs", &tmp.path().join("fs"));
 }
+
+/// The campaigns on devmapper, in the VM (tests/vm/run; the host kernel has no
+/// device-mapper). Each makes a loop-backed thin pool of its own and must take it down: no
+/// device-mapper device or loop device of it is left.
+#[cfg(feature = "devmapper")]
+mod devmapper {
+    use super::*;
+
+    /// The kills of the crash campaign: `STRATA_STRESS_KILLS` when set (the long run of
+    /// RELIABILITY.md, through `tests/vm/run --env`), else 24.
+    fn kills() -> u64 {
+        std::env::var("STRATA_STRESS_KILLS").map_or(24, |v| v.parse().unwrap())
+    }
+
+    /// `STRATA_STRESS_MAX_SECS`: a time limit for the crash campaign (it stops after the
+    /// kill that passes it and reports how many it made), for a long run that must end in
+    /// time; none when unset.
+    fn max_secs() -> Option<String> {
+        std::env::var("STRATA_STRESS_MAX_SECS").ok()
+    }
+
+    /// `STRATA_STRESS_ROUNDS` when set, else 4: one round of each operation.
+    fn rounds() -> u64 {
+        std::env::var("STRATA_STRESS_ROUNDS").map_or(4, |v| v.parse().unwrap())
+    }
+
+    /// [`stress`], with the campaign's progress lines going straight to the test's standard
+    /// error: a run stopped from outside (the VM's timeout) still shows how far it got.
+    fn stress_live(mode: &str, root: &Path, args: &[&str]) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata-stress"))
+            .args([mode, "--backend", "devmapper"])
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode} on devmapper failed (its errors above)"
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("{summary}");
+        summary
+    }
+
+    /// Nothing of the campaign's pool is left: none of the device-mapper devices named in its
+    /// summary (the pool, its linear devices, the thin devices) and no loop device over a file
+    /// under `dir`.
+    fn nothing_left(summary: &serde_json::Value, dir: &Path) {
+        let names = summary["dm_names"].as_array().unwrap();
+        let ls = Command::new("dmsetup").arg("ls").output().unwrap();
+        let ls = String::from_utf8_lossy(&ls.stdout);
+        for name in names {
+            let name = name.as_str().unwrap();
+            assert!(!ls.contains(name), "{name} is left in `dmsetup ls`: {ls}");
+        }
+        let dir = std::fs::canonicalize(dir).unwrap();
+        let mut loops = String::new();
+        // Detaching a loop device completes a moment after losetup returns.
+        for _ in 0..50 {
+            let out = Command::new("losetup").arg("-l").output().unwrap();
+            loops = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !loops.contains(dir.to_str().unwrap()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("loop devices over the campaign's files are left: {loops}");
+    }
+
+    #[test]
+    fn crash_campaign() {
+        if !require_privileged("the crash campaign on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let kills = kills().to_string();
+        // Under emulation a worker needs most of a second to open the store: kills up to 3 s
+        // in land in its operations too.
+        // `STRATA_STRESS_SEED`: another sequence of operations (a long run's).
+        let seed = std::env::var("STRATA_STRESS_SEED").unwrap_or_else(|_| "14".into());
+        let mut args = vec!["--kills", &kills, "--seed", &seed, "--max-ms", "3000"];
+        let limit = max_secs();
+        if let Some(secs) = &limit {
+            args.extend(["--max-secs", secs]);
+        }
+        let summary = stress_live("crash", &tmp.path().join("root"), &args);
+        if limit.is_none() {
+            assert_eq!(summary["kills"].to_string(), kills, "{summary}");
+        }
+        assert!(summary["layers_checked"].as_u64().unwrap() > 0, "{summary}");
+        nothing_left(&summary, tmp.path());
+    }
+
+    /// Not yet in the test command: under emulation, with the test profile's unoptimised
+    /// build, the campaign's setup (layers of 12 and 24 MiB hashed, exported and compressed)
+    /// did not finish in 16 minutes. `--ignored` runs it (RELIABILITY.md).
+    #[test]
+    #[ignore = "too slow under emulation with an unoptimised build; run with --ignored"]
+    fn full_disk_campaign() {
+        if !require_privileged("a full thin pool") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let rounds = rounds();
+        let summary = stress_live(
+            "enospc",
+            &tmp.path().join("fs"),
+            &["--rounds", &rounds.to_string(), "--seed", "15"],
+        );
+        let outcomes = summary["outcomes"].as_object().unwrap();
+        assert_eq!(outcomes.len(), 4.min(rounds as usize), "{summary}");
+        // apply-layer, copy and import bring more than there is room for.
+        for op in ["apply-layer", "copy", "import"] {
+            assert!(
+                outcomes[op]["failed_full"].as_u64().unwrap() >= 1,
+                "{op}: {summary}"
+            );
+        }
+        nothing_left(&summary, tmp.path());
+    }
+}

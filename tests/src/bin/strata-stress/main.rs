@@ -1,9 +1,10 @@
 //! `strata-stress`: the reliability campaigns of `RELIABILITY.md`.
 //!
 //! ```text
-//! strata-stress crash --backend overlay|native|btrfs --root DIR [--kills N] [--seed S]
-//!                     [--max-ms M] [--no-sync]
-//! strata-stress enospc --backend overlay|native|btrfs --root DIR [--rounds N] [--size MIB]
+//! strata-stress crash --backend overlay|native|btrfs|devmapper --root DIR [--kills N]
+//!                     [--seed S] [--max-ms M] [--max-secs T] [--no-sync]
+//! strata-stress enospc --backend overlay|native|btrfs|devmapper --root DIR [--rounds N]
+//!                     [--size MIB]
 //! ```
 //!
 //! **Crash campaign.** `N` times: a worker process (this program, `worker` mode) runs a random
@@ -24,7 +25,15 @@
 //!   works afterwards; then nothing is left mounted under the root.
 //!
 //! Each worker appends what it did to `DIR.log` (a SIGKILL loses no completed `write`).
-//! Prints a JSON summary; exits 1 on the first violation, naming it.
+//! Prints a JSON summary; exits 1 on the first violation, naming it. `--max-secs T` ends the
+//! campaign after the kill that passes `T` seconds (the summary says how many it made).
+//!
+//! **devmapper** (the tests crate's `devmapper` feature; device-mapper runs in the VM of
+//! `tests/vm/run`): the workers and the checks share the store's thin pool through its root,
+//! so this process makes a loop-backed pool there before the first worker (16 GiB of data,
+//! sparse; 128 MiB ext4 snapshots) and takes it down at the end (`devmapper.rs`). After each
+//! kill it also checks that every active thin device of the store is a snapshot the store
+//! has and none is half made.
 //!
 //! **Full disk.** On a file system of its own (`--size` MiB, default 96: ext4 on a loop device
 //! for native and overlay, btrfs — at least 160 MiB — for btrfs, mounted on `DIR`), a store gets a few small kept
@@ -34,12 +43,18 @@
 //! Active snapshot, import the layout, write into a new Active snapshot and commit it. Each
 //! must succeed or fail with an error that says the disk is full; then the kept layers hold
 //! what they held, `fsck` is clean after `cleanup`, and once the round's snapshots are removed
-//! and `gc` ran the free space is back (within 4 MiB of what it was).
+//! and `gc` ran the free space is back (within 4 MiB of what it was). On devmapper the store
+//! gets a thin pool of its own instead (`--size` MiB of data, at least 128, ext4 snapshots
+//! twice as large, so that the pool fills before their file system); what fills and must come
+//! back is the pool's data space, from its status.
 //!
 //! The random numbers are a splitmix64 sequence from `--seed` (and the round), so a failing
 //! round can be replayed; no dependency for twenty lines.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[cfg(feature = "devmapper")]
+mod devmapper;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -109,6 +124,8 @@ struct Args {
     durable: bool,
     rounds: u64,
     size_mib: u64,
+    /// crash: stop after this many seconds, however many kills were made.
+    max_secs: Option<u64>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -127,6 +144,7 @@ fn parse_args() -> Res<Args> {
         durable: true,
         rounds: 12,
         size_mib: 96,
+        max_secs: None,
     };
     while let Some(flag) = it.next() {
         if flag == "--no-sync" {
@@ -144,6 +162,7 @@ fn parse_args() -> Res<Args> {
             "--ops" => a.ops = Some(num()?),
             "--rounds" => a.rounds = num()?,
             "--size" => a.size_mib = num()?.max(48),
+            "--max-secs" => a.max_secs = Some(num()?),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -182,6 +201,15 @@ fn open(backend: &str, root: &Path, durable: bool) -> Res<Box<dyn AnyStore>> {
             Store::open(
                 root,
                 strata_btrfs::BtrfsBackend::open(root).map_err(err("btrfs"))?,
+                opts,
+            )
+            .map_err(err("open"))?,
+        ),
+        #[cfg(feature = "devmapper")]
+        "devmapper" => Box::new(
+            Store::open(
+                root,
+                strata_devmapper::DevmapperBackend::open(root).map_err(err("devmapper"))?,
                 opts,
             )
             .map_err(err("open"))?,
@@ -525,6 +553,10 @@ fn check(a: &Args, checked: &mut BTreeSet<String>) -> Res<(usize, usize)> {
     if !report.is_clean() {
         return Err(format!("fsck after recovery is not clean: {report:?}"));
     }
+    #[cfg(feature = "devmapper")]
+    if a.backend == "devmapper" {
+        devmapper::check_devices(&a.root)?;
+    }
     let log = read_log(&a.root)?;
     let mut lost = Vec::new();
     for name in log.kept.keys().filter(|n| !log.let_go.contains(*n)) {
@@ -591,12 +623,27 @@ fn worker_command(exe: &Path, a: &Args, seed: u64) -> Command {
 }
 
 fn crash(a: &Args) -> Res<()> {
+    // devmapper: one thin pool for the campaign, made in the root, where every process finds
+    // it; taken down when this returns. 16 GiB of data, sparse: what the layers use.
+    #[cfg(feature = "devmapper")]
+    let pool = (a.backend == "devmapper")
+        .then(|| devmapper::CampaignPool::create(&a.root, 16 << 30, 128 << 20))
+        .transpose()?;
+    #[cfg(feature = "devmapper")]
+    let dm_names = pool.as_ref().map(|p| [p.pool.clone(), p.prefix.clone()]);
+    #[cfg(not(feature = "devmapper"))]
+    let dm_names: Option<[String; 2]> = None;
     let exe = std::env::current_exe().map_err(err("current exe"))?;
     let mut rng = Rng(a.seed ^ 0x5eed);
     let mut checked = BTreeSet::new();
     let started = Instant::now();
     let mut killed_running = 0;
     for round in 0..a.kills {
+        if a.max_secs
+            .is_some_and(|s| started.elapsed() >= Duration::from_secs(s))
+        {
+            break;
+        }
         let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(round);
         let mut cmd = worker_command(&exe, a, seed);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
@@ -618,6 +665,13 @@ fn crash(a: &Args) -> Res<()> {
         }
         killed_running += 1;
         check(a, &mut checked).map_err(|e| format!("round {round} (seed {seed}): {e}"))?;
+        // Progress on standard error: what a long run that is stopped from outside made.
+        if killed_running % 25 == 0 {
+            eprintln!(
+                "crash: {killed_running} kills checked, {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     // Afterwards everything works: a worker runs to the end.
     let seed = a.seed.wrapping_mul(1_000_003).wrapping_add(a.kills);
@@ -655,6 +709,7 @@ fn crash(a: &Args) -> Res<()> {
             "layers_kept": kept,
             "layers_checked": checked.len(),
             "seconds": started.elapsed().as_secs_f64(),
+            "dm_names": dm_names,
         })
     );
     Ok(())
@@ -672,15 +727,56 @@ fn says_full(e: &str) -> bool {
     e.contains("space") || e.contains("full")
 }
 
-/// Writes 1 MiB files into `dir` until fewer than `leave` bytes are free (or the disk is
-/// full); returns how many.
-fn fill(dir: &Path, leave: u64, rng: &mut Rng) -> Res<usize> {
+/// Where the full-disk campaign's store lives: on a file system of its own, or (devmapper)
+/// with a thin pool of its own, whose data space is what runs out.
+enum Room {
+    Fs(strata_tests::LoopFs),
+    #[cfg(feature = "devmapper")]
+    Pool(PathBuf, devmapper::CampaignPool),
+}
+
+impl Room {
+    /// The directory the store is made in.
+    fn path(&self) -> &Path {
+        match self {
+            Room::Fs(fs) => fs.path(),
+            #[cfg(feature = "devmapper")]
+            Room::Pool(dir, _) => dir,
+        }
+    }
+
+    /// Bytes left: free on the file system, or free data blocks in the pool.
+    fn free(&self) -> Res<u64> {
+        match self {
+            Room::Fs(fs) => free_bytes(fs.path()),
+            #[cfg(feature = "devmapper")]
+            Room::Pool(_, pool) => pool.free(),
+        }
+    }
+
+    /// A pool's device-mapper name and its thin devices' prefix: what must be gone after.
+    fn dm_names(&self) -> Option<[String; 2]> {
+        match self {
+            Room::Fs(_) => None,
+            #[cfg(feature = "devmapper")]
+            Room::Pool(_, p) => Some([p.pool.clone(), p.prefix.clone()]),
+        }
+    }
+}
+
+/// Writes 1 MiB files into `dir` until fewer than `leave` bytes are left in `room` (or the
+/// disk is full); returns how many. Each file is synced: a thin pool only sees what reached
+/// the device.
+fn fill(room: &Room, dir: &Path, leave: u64, rng: &mut Rng) -> Res<usize> {
     let chunk = rng.bytes(1 << 20);
     let mut n = 0;
-    while free_bytes(dir)? > leave + (1 << 20) {
-        match fs::write(dir.join(format!("fill-{n}")), &chunk) {
+    while room.free()? > leave + (1 << 20) {
+        let written = fs::File::create(dir.join(format!("fill-{n}")))
+            .and_then(|mut f| f.write_all(&chunk).and_then(|()| f.sync_all()));
+        match written {
             Ok(()) => n += 1,
-            Err(e) if e.raw_os_error() == Some(28) => break,
+            // ENOSPC; EIO from a thin pool out of data space.
+            Err(e) if matches!(e.raw_os_error(), Some(28 | 5)) => break,
             Err(e) => return Err(format!("fill: {e}")),
         }
     }
@@ -690,14 +786,22 @@ fn fill(dir: &Path, leave: u64, rng: &mut Rng) -> Res<usize> {
 fn enospc(a: &Args) -> Res<()> {
     // mkfs.btrfs refuses less than 109 MiB, and a small btrfs gives much of itself to
     // metadata (kept twice).
+    // devmapper: the pool's data (its ext4 base, twice as large, keeps its own free space
+    // out of the way) must hold the base's inode tables and journal, 30 MiB, besides.
     let size_mib = match a.backend.as_str() {
         "btrfs" => a.size_mib.max(160),
+        "devmapper" => a.size_mib.max(128),
         _ => a.size_mib,
     };
     let size = size_mib << 20;
     let fs_guard = match a.backend.as_str() {
-        "btrfs" => strata_tests::LoopFs::mount_at(&a.root, size),
-        _ => strata_tests::LoopFs::ext4_at(&a.root, size),
+        "btrfs" => Room::Fs(strata_tests::LoopFs::mount_at(&a.root, size)),
+        #[cfg(feature = "devmapper")]
+        "devmapper" => Room::Pool(
+            a.root.clone(),
+            devmapper::CampaignPool::create(&a.root.join("store"), size, 2 * size)?,
+        ),
+        _ => Room::Fs(strata_tests::LoopFs::ext4_at(&a.root, size)),
     };
     let root = fs_guard.path().join("store");
     let outside = a.root.with_extension("outside");
@@ -717,6 +821,11 @@ fn enospc(a: &Args) -> Res<()> {
             tmp: tmp.clone(),
             n: 0,
         };
+        eprintln!(
+            "enospc: the store is open, {} MiB free ({:.0} s)",
+            fs_guard.free()? >> 20,
+            started.elapsed().as_secs_f64()
+        );
         // Kept layers with manifests.
         for _ in 0..3 {
             w.n += 1;
@@ -753,7 +862,13 @@ fn enospc(a: &Args) -> Res<()> {
         s.gc(false).map_err(err("gc"))?;
         s.cleanup().map_err(err("cleanup"))?;
         let kept = read_log_file(&outside.join("log"))?.kept;
-        let free0 = free_bytes(&root)?;
+        eprintln!(
+            "enospc: {} kept layers and the layout made, {} MiB free ({:.0} s)",
+            kept.len(),
+            fs_guard.free()? >> 20,
+            started.elapsed().as_secs_f64()
+        );
+        let free0 = fs_guard.free()?;
 
         let mut outcomes: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         let mut messages = BTreeSet::new();
@@ -763,7 +878,12 @@ fn enospc(a: &Args) -> Res<()> {
                 .prepare(&filler, None, Labels::new())
                 .map_err(err("prepare the filler"))?;
             let t = TempMount::new_in(&tmp, &m).map_err(err("mount the filler"))?;
-            fill(t.path(), 2 << 20, &mut w.rng)?;
+            let filled = fill(&fs_guard, t.path(), 2 << 20, &mut w.rng)?;
+            eprintln!(
+                "enospc: round {round}: filled {filled} MiB, {} MiB left ({:.0} s)",
+                fs_guard.free()? >> 20,
+                started.elapsed().as_secs_f64()
+            );
             t.unmount()
                 .map_err(|e| format!("unmount the filler: {e}"))?;
             let op = ["apply-layer", "copy", "import", "commit"][(round % 4) as usize];
@@ -797,6 +917,11 @@ fn enospc(a: &Args) -> Res<()> {
                         .map_err(|e| e.to_string())
                 })(),
             };
+            eprintln!(
+                "enospc: round {round}, {op}: {} ({:.0} s)",
+                r.as_ref().err().map_or("succeeded", |e| e.as_str()),
+                started.elapsed().as_secs_f64()
+            );
             let entry = outcomes.entry(op).or_default();
             match r {
                 Ok(()) => entry.0 += 1,
@@ -849,10 +974,10 @@ fn enospc(a: &Args) -> Res<()> {
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(10);
-            let mut back = free_bytes(&root)?;
+            let mut back = fs_guard.free()?;
             while back + (4 << 20) < free0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(200));
-                back = free_bytes(&root)?;
+                back = fs_guard.free()?;
             }
             if back + (4 << 20) < free0 {
                 return Err(format!(
@@ -876,9 +1001,15 @@ fn enospc(a: &Args) -> Res<()> {
             "outcomes": outcomes.iter().map(|(op, (ok, full))| (op.to_string(), serde_json::json!({"succeeded": ok, "failed_full": full}))).collect::<serde_json::Map<_, _>>(),
             "messages": messages,
             "seconds": started.elapsed().as_secs_f64(),
+            "dm_names": fs_guard.dm_names(),
         }))
     })();
+    let pool = (!matches!(fs_guard, Room::Fs(_))).then_some(root);
     drop(fs_guard);
+    // A pool's store is in a plain directory: gone with it.
+    if let Some(root) = pool {
+        let _ = fs::remove_dir_all(root);
+    }
     let _ = fs::remove_dir_all(&outside);
     println!("{}", result?);
     Ok(())
