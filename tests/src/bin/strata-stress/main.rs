@@ -33,7 +33,7 @@
 //! so this process makes a loop-backed pool there before the first worker (16 GiB of data,
 //! sparse; 128 MiB ext4 snapshots) and takes it down at the end (`devmapper.rs`). After each
 //! kill it also checks that every active thin device of the store is a snapshot the store
-//! has and none is half made.
+//! has (one left without a table by a killed activation is its snapshot's: made again on use).
 //!
 //! **Full disk.** On a file system of its own (`--size` MiB, default 96: ext4 on a loop device
 //! for native and overlay, btrfs — at least 160 MiB — for btrfs, mounted on `DIR`), a store gets a few small kept
