@@ -113,6 +113,70 @@ fn full_disk_on_btrfs() {
     full_disk("btrfs", &tmp.path().join("fs"));
 }
 
+/// The concurrency campaign: 5 threads (one running gc every few ms, one exporting) and 2
+/// worker processes on one store for 12 s; then the crash campaign's checks and the
+/// accounting check.
+fn concurrency(backend: &str, root: &Path, seed: &str) {
+    let summary = stress(
+        "concurrent",
+        backend,
+        root,
+        &[
+            "--threads",
+            "5",
+            "--procs",
+            "2",
+            "--secs",
+            "12",
+            "--seed",
+            seed,
+        ],
+    );
+    let by_op = summary["by_operation"].as_object().unwrap();
+    for op in ["build", "apply-layer", "export", "gc"] {
+        assert!(
+            by_op[op][0].as_u64().unwrap() > 0,
+            "no {op} succeeded: {summary}"
+        );
+    }
+    // Removes may all be refused (a child or another image holds the layer): they ran.
+    let removes = &by_op["remove"];
+    assert!(
+        removes[0].as_u64().unwrap() + removes[1].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(summary["layers_checked"].as_u64().unwrap() > 0, "{summary}");
+}
+
+#[test]
+fn concurrency_campaign_on_native() {
+    if !require_privileged("the concurrency campaign on native (bind mounts)") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    concurrency("native", &tmp.path().join("root"), "21");
+}
+
+#[test]
+fn concurrency_campaign_on_overlay() {
+    if !require_privileged("the concurrency campaign on overlay") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    concurrency("overlay", &tmp.path().join("root"), "22");
+}
+
+#[cfg(feature = "btrfs")]
+#[test]
+fn concurrency_campaign_on_btrfs() {
+    if !require_privileged("the concurrency campaign on btrfs") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = strata_tests::LoopBtrfs::mount_at(&tmp.path().join("btrfs"), 1 << 30);
+    concurrency("btrfs", &fs.path().join("root"), "23");
+}
+
 /// The campaigns on devmapper, in the VM (tests/vm/run; the host kernel has no
 /// device-mapper). Each makes a loop-backed thin pool of its own and must take it down: no
 /// device-mapper device or loop device of it is left.
@@ -203,6 +267,35 @@ mod devmapper {
         if limit.is_none() {
             assert_eq!(summary["kills"].to_string(), kills, "{summary}");
         }
+        assert!(summary["layers_checked"].as_u64().unwrap() > 0, "{summary}");
+        nothing_left(&summary, tmp.path());
+    }
+
+    /// The concurrency campaign on a thin pool of its own: 3 threads (gc, exports, a
+    /// builder) and a worker process for 20 s, then the checks and the accounting check.
+    #[test]
+    fn concurrency_campaign() {
+        if !require_privileged("the concurrency campaign on devmapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let summary = stress_live(
+            "concurrent",
+            &tmp.path().join("root"),
+            &[
+                "--threads",
+                "3",
+                "--procs",
+                "1",
+                "--secs",
+                "20",
+                "--seed",
+                "24",
+            ],
+        );
+        let by_op = summary["by_operation"].as_object().unwrap();
+        assert!(by_op["build"][0].as_u64().unwrap() > 0, "{summary}");
+        assert!(by_op["gc"][0].as_u64().unwrap() > 0, "{summary}");
         assert!(summary["layers_checked"].as_u64().unwrap() > 0, "{summary}");
         nothing_left(&summary, tmp.path());
     }

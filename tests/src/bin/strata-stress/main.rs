@@ -5,7 +5,12 @@
 //!                     [--seed S] [--max-ms M] [--max-secs T] [--no-sync]
 //! strata-stress enospc --backend overlay|native|btrfs|devmapper --root DIR [--rounds N]
 //!                     [--size MIB]
+//! strata-stress concurrent --backend overlay|native|btrfs|devmapper --root DIR [--threads T]
+//!                     [--procs P] [--secs S] [--seed S]
 //! ```
+//!
+//! **Concurrency campaign**: see `concurrent.rs`. After each campaign, the accounting check of
+//! `accounting.rs` (disk against the store's usage; nothing mounted or attached).
 //!
 //! **Crash campaign.** `N` times: a worker process (this program, `worker` mode) runs a random
 //! mix of operations on the store at `DIR` — build a layer (prepare, mount, write files,
@@ -69,6 +74,9 @@ use strata::layer::diff::DiffOptions;
 use strata::mount::TempMount;
 use strata::{AnyStore, Kind, Labels, Store, StoreOptions};
 
+mod accounting;
+mod concurrent;
+
 type Res<T> = Result<T, String>;
 
 fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
@@ -113,6 +121,7 @@ impl Rng {
     }
 }
 
+#[derive(Clone)]
 struct Args {
     mode: String,
     backend: String,
@@ -126,6 +135,9 @@ struct Args {
     size_mib: u64,
     /// crash: stop after this many seconds, however many kills were made.
     max_secs: Option<u64>,
+    threads: u64,
+    procs: u64,
+    secs: u64,
 }
 
 fn parse_args() -> Res<Args> {
@@ -145,6 +157,9 @@ fn parse_args() -> Res<Args> {
         rounds: 12,
         size_mib: 96,
         max_secs: None,
+        threads: 6,
+        procs: 2,
+        secs: 20,
     };
     while let Some(flag) = it.next() {
         if flag == "--no-sync" {
@@ -163,6 +178,9 @@ fn parse_args() -> Res<Args> {
             "--rounds" => a.rounds = num()?,
             "--size" => a.size_mib = num()?.max(48),
             "--max-secs" => a.max_secs = Some(num()?),
+            "--threads" => a.threads = num()?,
+            "--procs" => a.procs = num()?,
+            "--secs" => a.secs = num()?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -267,11 +285,18 @@ struct Worker<'a> {
     tag: String,
     tmp: PathBuf,
     n: u64,
+    /// Builds hold their snapshot under a lease from prepare to tag (as a builder beside a
+    /// running gc must); the crash campaign's single worker does not need to.
+    lease: bool,
 }
 
 impl Worker<'_> {
+    /// Appends a line to the log in one `write` (the log is opened for appending): lines of
+    /// concurrent writers never interleave.
     fn note(&mut self, line: &str) -> Res<()> {
-        writeln!(self.log, "{line}").map_err(err("write the log"))
+        self.log
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(err("write the log"))
     }
 
     fn parent(&mut self) -> Res<Option<String>> {
@@ -293,6 +318,13 @@ impl Worker<'_> {
             Err(e) if e.kind() == strata::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(format!("prepare {key}: {e}")),
         };
+        let lease = format!("build/{id}");
+        if self.lease {
+            self.s
+                .lease_create(&lease, Some(Duration::from_secs(600)))
+                .and_then(|()| self.s.lease_add(&lease, &[&key]))
+                .map_err(|e| format!("lease {lease}: {e}"))?;
+        }
         let m = TempMount::new_in(&self.tmp, &mounts).map_err(err("mount"))?;
         // Sometimes delete something the parent has: whiteouts, copy-ups.
         if parent.is_some() && self.rng.below(3) == 0 {
@@ -319,6 +351,11 @@ impl Worker<'_> {
         self.s
             .tag(&format!("img/{id}"), &name)
             .map_err(|e| format!("tag {name}: {e}"))?;
+        if self.lease {
+            self.s
+                .lease_remove(&lease)
+                .map_err(|e| format!("remove lease {lease}: {e}"))?;
+        }
         self.note(&format!("kept {name} {id}"))
     }
 
@@ -337,10 +374,19 @@ impl Worker<'_> {
             layer.file(&p, &data);
         }
         let bytes = layer.bytes();
-        let applied = match self
-            .s
-            .apply_layer(parent.as_deref(), None, None, &mut bytes.as_slice())
-        {
+        let lease = format!("pull/{id}");
+        if self.lease {
+            self.s
+                .lease_create(&lease, Some(Duration::from_secs(600)))
+                .map_err(|e| format!("lease {lease}: {e}"))?;
+        }
+        let applied = match self.s.apply_layer_in(
+            self.lease.then_some(lease.as_str()),
+            parent.as_deref(),
+            None,
+            None,
+            &mut bytes.as_slice(),
+        ) {
             Ok(a) => a,
             Err(e) if e.kind() == strata::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(format!("apply-layer on {parent:?}: {e}")),
@@ -348,6 +394,11 @@ impl Worker<'_> {
         self.s
             .tag(&format!("img/{id}"), &applied.name)
             .map_err(|e| format!("tag {}: {e}", applied.name))?;
+        if self.lease {
+            self.s
+                .lease_remove(&lease)
+                .map_err(|e| format!("remove lease {lease}: {e}"))?;
+        }
         self.note(&format!("kept {} {id}", applied.name))
     }
 
@@ -465,6 +516,7 @@ fn worker(a: &Args) -> Res<()> {
         tag: format!("{}", a.seed),
         tmp,
         n: 0,
+        lease: false,
     };
     w.note(&format!("start {}", a.seed))?;
     loop {
@@ -502,9 +554,10 @@ fn read_log_file(path: &Path) -> Res<Log> {
     for line in text.lines() {
         let mut w = line.split(' ');
         match (w.next(), w.next(), w.next()) {
+            // A layer announced as let go stays so, even when a "kept" comes later: with
+            // several workers, another's untag may land between a tag and its "kept".
             (Some("kept"), Some(name), Some(id)) => {
                 l.kept.insert(name.to_string(), id.to_string());
-                l.let_go.remove(name);
             }
             (Some("removing"), Some(name), _) => {
                 l.let_go.insert(name.to_string());
@@ -685,17 +738,12 @@ fn crash(a: &Args) -> Res<()> {
         ));
     }
     let (kept, _) = check(a, &mut checked)?;
-    // Nothing left mounted from the store, by the workers or by the checks.
-    let root = fs::canonicalize(&a.root).map_err(err("resolve the root"))?;
-    let leaked: Vec<PathBuf> = strata::mount::list_mounts()
-        .map_err(err("read the mount table"))?
-        .into_iter()
-        .filter(|m| m.target.starts_with(&root))
-        .map(|m| m.target)
-        .collect();
-    if !leaked.is_empty() {
-        return Err(format!("mounts left under the root: {leaked:?}"));
-    }
+    // Nothing left mounted or leaked, and the disk holds what the store reports.
+    let accounting = accounting::check(
+        &a.backend,
+        &a.root,
+        dm_names.as_ref().map(|n| n[0].as_str()),
+    )?;
     let log = read_log(&a.root)?;
     println!(
         "{}",
@@ -708,6 +756,7 @@ fn crash(a: &Args) -> Res<()> {
             "operations_started": log.ops,
             "layers_kept": kept,
             "layers_checked": checked.len(),
+            "accounting": accounting,
             "seconds": started.elapsed().as_secs_f64(),
             "dm_names": dm_names,
         })
@@ -820,6 +869,7 @@ fn enospc(a: &Args) -> Res<()> {
             tag: format!("{}", a.seed),
             tmp: tmp.clone(),
             n: 0,
+            lease: false,
         };
         eprintln!(
             "enospc: the store is open, {} MiB free ({:.0} s)",
@@ -1020,7 +1070,11 @@ fn main() -> ExitCode {
         "crash" => crash(&a),
         "worker" => worker(&a),
         "enospc" => enospc(&a),
-        other => Err(format!("unknown mode {other:?}: crash, enospc or worker")),
+        "concurrent" => concurrent::run(&a),
+        "cworker" => concurrent::worker(&a),
+        other => Err(format!(
+            "unknown mode {other:?}: crash, enospc, concurrent, worker or cworker"
+        )),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
