@@ -11,72 +11,58 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use strata_tests::Rng;
 
 /// The time after which a target stops early (a slow machine), saying so.
 const BUDGET: Duration = Duration::from_secs(8);
 const MAX_LEN: usize = 64 << 10;
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 const INTERESTING: &[u8] = &[
     0, 1, 0x7f, 0x80, 0xff, b'/', b'.', b'\n', b'"', b',', b'=', b'0', b'7',
 ];
 
-fn mutate(rng: &mut SplitMix, corpus: &[Vec<u8>]) -> Vec<u8> {
-    let mut d = corpus[rng.below(corpus.len())].clone();
-    for _ in 0..1 + rng.below(4) {
+fn mutate(rng: &mut Rng, corpus: &[Vec<u8>]) -> Vec<u8> {
+    let mut d = corpus[rng.index(corpus.len())].clone();
+    for _ in 0..1 + rng.index(4) {
         let len = d.len();
-        match rng.below(7) {
+        match rng.index(7) {
             0 if len > 0 => {
-                let i = rng.below(len);
-                d[i] ^= 1 << rng.below(8);
+                let i = rng.index(len);
+                d[i] ^= 1 << rng.index(8);
             }
             1 if len > 0 => {
-                let i = rng.below(len);
-                d[i] = INTERESTING[rng.below(INTERESTING.len())];
+                let i = rng.index(len);
+                d[i] = INTERESTING[rng.index(INTERESTING.len())];
             }
             2 => {
-                let i = rng.below(len + 1);
-                d.insert(i, rng.next() as u8);
+                let i = rng.index(len + 1);
+                d.insert(i, rng.next_u64() as u8);
             }
             3 if len > 0 => {
-                let i = rng.below(len);
-                let n = 1 + rng.below((len - i).min(16));
+                let i = rng.index(len);
+                let n = 1 + rng.index((len - i).min(16));
                 d.drain(i..i + n);
             }
             4 if len > 0 => {
                 // Copy a chunk over another place.
-                let (a, b) = (rng.below(len), rng.below(len));
-                let n = 1 + rng.below((len - a.max(b)).min(32));
+                let (a, b) = (rng.index(len), rng.index(len));
+                let n = 1 + rng.index((len - a.max(b)).min(32));
                 let chunk = d[a..a + n].to_vec();
                 d[b..b + n].copy_from_slice(&chunk);
             }
             5 => {
                 // Splice: a prefix of this input and a suffix of another.
-                let other = &corpus[rng.below(corpus.len())];
-                let cut = rng.below(len + 1);
-                let from = rng.below(other.len() + 1);
+                let other = &corpus[rng.index(corpus.len())];
+                let cut = rng.index(len + 1);
+                let from = rng.index(other.len() + 1);
                 d.truncate(cut);
                 d.extend_from_slice(&other[from..]);
             }
             _ if len > 0 => {
-                let i = rng.below(len);
-                d[i] = rng.next() as u8;
+                let i = rng.index(len);
+                d[i] = rng.next_u64() as u8;
             }
-            _ => d.push(rng.next() as u8),
+            _ => d.push(rng.next_u64() as u8),
         }
     }
     d.truncate(MAX_LEN);
@@ -154,10 +140,9 @@ fn smoke(name: &str, iterations: usize) {
         run_one(name, f, d, &format!("seed {}", p.display()));
     }
     let corpus: Vec<Vec<u8>> = seeds.into_iter().map(|(_, d)| d).collect();
-    let mut rng = SplitMix(
-        name.bytes()
-            .fold(0x5eed, |h, b| h.wrapping_mul(31) ^ u64::from(b)),
-    );
+    let mut rng = Rng(name
+        .bytes()
+        .fold(0x5eed, |h, b| h.wrapping_mul(31) ^ u64::from(b)));
     let mut done = 0;
     while done < iterations && start.elapsed() < BUDGET {
         let input = mutate(&mut rng, &corpus);

@@ -20,6 +20,7 @@ mod layers;
 mod loopfs;
 mod mounted;
 mod privileged;
+mod rng;
 mod stores;
 
 pub use compare::{
@@ -33,6 +34,7 @@ pub use layers::{hostile_corpus, snapshot_of, HostileCase, LayerBuilder};
 pub use loopfs::{run_ok, LoopBtrfs, LoopFs};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
+pub use rng::Rng;
 
 /// Runs `f` on the stored tree of `layer` (of the store at `root`), behind the store's back,
 /// to damage it: the backend's directory of it, or (devmapper, which has none) its thin

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use strata::{AnyStore, ErrorKind};
 
-use crate::{err, open, sha_hex, Args, Res, Rng, Worker};
+use strata_tests::Rng;
+
+use crate::{err, open, sha_hex, Args, Res, Worker};
 
 /// What the threads and processes did, by operation: (succeeded, went away or held).
 #[derive(Default)]

@@ -54,7 +54,7 @@
 //! back is the pool's data space, from its status.
 //!
 //! The random numbers are a splitmix64 sequence from `--seed` (and the round), so a failing
-//! round can be replayed; no dependency for twenty lines.
+//! round can be replayed (`strata_tests::Rng`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -73,6 +73,7 @@ use sha2::{Digest as _, Sha256};
 use strata::layer::diff::DiffOptions;
 use strata::mount::TempMount;
 use strata::{AnyStore, Kind, Labels, Store, StoreOptions};
+use strata_tests::Rng;
 
 mod accounting;
 mod concurrent;
@@ -81,44 +82,6 @@ type Res<T> = Result<T, String>;
 
 fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
-}
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
-        if v.is_empty() {
-            None
-        } else {
-            v.get(self.below(v.len() as u64) as usize)
-        }
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(n);
-        out
-    }
 }
 
 #[derive(Clone)]
