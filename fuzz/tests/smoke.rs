@@ -122,10 +122,10 @@ fn run_one(name: &str, f: fn(&[u8]), data: &[u8], what: &str) {
 fn smoke(name: &str, iterations: usize) {
     // The appliers restore owners and make devices, and the whiteout target reads
     // overlayfs' trusted.* attributes: root only, as the rest of the layer tests.
-    if !rustix::process::geteuid().is_root()
-        && ["layer_apply", "whiteout", "oci_import"].contains(&name)
+    // Without root: skipped, or a failure under STRATA_REQUIRE_PRIVILEGED=1 (CI).
+    if ["layer_apply", "whiteout", "oci_import"].contains(&name)
+        && !strata_tests::require_root(&format!("the {name} fuzz target"))
     {
-        eprintln!("{name}: skipped (needs root)");
         return;
     }
     let f = target(name);
@@ -221,7 +221,7 @@ fn libfuzzer_artifacts_replay() {
 
 /// Writes the generated seeds into `fuzz/corpus/` (run by hand after changing them).
 #[test]
-#[ignore]
+#[ignore = "a tool, not a check: rewrites fuzz/corpus/ from the seed generator"]
 fn write_seed_corpus() {
     for (target, name, data) in strata_fuzz::seeds::all() {
         let dir = corpus_dir(target);
