@@ -215,6 +215,25 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 }
 
+impl Containerd {
+    /// Waits (30 s at most) until containerd's gc has removed every snapshot it made in
+    /// strata (Remove, then Cleanup).
+    fn wait_for_no_snapshots(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let snaps = self.ctr_ok(&["snapshots", "--snapshotter", "strata", "ls"]);
+            if snaps.lines().count() <= 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd's gc left snapshots: {snaps}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -368,18 +387,7 @@ fn containerd_runs_a_container_on(backend: &str, root: &Path, work: &Path) {
     // Removing the image lets containerd's gc remove the snapshots through strata (Remove,
     // then Cleanup reclaims their storage).
     ctrd.ctr_ok(&["images", "rm", "--sync", "strata.test/busybox:v1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let snaps = ctrd.ctr_ok(&["snapshots", "--snapshotter", "strata", "ls"]);
-        if snaps.lines().count() <= 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "containerd's gc left snapshots: {snaps}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    ctrd.wait_for_no_snapshots();
     let out = Command::new(BIN)
         .arg("--root")
         .arg(root)
@@ -769,18 +777,7 @@ fn containerd_traffic_beside_builders_gc_and_exports() {
     assert_eq!(runs.load(Ordering::Relaxed), 8);
     assert!(exports.load(Ordering::Relaxed) > 0);
     // containerd removed what it made; the store is clean.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let snaps = ctrd.ctr_ok(&["snapshots", "--snapshotter", "strata", "ls"]);
-        if snaps.lines().count() <= 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "containerd's gc left snapshots: {snaps}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    ctrd.wait_for_no_snapshots();
     let report = s.fsck(false).unwrap();
     assert!(report.is_clean(), "{report:?}");
     for (image, name) in s.images().unwrap() {

@@ -45,7 +45,9 @@ pub trait AnyStore: Snapshotter {
         digest: Option<&Digest>,
         diff_id: Option<&Digest>,
         input: &mut dyn Read,
-    ) -> Result<AppliedLayer>;
+    ) -> Result<AppliedLayer> {
+        self.apply_layer_in(None, parent, digest, diff_id, input)
+    }
 
     /// [`Store::apply_layer_in`]: [`AnyStore::apply_layer`], the layer held by `lease`.
     fn apply_layer_in(
@@ -142,16 +144,6 @@ impl<B: Backend> AnyStore for Store<B> {
 
     fn apply(&self, key: &str, input: &mut dyn Read, expected: Option<&Digest>) -> Result<Applied> {
         Store::apply(self, key, input, expected)
-    }
-
-    fn apply_layer(
-        &self,
-        parent: Option<&str>,
-        digest: Option<&Digest>,
-        diff_id: Option<&Digest>,
-        input: &mut dyn Read,
-    ) -> Result<AppliedLayer> {
-        Store::apply_layer(self, parent, digest, diff_id, input)
     }
 
     fn apply_layer_in(
