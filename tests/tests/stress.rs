@@ -204,8 +204,13 @@ mod devmapper {
 
     /// [`stress`], with the campaign's progress lines going straight to the test's standard
     /// error: a run stopped from outside (the VM's timeout) still shows how far it got.
+    ///
+    /// `STRATA_STRESS_BIN`: another build of `strata-stress` to run (a release build, for the
+    /// long runs under emulation, where the test profile's is several times slower).
     fn stress_live(mode: &str, root: &Path, args: &[&str]) -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_strata-stress"))
+        let bin = std::env::var_os("STRATA_STRESS_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_strata-stress").into());
+        let out = Command::new(bin)
             .args([mode, "--backend", "devmapper"])
             .arg("--root")
             .arg(root)
@@ -273,12 +278,10 @@ mod devmapper {
 
     /// The concurrency campaign on a thin pool of its own: 3 threads (gc, exports, a
     /// builder) and a worker process for 20 s, then the checks and the accounting check.
-    /// Not yet in the test command: its first run found an export guard marking a healthy
-    /// layer broken ("its storage is missing from the devmapper backend"): the backend's
-    /// `exists` activates and deactivates a device that other threads and processes use at
-    /// the same time (RELIABILITY.md, *Not yet*). `--ignored` runs it.
+    /// Its first run found an export guard marking a healthy layer broken ("its storage is
+    /// missing from the devmapper backend"): two users activating one device raced
+    /// (RELIABILITY.md); device activation now holds the backend's device lock.
     #[test]
-    #[ignore = "finds a devmapper race not fixed yet (RELIABILITY.md); run with --ignored"]
     fn concurrency_campaign() {
         if !require_privileged("the concurrency campaign on devmapper") {
             return;

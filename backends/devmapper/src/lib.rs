@@ -23,6 +23,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use devicemapper::{DevId, Device, DmFlags, DmOptions, DM};
 use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
@@ -299,6 +300,69 @@ pub struct DevmapperBackend {
     pool_dev: Device,
     /// `root/devices`: a file per thin id strata created, named by the id.
     devices: PathBuf,
+    /// Serialises device activation among the store's threads and processes.
+    lock: DeviceLock,
+}
+
+/// The lock every change of a thin device's activation (and every look at it that activates
+/// it for a moment) holds: `root/devices/.lock`, flocked, behind a mutex for the threads of
+/// one process (a flock is held by an open file, which the threads share).
+///
+/// Without it, two users activating one device raced: the second one's create failed
+/// because the name was taken, it then removed the first one's half-made device, and the
+/// existence check of an export guard answered "missing" for a healthy layer; a device
+/// another process was still activating looked "left without a table" and was removed.
+#[derive(Debug)]
+struct DeviceLock {
+    path: PathBuf,
+    file: Mutex<Option<fs::File>>,
+}
+
+/// A held [`DeviceLock`]; released on drop.
+struct DeviceLockGuard<'a> {
+    file: MutexGuard<'a, Option<fs::File>>,
+}
+
+impl Drop for DeviceLockGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.file.as_ref() {
+            // Released before the mutex is (fields drop after this body).
+            let _ = rustix::fs::flock(f, rustix::fs::FlockOperation::Unlock);
+        }
+    }
+}
+
+impl DeviceLock {
+    fn new(devices: &Path) -> DeviceLock {
+        DeviceLock {
+            path: devices.join(".lock"),
+            file: Mutex::new(None),
+        }
+    }
+
+    /// Waits for the lock. Not re-entrant: callers hold it at the [`Backend`] entry points
+    /// only.
+    fn hold(&self) -> Result<DeviceLockGuard<'_>, DmapError> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                fs::create_dir_all(dir)
+                    .map_err(|e| DmapError::io(dir, "create the devices directory", e))?;
+            }
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| DmapError::io(&self.path, "open the device lock", e))?;
+            *file = Some(f);
+        }
+        if let Some(f) = file.as_ref() {
+            rustix::fs::flock(f, rustix::fs::FlockOperation::LockExclusive)
+                .map_err(|e| DmapError::io(&self.path, "lock the devices", e.into()))?;
+        }
+        Ok(DeviceLockGuard { file })
+    }
 }
 
 impl std::fmt::Debug for DevmapperBackend {
@@ -411,10 +475,12 @@ impl DevmapperBackend {
         cfg: PoolConfig,
         pool_dev: Device,
     ) -> Result<PoolConfig, DmapError> {
+        let devices = root.join("devices");
         let backend = DevmapperBackend {
             dm,
             root: root.to_path_buf(),
-            devices: root.join("devices"),
+            lock: DeviceLock::new(&devices),
+            devices,
             cfg,
             pool_dev,
         };
@@ -439,6 +505,7 @@ impl DevmapperBackend {
             root: root.to_path_buf(),
             cfg,
             pool_dev,
+            lock: DeviceLock::new(&devices),
             devices,
         })
     }
@@ -828,6 +895,7 @@ impl Backend for DevmapperBackend {
         _opts: &CreateOptions,
     ) -> Result<(), DmapError> {
         let thin = self.thin(id)?;
+        let _held = self.lock.hold()?;
         let origin = match parents.first() {
             Some(&p) => self.thin(p)?,
             None => self.cfg.thin_offset,
@@ -855,7 +923,7 @@ impl Backend for DevmapperBackend {
         let result = self.activate(thin, kind == Kind::View).map(|_| ());
         if result.is_err() {
             // No half-made device stays behind.
-            if let Err(e) = self.remove(id) {
+            if let Err(e) = self.remove_device(id) {
                 tracing::warn!(id, error = %e, "could not remove the device of a failed create");
             }
         }
@@ -864,6 +932,7 @@ impl Backend for DevmapperBackend {
 
     fn commit(&self, id: u64, _parents: &[u64], _durable: bool) -> Result<Usage, DmapError> {
         let thin = self.thin(id)?;
+        let _held = self.lock.hold()?;
         let node = self.activate(thin, false)?;
         // A filesystem still mounted (containerd commits so) may hold dirty pages the device
         // has not seen: only a sync of every filesystem reaches them. Then the device's flush
@@ -887,17 +956,76 @@ impl Backend for DevmapperBackend {
         if kind == Kind::Committed {
             return Err(DmapError::Committed { id });
         }
-        let node = self.activate(self.thin(id)?, kind == Kind::View)?;
+        let thin = self.thin(id)?;
+        let _held = self.lock.hold()?;
+        let node = self.activate(thin, kind == Kind::View)?;
         Ok(vec![self.mount_of(&node, kind == Kind::View)])
     }
 
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, DmapError> {
         let top = *chain.first().ok_or(DmapError::EmptyChain)?;
-        let node = self.activate(self.thin(top)?, true)?;
+        let thin = self.thin(top)?;
+        let _held = self.lock.hold()?;
+        let node = self.activate(thin, true)?;
         Ok(vec![self.mount_of(&node, true)])
     }
 
     fn remove(&self, id: u64) -> Result<(), DmapError> {
+        let thin = self.thin(id)?;
+        // A device still open (a mount, a reader) is neither discarded under its user's feet
+        // nor left to a deferred removal the pool would refuse to delete the id after: wait
+        // a little for its last user (without the device lock, which others need meanwhile).
+        let mut waited = 0;
+        while self.open_count(thin)? > 0 && waited < 50 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            waited += 1;
+        }
+        let _held = self.lock.hold()?;
+        self.remove_device(id)
+    }
+
+    fn usage(&self, id: u64) -> Result<Usage, DmapError> {
+        let thin = self.thin(id)?;
+        let _held = self.lock.hold()?;
+        let was_active = self.node(thin)?.is_some();
+        self.activate(thin, true)?;
+        let size = self.mapped(thin);
+        if !was_active {
+            self.deactivate(thin)?;
+        }
+        Ok(Usage {
+            size: size?,
+            inodes: 0,
+        })
+    }
+
+    fn ids(&self) -> Result<Vec<u64>, DmapError> {
+        let mut ids = Vec::new();
+        let entries = fs::read_dir(&self.devices)
+            .map_err(|e| DmapError::io(&self.devices, "list devices", e))?;
+        for e in entries {
+            let e = e.map_err(|e| DmapError::io(&self.devices, "list devices", e))?;
+            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn exists(&self, id: u64) -> Result<bool, DmapError> {
+        if !self.marker(id).exists() {
+            return Ok(false);
+        }
+        let thin = self.thin(id)?;
+        let _held = self.lock.hold()?;
+        Ok(self.thin_exists(thin))
+    }
+}
+
+impl DevmapperBackend {
+    /// [`Backend::remove`] with the device lock held: deletes snapshot `id`'s thin device,
+    /// unless it is still open (then says who holds it).
+    fn remove_device(&self, id: u64) -> Result<(), DmapError> {
         let thin = self.thin(id)?;
         let marker = self.marker(id);
         let foreign = self.foreign_note(id);
@@ -906,14 +1034,6 @@ impl Backend for DevmapperBackend {
             // rolls it back, but the device is not ours to delete.
             return fs::remove_file(&foreign)
                 .map_err(|e| DmapError::io(&foreign, "forget a refused create", e));
-        }
-        // A device still open (a mount, a reader) is neither discarded under its user's feet
-        // nor left to a deferred removal the pool would refuse to delete the id after: wait
-        // a little for its last user, else say who holds it.
-        let mut waited = 0;
-        while self.open_count(thin)? > 0 && waited < 50 {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            waited += 1;
         }
         let open = self.open_count(thin)?;
         if open > 0 {
@@ -955,47 +1075,19 @@ impl Backend for DevmapperBackend {
         }
     }
 
-    fn usage(&self, id: u64) -> Result<Usage, DmapError> {
-        let thin = self.thin(id)?;
-        let was_active = self.node(thin)?.is_some();
-        self.activate(thin, true)?;
-        let size = self.mapped(thin);
-        if !was_active {
-            self.deactivate(thin)?;
-        }
-        Ok(Usage {
-            size: size?,
-            inodes: 0,
-        })
-    }
-
-    fn ids(&self) -> Result<Vec<u64>, DmapError> {
-        let mut ids = Vec::new();
-        let entries = fs::read_dir(&self.devices)
-            .map_err(|e| DmapError::io(&self.devices, "list devices", e))?;
-        for e in entries {
-            let e = e.map_err(|e| DmapError::io(&self.devices, "list devices", e))?;
-            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
-    }
-
-    fn exists(&self, id: u64) -> Result<bool, DmapError> {
-        Ok(self.marker(id).exists() && self.thin_exists(self.thin(id)?))
-    }
-}
-
-impl DevmapperBackend {
     /// Whether the pool has thin id `thin`: activating a device for an id the pool does not
     /// have fails.
+    /// Callers hold the device lock (or own the pool alone, as at its creation).
     fn thin_exists(&self, thin: u64) -> bool {
         match self.node(thin) {
             Ok(Some(_)) => true,
             _ => {
+                // Deactivated again only when this look activated it; a failed activation
+                // leaves nothing behind.
                 let ok = self.activate(thin, true).is_ok();
-                let _ = self.deactivate(thin);
+                if ok {
+                    let _ = self.deactivate(thin);
+                }
                 ok
             }
         }

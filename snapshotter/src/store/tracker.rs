@@ -403,10 +403,21 @@ impl<B: Backend> Store<B> {
         };
         // Ask the backend, not the rows: storage can be lost behind the metadata's back.
         for (mut layer, id) in pinned {
-            let present = self
-                .backend
-                .exists(id)
-                .map_err(|e| self.backend_err(&layer.name, "check the storage", e))?;
+            // One "no" is asked again after a moment before the layer is marked broken for
+            // good: a backend's look at its storage may race with another process's use of it.
+            let mut present = false;
+            for attempt in 0..3 {
+                if attempt > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                present = self
+                    .backend
+                    .exists(id)
+                    .map_err(|e| self.backend_err(&layer.name, "check the storage", e))?;
+                if present {
+                    break;
+                }
+            }
             if !present {
                 let reason = format!(
                     "its storage is missing from the {} backend (layer {} of {:?})",
