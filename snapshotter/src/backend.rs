@@ -161,6 +161,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Where overlayfs keeps its markers (opaque directories, redirects) in the directories
+    /// [`Backend::overlay_upper`] and [`Backend::layer_path`] return: `trusted.overlay.*`
+    /// (the default), or `user.overlay.*` for a backend that mounts with `userxattr`
+    /// (rootless, inside a user namespace). Diffs and applies that read or write those
+    /// directories directly use the same prefix.
+    fn overlay_xattrs(&self) -> crate::layer::OverlayXattrs {
+        crate::layer::OverlayXattrs::Trusted
+    }
+
     /// Read-only mounts presenting the committed `chain` (top first) as one tree, without
     /// creating any storage: what a diff reads.
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, Self::Error>;

@@ -25,7 +25,8 @@
 //! mode uid gid                     mode is the permission bits (mode & 0o7777)
 //! count (len(name) name len(value) value)*
 //!                                  extended attributes sorted by name, without
-//!                                  trusted.overlay.* and security.selinux
+//!                                  trusted.overlay.*, user.overlay.* and
+//!                                  security.selinux
 //! f: 32 bytes                      the sha256 of the content
 //! l: len(target) target            the symlink's target bytes
 //! c, b: major minor                the device numbers

@@ -34,7 +34,8 @@
 //!   then created (with its attributes) only if something is.
 //! * **Kept**: file type, mode with setuid/setgid/sticky (set after the owner, whose change
 //!   clears them), owner (or the `chown` owner, for everything copied), every extended
-//!   attribute that can be read except `trusted.overlay.*` and `security.selinux`, access and
+//!   attribute that can be read except overlayfs' own (`trusted.overlay.*`, `user.overlay.*`)
+//!   and `security.selinux`, access and
 //!   modification times with nanoseconds (directories' after their children), device numbers
 //!   and fifos. Sockets are skipped. Hard links between entries that are both copied stay
 //!   hard links (the first copy is linked to); a file whose other links are not copied is
@@ -717,10 +718,11 @@ fn proc_fd(fd: BorrowedFd<'_>) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-/// Extended attributes copies and checksums leave out: overlayfs' own, and the security
-/// label a Linux security module assigns on creation.
+/// Extended attributes copies and checksums leave out: overlayfs' own (`trusted.overlay.*`
+/// and, for rootless mounts, `user.overlay.*`), and the security label a Linux security
+/// module assigns on creation.
 pub(crate) fn xattr_is_foreign(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name == b"security.selinux"
+    crate::layer::OverlayXattrs::is_overlay_xattr(name) || name == b"security.selinux"
 }
 
 fn unsupported(e: &io::Error) -> bool {

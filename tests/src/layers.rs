@@ -228,6 +228,13 @@ pub fn hostile_corpus(outside: &Path) -> Vec<HostileCase> {
                 .bytes(),
             Some("trusted.overlay"),
         ),
+        case(
+            "overlayfs' own attribute of rootless mounts (userxattr) on an entry",
+            LayerBuilder::new()
+                .file_with_xattrs("o", b"", &[("user.overlay.opaque", b"y")])
+                .bytes(),
+            Some("user.overlay.opaque"),
+        ),
     ]
 }
 

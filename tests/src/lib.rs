@@ -22,6 +22,7 @@ mod mounted;
 mod privileged;
 mod rng;
 mod stores;
+mod userns;
 
 pub use compare::{
     check_directory_equal, check_directory_equal_limit, check_directory_equal_with_applier,
@@ -35,6 +36,10 @@ pub use loopfs::{run_ok, LoopBtrfs, LoopFs};
 pub use mounted::Mounted;
 pub use privileged::{require_privileged, require_root, REQUIRE_PRIVILEGED_ENV};
 pub use rng::Rng;
+pub use userns::{
+    give_to_userns_root, require_userns, run_in_userns, userns_child, USERNS_BASE,
+    USERNS_CHILD_ENV, USERNS_SIZE,
+};
 
 /// Runs `f` on the stored tree of `layer` (of the store at `root`), behind the store's back,
 /// to damage it: the backend's directory of it, or (devmapper, which has none) its thin

@@ -13,6 +13,18 @@
 //! refused with a clear error instead of failing at the first mount; it also finds out
 //! whether the kernel takes `index=off`.
 //!
+//! **Rootless.** In a user namespace other than the initial one (a `uid_map` other than
+//! `0 0 4294967295`), overlayfs can only be mounted with `userxattr` and then keeps its
+//! markers in `user.overlay.*` attributes instead of `trusted.overlay.*` (which need
+//! `CAP_SYS_ADMIN` in the initial namespace). The backend decides at open
+//! ([`OverlayBackend::xattrs`]), adds `userxattr` to every overlay mount it returns, and the
+//! store writes and reads opaque markers under that prefix when it applies and diffs layers in
+//! the upper directories ([`strata::Backend::overlay_xattrs`]); the layers are the same bytes
+//! either way. The probe at open writes an opaque directory and a whiteout (char 0/0) under
+//! that prefix and checks that an overlay honours them, so a file system that cannot store
+//! them is refused by name at open. The choice is recorded in `ROOT/overlay-xattrs` at the
+//! first open; a root opened the other way is refused (its markers would be misread).
+//!
 //! Mounts follow containerd: a parentless Active snapshot is a read-write `bind` of its `fs`;
 //! a View of one parent is a read-only `bind` of the parent's `fs`; an Active snapshot with
 //! parents is an `overlay` with `workdir=`, `upperdir=` and `lowerdir=` (immediate parent
@@ -47,6 +59,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use strata::fsutil;
+pub use strata::layer::OverlayXattrs;
 use strata::mount::{volatile_marker, OVERLAY_MAX_LAYERS};
 use strata::{Backend, BackendError, CreateOptions, ErrorKind, FlattenPolicy, Kind, Mount, Usage};
 
@@ -71,6 +84,36 @@ pub enum OverlayError {
         root: PathBuf,
         /// What the probe found.
         reason: String,
+    },
+    /// The file system under the root cannot store overlayfs' markers (an opaque directory's
+    /// attribute, a char 0/0 whiteout), or overlayfs does not honour them there.
+    #[error("overlayfs cannot use {root} for its layers: {what}; put the store root on a file system that stores {xattrs} attributes and char 0/0 devices (ext4, xfs, btrfs{}) or use --backend native", tmpfs_note(*.xattrs))]
+    Markers {
+        /// The store root.
+        root: PathBuf,
+        /// Where the markers live ([`OverlayXattrs::User`] when rootless).
+        xattrs: OverlayXattrs,
+        /// What failed, with the OS error.
+        what: String,
+    },
+    /// The root was made with overlayfs' markers under the other prefix (rootless and not, or
+    /// the other way round).
+    #[error("{root} holds overlay layers whose markers are {recorded} attributes ({}; recorded in {root}/{XATTRS_FILE}), but this process {}: overlayfs would misread its whiteouts and opaque directories; open the store {} or use a new store root", made_by(*.recorded), runs_as(*.current), open_as(*.recorded))]
+    XattrsMismatch {
+        /// The store root.
+        root: PathBuf,
+        /// What the root was made with.
+        recorded: OverlayXattrs,
+        /// What this process needs.
+        current: OverlayXattrs,
+    },
+    /// `ROOT/overlay-xattrs` holds something else than `trusted` or `user`.
+    #[error("{path}: records {content:?}, not \"trusted\" or \"user\" (how overlayfs keeps its markers in this store's layers); write back the one the store was made with (\"user\" if it was made inside a user namespace, rootless) or use a new store root")]
+    BadXattrsRecord {
+        /// The record's path.
+        path: PathBuf,
+        /// What it holds.
+        content: String,
     },
     /// The mount would stack more directories than overlayfs can (only with a flatten
     /// policy whose step is past the kernel's limit).
@@ -112,15 +155,67 @@ pub enum OverlayError {
 impl BackendError for OverlayError {
     fn kind(&self) -> ErrorKind {
         match self {
-            OverlayError::Io { .. } | OverlayError::Unsupported { .. } => ErrorKind::Internal,
-            OverlayError::TooDeep { .. } | OverlayError::Committed { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            OverlayError::Io { .. }
+            | OverlayError::Unsupported { .. }
+            | OverlayError::Markers { .. } => ErrorKind::Internal,
+            OverlayError::TooDeep { .. }
+            | OverlayError::Committed { .. }
+            | OverlayError::XattrsMismatch { .. }
+            | OverlayError::BadXattrsRecord { .. } => ErrorKind::FailedPrecondition,
             OverlayError::VolatileLost { .. } => ErrorKind::DataLoss,
             OverlayError::Flatten { source, .. } => source.kind(),
             OverlayError::EmptyChain => ErrorKind::InvalidArgument,
         }
     }
+}
+
+fn tmpfs_note(x: OverlayXattrs) -> &'static str {
+    match x {
+        OverlayXattrs::Trusted => ", tmpfs",
+        OverlayXattrs::User => ", tmpfs from Linux 6.6 on",
+    }
+}
+
+fn made_by(x: OverlayXattrs) -> &'static str {
+    match x {
+        OverlayXattrs::Trusted => "made in the initial user namespace",
+        OverlayXattrs::User => "made rootless, inside a user namespace",
+    }
+}
+
+fn runs_as(x: OverlayXattrs) -> &'static str {
+    match x {
+        OverlayXattrs::Trusted => "runs in the initial user namespace, where overlayfs uses trusted.overlay.*",
+        OverlayXattrs::User => "runs inside a user namespace, where overlayfs can only be mounted with userxattr and uses user.overlay.*",
+    }
+}
+
+fn open_as(x: OverlayXattrs) -> &'static str {
+    match x {
+        OverlayXattrs::Trusted => "as root in the initial user namespace",
+        OverlayXattrs::User => "from inside a user namespace (rootless), as it was made",
+    }
+}
+
+/// The file in the store root recording where overlayfs keeps its markers in the root's
+/// layers: `trusted` or `user` ([`OverlayXattrs::as_str`]).
+pub const XATTRS_FILE: &str = "overlay-xattrs";
+
+const UID_MAP: &str = "/proc/self/uid_map";
+
+/// Where overlayfs keeps its markers when this process mounts it: `trusted.overlay.*` in the
+/// initial user namespace (whose `uid_map` is `0 0 4294967295`), `user.overlay.*` (with
+/// `userxattr`) in any other.
+pub fn detect_xattrs() -> Result<OverlayXattrs, OverlayError> {
+    let map = fs::read_to_string(UID_MAP).map_err(io_err(
+        Path::new(UID_MAP),
+        "read the user namespace's uid map",
+    ))?;
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    Ok(match fields.as_slice() {
+        ["0", "0", "4294967295"] => OverlayXattrs::Trusted,
+        _ => OverlayXattrs::User,
+    })
 }
 
 fn io_err(path: &Path, context: &'static str) -> impl FnOnce(io::Error) -> OverlayError {
@@ -143,7 +238,8 @@ pub const DEFAULT_FLATTEN: FlattenPolicy = FlattenPolicy {
 /// Options of the overlay backend.
 #[derive(Debug, Clone)]
 pub struct OverlayOptions {
-    /// Skip the mount probe at open (for tools that only read metadata).
+    /// Skip the mount probe at open (for tools that only read metadata). The markers'
+    /// prefix is then the one the root records, without checking it against this process.
     pub skip_probe: bool,
     /// When chains are mounted through flattened lowers ([`DEFAULT_FLATTEN`]). Every process
     /// opening a root should use the same policy: `gc` keeps the flattened lowers that the
@@ -166,6 +262,7 @@ pub struct OverlayBackend {
     dirs: fsutil::SnapshotDirs,
     index_off: bool,
     flatten: FlattenPolicy,
+    xattrs: OverlayXattrs,
 }
 
 const VOLATILE_FILE: &str = "volatile";
@@ -186,24 +283,75 @@ impl OverlayBackend {
         ))?;
         // containerd adds index=off whenever the kernel has the parameter.
         let index_off = Path::new("/sys/module/overlay/parameters/index").exists();
+        let current = detect_xattrs()?;
+        let recorded = read_xattrs_record(root)?;
         let mut backend = OverlayBackend {
             dirs,
             index_off,
             flatten: opts.flatten,
+            xattrs: match (opts.skip_probe, recorded) {
+                (true, Some(r)) => r,
+                _ => current,
+            },
         };
         backend.remove_stale_probes();
-        if !opts.skip_probe {
-            if let Err(e) = backend.probe(root) {
-                if !backend.index_off {
-                    return Err(e);
+        if opts.skip_probe {
+            return Ok(backend);
+        }
+        match recorded {
+            Some(r) if r != current => {
+                return Err(OverlayError::XattrsMismatch {
+                    root: root.to_path_buf(),
+                    recorded: r,
+                    current,
+                })
+            }
+            Some(_) => {}
+            None => {
+                // A root made before the prefix was recorded has trusted.overlay.* markers.
+                let ids = backend.ids()?;
+                if current == OverlayXattrs::User && !ids.is_empty() {
+                    return Err(OverlayError::XattrsMismatch {
+                        root: root.to_path_buf(),
+                        recorded: OverlayXattrs::Trusted,
+                        current,
+                    });
                 }
+            }
+        }
+        match backend.probe(root) {
+            Ok(()) => {}
+            Err(e @ OverlayError::Unsupported { .. }) if backend.index_off => {
                 // A kernel that lists the parameter but refuses the option: mount without.
                 backend.index_off = false;
                 backend.probe(root).map_err(|_| e)?;
                 tracing::info!(root = %root.display(), "overlayfs refuses index=off here; mounting without it");
             }
+            Err(e) => return Err(e),
+        }
+        if recorded.is_none() {
+            write_xattrs_record(root, current)?;
         }
         Ok(backend)
+    }
+
+    /// Where overlayfs keeps its markers in this root's layers: `user.overlay.*` when the
+    /// backend runs inside a user namespace (rootless) and mounts with `userxattr`.
+    pub fn xattrs(&self) -> OverlayXattrs {
+        self.xattrs
+    }
+
+    /// The options every overlay mount starts with: `userxattr` when rootless, `index=off`
+    /// when the kernel takes it.
+    fn base_options(&self) -> Vec<String> {
+        let mut options = Vec::new();
+        if self.xattrs == OverlayXattrs::User {
+            options.push("userxattr".to_string());
+        }
+        if self.index_off {
+            options.push("index=off".to_string());
+        }
+        options
     }
 
     /// Whether mounts carry `index=off` (the kernel has the parameter and the probe took it).
@@ -250,7 +398,9 @@ impl OverlayBackend {
     }
 
     /// Mounts and unmounts a one-layer overlay (lower, upper, work) in the snapshots
-    /// directory, with the options snapshots will get.
+    /// directory, with the options snapshots will get. The upper layer holds an opaque
+    /// directory and a whiteout, made as the store makes them (see [`probe_markers`]), and
+    /// the merged view must hide what they hide.
     fn probe(&self, root: &Path) -> Result<(), OverlayError> {
         static PROBES: AtomicU64 = AtomicU64::new(0);
         let dir = self.dirs.snapshots().join(format!(
@@ -270,10 +420,15 @@ impl OverlayBackend {
                 return Err(io_err(&p, "create the overlay probe")(e));
             }
         }
-        let mut options = Vec::new();
-        if self.index_off {
-            options.push("index=off".to_string());
+        if let Err(e) = probe_markers(&dir, self.xattrs) {
+            let _ = fsutil::remove_tree(&dir);
+            return Err(OverlayError::Markers {
+                root: root.to_path_buf(),
+                xattrs: self.xattrs,
+                what: e,
+            });
         }
+        let mut options = self.base_options();
         options.push(format!("workdir={}", dir.join("work").display()));
         options.push(format!("upperdir={}", dir.join("upper").display()));
         options.push(format!("lowerdir={}", dir.join("lower").display()));
@@ -285,7 +440,17 @@ impl OverlayBackend {
         let merged = dir.join("merged");
         let result = strata::mount::mount_all(&[m], &merged)
             .map_err(|e| unsupported(e.to_string()))
-            .and_then(|()| strata::mount::unmount(&merged).map_err(|e| unsupported(e.to_string())));
+            .and_then(|()| {
+                let shown =
+                    probe_view(&merged, self.xattrs).map_err(|what| OverlayError::Markers {
+                        root: root.to_path_buf(),
+                        xattrs: self.xattrs,
+                        what,
+                    });
+                let unmounted =
+                    strata::mount::unmount(&merged).map_err(|e| unsupported(e.to_string()));
+                shown.and(unmounted)
+            });
         let _ = fsutil::remove_tree(&dir);
         result
     }
@@ -413,6 +578,111 @@ impl OverlayBackend {
     }
 }
 
+/// What `ROOT/overlay-xattrs` records; `None` when there is no record yet.
+fn read_xattrs_record(root: &Path) -> Result<Option<OverlayXattrs>, OverlayError> {
+    let path = root.join(XATTRS_FILE);
+    let content = match fs::read_to_string(&path) {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(io_err(
+                &path,
+                "read how the store's overlay markers are kept",
+            )(e))
+        }
+    };
+    match OverlayXattrs::parse(content.trim()) {
+        Some(x) => Ok(Some(x)),
+        None => Err(OverlayError::BadXattrsRecord { path, content }),
+    }
+}
+
+/// Records `xattrs` in `ROOT/overlay-xattrs`, durably (a temporary file renamed into place:
+/// never seen half written).
+fn write_xattrs_record(root: &Path, xattrs: OverlayXattrs) -> Result<(), OverlayError> {
+    let path = root.join(XATTRS_FILE);
+    let tmp = root.join(format!(".{XATTRS_FILE}.tmp-{}", std::process::id()));
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        io::Write::write_all(&mut f, format!("{}\n", xattrs.as_str()).as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        fsutil::fsync_dir(root)
+    })();
+    written.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io_err(&path, "record how the store's overlay markers are kept")(e)
+    })
+}
+
+/// Makes, in the probe directory `dir`, what the store makes in layers: in `upper`, an opaque
+/// directory `d` over `lower/d` (which holds `hidden`) and a whiteout `gone` over
+/// `lower/gone`. Says what failed.
+fn probe_markers(dir: &Path, xattrs: OverlayXattrs) -> Result<(), String> {
+    let lower = dir.join("lower");
+    let upper = dir.join("upper");
+    let step = |what: &str, p: &Path, r: io::Result<()>| {
+        r.map_err(|e| format!("{what} ({}): {e}", p.display()))
+    };
+    step(
+        "cannot create the probe's lower layer",
+        &lower,
+        fs::create_dir(lower.join("d"))
+            .and_then(|()| fs::write(lower.join("d/hidden"), b""))
+            .and_then(|()| fs::write(lower.join("gone"), b"")),
+    )?;
+    let d = upper.join("d");
+    step(
+        "cannot create the probe's upper layer",
+        &d,
+        fs::create_dir(&d),
+    )?;
+    step(
+        &format!(
+            "the file system cannot store the {} attribute",
+            xattrs.opaque()
+        ),
+        &d,
+        rustix::fs::setxattr(&d, xattrs.opaque(), b"y", rustix::fs::XattrFlags::empty())
+            .map_err(io::Error::from),
+    )?;
+    let gone = upper.join("gone");
+    step(
+        "cannot create a whiteout (a character device 0/0)",
+        &gone,
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &gone,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .map_err(io::Error::from),
+    )
+}
+
+/// Checks that the overlay mounted at `merged` over [`probe_markers`]'s layers hides what
+/// the markers hide. Says what it shows instead.
+fn probe_view(merged: &Path, xattrs: OverlayXattrs) -> Result<(), String> {
+    let shows = |name: &str| fs::symlink_metadata(merged.join(name)).is_ok();
+    if !shows("d") {
+        return Err("the probe's overlay does not show its upper directory".to_string());
+    }
+    if shows("d/hidden") {
+        return Err(format!(
+            "overlayfs ignores the {} attribute here (an opaque directory showed the lower one's entries)",
+            xattrs.opaque()
+        ));
+    }
+    if shows("gone") {
+        return Err(
+            "overlayfs ignores whiteouts here (a char 0/0 device did not hide the lower entry)"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
 impl Backend for OverlayBackend {
     type Error = OverlayError;
 
@@ -523,7 +793,7 @@ impl Backend for OverlayBackend {
             // flatten gives it the top layer's owner, mode and times.
             fs::create_dir(&fs_dir).map_err(io_err(&fs_dir, "create a snapshot directory"))?;
             let layers: Vec<PathBuf> = chain.iter().map(|l| self.fs_path(*l)).collect();
-            strata::layer::flatten::flatten(&layers, &fs_dir)
+            strata::layer::flatten::flatten_with(&layers, &fs_dir, self.xattrs)
                 .map_err(|source| OverlayError::Flatten { id, source })
         })();
         let stats = match built {
@@ -566,10 +836,7 @@ impl Backend for OverlayBackend {
             (Kind::View, []) => Ok(vec![Mount::bind(&self.fs_path(id), true)]),
             (Kind::View, [parent]) => Ok(vec![Mount::bind(&self.fs_path(*parent), true)]),
             (Kind::View, _) => {
-                let mut options = Vec::new();
-                if self.index_off {
-                    options.push("index=off".to_string());
-                }
+                let mut options = self.base_options();
                 options.push(self.lowerdir(parents));
                 Ok(vec![Mount {
                     fs_type: "overlay".into(),
@@ -579,10 +846,7 @@ impl Backend for OverlayBackend {
             }
             (Kind::Active, _) => {
                 self.check_volatile(id)?;
-                let mut options = Vec::new();
-                if self.index_off {
-                    options.push("index=off".to_string());
-                }
+                let mut options = self.base_options();
                 if self.dir(id).join(VOLATILE_FILE).exists() {
                     options.push("volatile".to_string());
                 }
@@ -606,10 +870,7 @@ impl Backend for OverlayBackend {
                 Err(OverlayError::TooDeep { depth: chain.len() })
             }
             _ => {
-                let mut options = Vec::new();
-                if self.index_off {
-                    options.push("index=off".to_string());
-                }
+                let mut options = self.base_options();
                 options.push(self.lowerdir(chain));
                 Ok(vec![Mount {
                     fs_type: "overlay".into(),
@@ -643,6 +904,10 @@ impl Backend for OverlayBackend {
 
     fn overlay_upper(&self, id: u64) -> Option<PathBuf> {
         Some(self.fs_path(id))
+    }
+
+    fn overlay_xattrs(&self) -> OverlayXattrs {
+        self.xattrs
     }
 
     fn ids(&self) -> Result<Vec<u64>, OverlayError> {

@@ -10,9 +10,10 @@
 //!   (char 0/0) hides it, a non-directory is what the merged view shows;
 //! * a **directory** merges with the directories of the same name in the layers below it,
 //!   down to the first layer where the name is a whiteout or a non-directory (not merged)
-//!   or the first **opaque** directory (`trusted.overlay.opaque=y`, merged, the last one);
+//!   or the first **opaque** directory (`trusted.overlay.opaque=y`, or `user.overlay.opaque=y`
+//!   with [`flatten_with`] for layers mounted with `userxattr`; merged, the last one);
 //! * a merged directory shows the owner, mode, extended attributes and times of its topmost
-//!   directory (overlayfs' own `trusted.overlay.*` and the `security.selinux` label aside,
+//!   directory (overlayfs' own `trusted.overlay.*`/`user.overlay.*` and the `security.selinux` label aside,
 //!   as in every copy strata makes).
 //!
 //! Directories are created. **Everything else is a hard link** to the layer's inode, so a
@@ -42,10 +43,7 @@ use rustix::io::Errno;
 use crate::copy::fd_xattrs;
 use crate::error::{Error, Result};
 use crate::layer::apply::upper::{child_key, open_dir};
-
-const OPAQUE: &str = "trusted.overlay.opaque";
-const REDIRECT: &str = "trusted.overlay.redirect";
-const METACOPY: &str = "trusted.overlay.metacopy";
+use crate::layer::OverlayXattrs;
 
 /// What [`flatten`] made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,6 +62,16 @@ pub struct FlattenStats {
 /// Fills the empty directory `dest` with the merged content of `layers` (top first); see the
 /// module docs. `dest` must be on the same file system as the layers.
 pub fn flatten(layers: &[PathBuf], dest: &Path) -> Result<FlattenStats> {
+    flatten_with(layers, dest, OverlayXattrs::Trusted)
+}
+
+/// [`flatten`] for layers whose overlayfs markers live under `xattrs` (`user.overlay.*` for a
+/// store mounted with `userxattr`).
+pub fn flatten_with(
+    layers: &[PathBuf],
+    dest: &Path,
+    xattrs: OverlayXattrs,
+) -> Result<FlattenStats> {
     let Some(top) = layers.first() else {
         return Err(Error::invalid(
             "layers",
@@ -74,6 +82,7 @@ pub fn flatten(layers: &[PathBuf], dest: &Path) -> Result<FlattenStats> {
     let mut f = Flattener {
         layers,
         stats: FlattenStats::default(),
+        xattrs,
     };
     // The root merges like any directory (an opaque root hides the layers below it).
     let mut sources = Vec::new();
@@ -94,6 +103,8 @@ pub fn flatten(layers: &[PathBuf], dest: &Path) -> Result<FlattenStats> {
 struct Flattener<'a> {
     layers: &'a [PathBuf],
     stats: FlattenStats,
+    /// Where overlayfs keeps its markers in these layers.
+    xattrs: OverlayXattrs,
 }
 
 /// What the topmost layer that has a name decided for it.
@@ -133,13 +144,16 @@ impl Flattener<'_> {
     /// cannot reproduce.
     fn dir_marks(&self, fd: &OwnedFd, at: &Path) -> Result<bool> {
         let read = |e| Error::io(at, "read an overlay attribute", e);
-        if xattr_of(fd, REDIRECT).map_err(read)?.is_some() {
+        if xattr_of(fd, self.xattrs.redirect())
+            .map_err(read)?
+            .is_some()
+        {
             return Err(Error::invalid(
                 at.display().to_string(),
                 "the directory carries an overlayfs redirect (a layer written with redirect_dir on), which flattening cannot reproduce; mount the chain with fewer layers or use the native backend",
             ));
         }
-        match xattr_of(fd, OPAQUE).map_err(read)? {
+        match xattr_of(fd, self.xattrs.opaque()).map_err(read)? {
             None => Ok(false),
             Some(v) if v == b"y" => Ok(true),
             Some(v) => Err(Error::invalid(
@@ -225,7 +239,7 @@ impl Flattener<'_> {
                         if ft == FileType::RegularFile {
                             let p = at();
                             let mut buf = [0u8; 64];
-                            match rustix::fs::lgetxattr(&p, METACOPY, &mut buf[..]) {
+                            match rustix::fs::lgetxattr(&p, self.xattrs.metacopy(), &mut buf[..]) {
                                 Err(Errno::NODATA | Errno::NOTSUP) => {}
                                 Ok(_) | Err(Errno::RANGE) => {
                                     return Err(Error::invalid(

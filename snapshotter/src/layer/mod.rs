@@ -20,6 +20,88 @@ use std::fmt;
 
 pub use digest::{Digest, HashReader, HashWriter, ThreadedHashWriter};
 
+/// Which extended attributes overlayfs keeps its markers in (opaque directories, redirects,
+/// metacopy files), and so which ones the store writes into and reads from upper
+/// directories.
+///
+/// overlayfs uses `trusted.overlay.*` unless it is mounted with `userxattr`, which a mount
+/// inside a user namespace other than the initial one needs (`trusted.*` attributes can only
+/// be set with `CAP_SYS_ADMIN` in the initial one): then it uses `user.overlay.*`. Layers do
+/// not depend on it: an opaque directory becomes the OCI `.wh..wh..opq` entry either way,
+/// and a layer carrying either prefix is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OverlayXattrs {
+    /// `trusted.overlay.*`: overlayfs mounted in the initial user namespace.
+    #[default]
+    Trusted,
+    /// `user.overlay.*`: overlayfs mounted with `userxattr` (rootless, in a user namespace).
+    User,
+}
+
+impl OverlayXattrs {
+    /// The prefix of overlayfs' own attributes: `trusted.overlay.` or `user.overlay.`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            OverlayXattrs::Trusted => "trusted.overlay.",
+            OverlayXattrs::User => "user.overlay.",
+        }
+    }
+
+    /// The opaque-directory marker (`<prefix>opaque`, value `y`).
+    pub fn opaque(self) -> &'static str {
+        match self {
+            OverlayXattrs::Trusted => "trusted.overlay.opaque",
+            OverlayXattrs::User => "user.overlay.opaque",
+        }
+    }
+
+    /// The renamed-directory marker (`<prefix>redirect`), which strata never enables.
+    pub fn redirect(self) -> &'static str {
+        match self {
+            OverlayXattrs::Trusted => "trusted.overlay.redirect",
+            OverlayXattrs::User => "user.overlay.redirect",
+        }
+    }
+
+    /// The metadata-only copy-up marker (`<prefix>metacopy`), which strata never enables.
+    pub fn metacopy(self) -> &'static str {
+        match self {
+            OverlayXattrs::Trusted => "trusted.overlay.metacopy",
+            OverlayXattrs::User => "user.overlay.metacopy",
+        }
+    }
+
+    /// The name recorded in a store root (`trusted` or `user`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverlayXattrs::Trusted => "trusted",
+            OverlayXattrs::User => "user",
+        }
+    }
+
+    /// The inverse of [`OverlayXattrs::as_str`].
+    pub fn parse(s: &str) -> Option<OverlayXattrs> {
+        match s {
+            "trusted" => Some(OverlayXattrs::Trusted),
+            "user" => Some(OverlayXattrs::User),
+            _ => None,
+        }
+    }
+
+    /// Whether `name` is an attribute of overlayfs' own, under either prefix: layers may not
+    /// carry one, and copies and records leave them out, whichever way the store mounts.
+    pub fn is_overlay_xattr(name: &[u8]) -> bool {
+        name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+    }
+}
+
+impl fmt::Display for OverlayXattrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.prefix())?;
+        f.write_str("*")
+    }
+}
+
 /// The diffID of the empty layer: a tar of nothing (1024 zero bytes).
 pub const EMPTY_LAYER_DIFF_ID: &str =
     "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";

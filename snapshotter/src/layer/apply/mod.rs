@@ -6,7 +6,8 @@
 //! component is never followed: an existing symlink there is replaced, not written through.
 //! [`apply_overlay_layer`] writes straight into an overlayfs upper directory, without a mount:
 //! deletions become overlayfs whiteouts (char 0/0), opaque markers the `trusted.overlay.opaque`
-//! attribute, and directories of lower layers are copied up as the kernel would (see
+//! attribute (`user.overlay.opaque` with [`apply_overlay_layer_with`] for a store mounted with
+//! `userxattr`), and directories of lower layers are copied up as the kernel would (see
 //! [`upper`]). An entry whose meaning depends on the merged view in a way the upper directory
 //! alone cannot show — a parent that is a symlink, a hard link to a file only a lower layer
 //! holds, an opaque marker at the root — mounts the snapshot and continues through the tree
@@ -16,7 +17,7 @@
 //! absolute names are taken relative to the snapshot, as tar does. Hard links are bound to the
 //! snapshot and link to a symlink itself, never to what it points at. Whiteouts delete inside
 //! the snapshot only; the reserved `.wh..wh.` names other than the opaque marker are refused,
-//! and so are overlayfs' own `trusted.overlay.*` attributes.
+//! and so are overlayfs' own attributes, `trusted.overlay.*` and `user.overlay.*` alike.
 //!
 //! The input may be plain, gzip or zstd (told apart by their magic bytes); the diffID (sha256
 //! of the tar), the blob digest and the [content checksum](super::content) are computed while
@@ -42,7 +43,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::content::{ContentSummer, Record};
 use super::digest::{Digest, HashReader};
-use super::{Compression, Descriptor};
+use super::{Compression, Descriptor, OverlayXattrs};
 use crate::error::{Error, Result};
 use crate::mount::TempMount;
 
@@ -101,8 +102,28 @@ pub fn apply_overlay_layer<'m, R: Read>(
     input: R,
     expected: Option<&Digest>,
 ) -> std::result::Result<Applied, Failed> {
-    let applier =
-        upper::UpperApplier::open(upper, lowers).map_err(|e| (e, ApplyOutcome::Untouched))?;
+    apply_overlay_layer_with(
+        upper,
+        lowers,
+        OverlayXattrs::Trusted,
+        mount,
+        input,
+        expected,
+    )
+}
+
+/// [`apply_overlay_layer`] for layers whose overlayfs markers (opaque directories, redirects)
+/// live under `xattrs`: `user.overlay.*` for a store mounted with `userxattr` (rootless).
+pub fn apply_overlay_layer_with<'m, R: Read>(
+    upper: &Path,
+    lowers: &[PathBuf],
+    xattrs: OverlayXattrs,
+    mount: impl FnOnce() -> Result<TempMount> + 'm,
+    input: R,
+    expected: Option<&Digest>,
+) -> std::result::Result<Applied, Failed> {
+    let applier = upper::UpperApplier::open(upper, lowers, xattrs)
+        .map_err(|e| (e, ApplyOutcome::Untouched))?;
     let upper_fd = applier
         .upper_fd()
         .map_err(|e| (e, ApplyOutcome::Untouched))?;
@@ -389,10 +410,11 @@ fn join(parts: &[Vec<u8>]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(&parts.join(&b'/')))
 }
 
-/// Extended attributes a layer may not carry, and that records leave out: overlayfs' own,
-/// and the security label a Linux security module assigns on creation.
+/// Extended attributes a layer may not carry, and that records leave out: overlayfs' own
+/// (`trusted.overlay.*` and, for rootless mounts, `user.overlay.*`), and the security label a
+/// Linux security module assigns on creation.
 fn xattr_is_foreign(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name == b"security.selinux"
+    OverlayXattrs::is_overlay_xattr(name) || name == b"security.selinux"
 }
 
 /// One tar entry, read and checked before anything is written for it.
@@ -433,10 +455,13 @@ impl Parsed {
         if let Ok(Some(exts)) = entry.pax_extensions() {
             for ext in exts.flatten() {
                 if let Some(k) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    if k.starts_with(b"trusted.overlay.") {
+                    if OverlayXattrs::is_overlay_xattr(k) {
                         return Err(hostile(
                             &shown,
-                            "it carries an overlayfs attribute (trusted.overlay.*), which only the kernel may set; refused",
+                            &format!(
+                                "it carries an overlayfs attribute ({}), which only the kernel may set; refused",
+                                String::from_utf8_lossy(k)
+                            ),
                         ));
                     }
                     xattrs.push((k.to_vec(), ext.value_bytes().to_vec()));

@@ -6,13 +6,14 @@
 //! follows overlayfs' rules when it writes:
 //!
 //! * a parent directory that only lower layers hold is **copied up** first: created in the
-//!   upper directory with the owner, mode, extended attributes (not `trusted.overlay.*`) and
+//!   upper directory with the owner, mode, extended attributes (not overlayfs' own) and
 //!   times of the lower directory the merged view shows, and the parent's times are put back
 //!   afterwards, as the kernel does;
 //! * a deletion removes what the upper directory holds and leaves a **whiteout** (char 0/0)
 //!   when a lower layer still has the name; a deletion of nothing leaves nothing;
 //! * an opaque marker removes the directory's upper entries the layer did not create and sets
-//!   `trusted.overlay.opaque=y` on it;
+//!   `trusted.overlay.opaque=y` on it (`user.overlay.opaque=y` for a store mounted with
+//!   `userxattr`, [`OverlayXattrs::User`]: the markers are read and written under one prefix);
 //! * a new directory where a lower layer has an entry, or over a whiteout, is made opaque (the
 //!   kernel's `mkdir` over a whiteout); a directory over a lower directory merges with it;
 //! * anything else replaces what the upper directory holds at its name.
@@ -36,9 +37,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::fsutil::{xattr, xattrs};
-
-const OPAQUE: &str = "trusted.overlay.opaque";
-const REDIRECT: &str = "trusted.overlay.redirect";
+use crate::layer::OverlayXattrs;
 
 /// Applies entries to an upper directory; see the module docs.
 pub(crate) struct UpperApplier {
@@ -49,6 +48,8 @@ pub(crate) struct UpperApplier {
     /// For each merged directory resolved so far (components joined by `/`; the root is
     /// empty): the lower layers whose directory shows through there.
     live: BTreeMap<Vec<u8>, Vec<usize>>,
+    /// Where overlayfs keeps its markers in these layers.
+    xattrs: OverlayXattrs,
 }
 
 fn is_whiteout(st: &Stat) -> bool {
@@ -86,7 +87,11 @@ struct Lower {
 }
 
 impl UpperApplier {
-    pub(crate) fn open(upper: &Path, lowers: &[PathBuf]) -> Result<UpperApplier> {
+    pub(crate) fn open(
+        upper: &Path,
+        lowers: &[PathBuf],
+        xattrs: OverlayXattrs,
+    ) -> Result<UpperApplier> {
         let upper_fd = rustix::fs::open(
             upper,
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
@@ -111,6 +116,7 @@ impl UpperApplier {
             upper_fd,
             lowers,
             live,
+            xattrs,
         })
     }
 
@@ -177,7 +183,7 @@ impl UpperApplier {
             }
             let dir = open_dir(&found.fd, OsStr::new("."))
                 .map_err(|e| Error::io(self.at(key), "open a lower directory", e.into()))?;
-            if xattr(&dir, OsStr::new(REDIRECT))
+            if xattr(&dir, OsStr::new(self.xattrs.redirect()))
                 .map_err(|e| Error::io(self.at(key), "read a lower directory's attributes", e))?
                 .is_some()
             {
@@ -192,7 +198,7 @@ impl UpperApplier {
     }
 
     fn is_opaque(&self, dir: &OwnedFd, key: &[u8]) -> Result<bool> {
-        Ok(xattr(dir, OsStr::new(OPAQUE))
+        Ok(xattr(dir, OsStr::new(self.xattrs.opaque()))
             .map_err(|e| Error::io(self.at(key), "read a directory's attributes", e))?
             .is_some_and(|v| v == b"y"))
     }
@@ -221,7 +227,7 @@ impl UpperApplier {
             .map_err(|e| Error::io(&at, "open a lower directory", e.into()))?;
         let mut attrs =
             xattrs(&src).map_err(|e| Error::io(&at, "read a lower directory's attributes", e))?;
-        attrs.retain(|(k, _)| !k.starts_with(b"trusted.overlay."));
+        attrs.retain(|(k, _)| !OverlayXattrs::is_overlay_xattr(k));
         let pst =
             rustix::fs::fstat(parent).map_err(|e| Error::io(&at, "stat the parent", e.into()))?;
         rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
@@ -284,7 +290,7 @@ impl UpperApplier {
             let next = match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if is_dir(&st) => {
                     let sub = open_dir(&fd, name).map_err(|e| Error::io(&at, "open", e.into()))?;
-                    if xattr(&sub, OsStr::new(REDIRECT))
+                    if xattr(&sub, OsStr::new(self.xattrs.redirect()))
                         .map_err(|e| Error::io(&at, "read a directory's attributes", e))?
                         .is_some()
                     {
@@ -365,8 +371,13 @@ impl UpperApplier {
                             .map_err(|e| Error::io(&pat, "apply an opaque whiteout", e))?;
                     }
                 }
-                rustix::fs::fsetxattr(&dir, OPAQUE, b"y", rustix::fs::XattrFlags::empty())
-                    .map_err(|e| Error::io(&pat, "mark the directory opaque", e.into()))?;
+                rustix::fs::fsetxattr(
+                    &dir,
+                    self.xattrs.opaque(),
+                    b"y",
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .map_err(|e| Error::io(&pat, "mark the directory opaque", e.into()))?;
                 self.forget(&parent_key);
                 self.live.insert(parent_key.clone(), Vec::new());
                 state.content.opaque(&parent_key);
@@ -461,8 +472,13 @@ impl UpperApplier {
                 if opaque {
                     let fd = open_dir(&dir, name)
                         .map_err(|e| Error::io(&at, "open the directory", e.into()))?;
-                    rustix::fs::fsetxattr(&fd, OPAQUE, b"y", rustix::fs::XattrFlags::empty())
-                        .map_err(|e| Error::io(&at, "mark the directory opaque", e.into()))?;
+                    rustix::fs::fsetxattr(
+                        &fd,
+                        self.xattrs.opaque(),
+                        b"y",
+                        rustix::fs::XattrFlags::empty(),
+                    )
+                    .map_err(|e| Error::io(&at, "mark the directory opaque", e.into()))?;
                 }
             }
             let fd =

@@ -11,6 +11,10 @@ use crate::mount::{mount_all, unmount};
 use crate::types::Mount;
 use rustix::fs::{Timespec, Timestamps, XattrFlags};
 
+const OPAQUE: &str = "trusted.overlay.opaque";
+const REDIRECT: &str = "trusted.overlay.redirect";
+const METACOPY: &str = "trusted.overlay.metacopy";
+
 /// Whether this process may mount overlays and write trusted xattrs (root); with
 /// `STRATA_REQUIRE_PRIVILEGED=1` a test that cannot fails instead.
 fn privileged() -> bool {
