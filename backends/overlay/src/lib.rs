@@ -98,7 +98,7 @@ pub enum OverlayError {
     },
     /// The root was made with overlayfs' markers under the other prefix (rootless and not, or
     /// the other way round).
-    #[error("{root} holds overlay layers whose markers are {recorded} attributes ({}; recorded in {root}/{XATTRS_FILE}), but this process {}: overlayfs would misread its whiteouts and opaque directories; open the store {} or use a new store root", made_by(*.recorded), runs_as(*.current), open_as(*.recorded))]
+    #[error("{root} holds overlay layers whose markers are {recorded} attributes ({}; {}{root}/{XATTRS_FILE}), but this process {}: overlayfs would misread its whiteouts and opaque directories; open the store {}, or use a new store root", made_by(*.recorded), if *.unrecorded { "its snapshots predate the record " } else { "recorded in " }, runs_as(*.current), open_as(*.recorded))]
     XattrsMismatch {
         /// The store root.
         root: PathBuf,
@@ -106,6 +106,9 @@ pub enum OverlayError {
         recorded: OverlayXattrs,
         /// What this process needs.
         current: OverlayXattrs,
+        /// The root has no record: it was made (with `trusted.overlay.*`) before strata
+        /// recorded the prefix.
+        unrecorded: bool,
     },
     /// `ROOT/overlay-xattrs` holds something else than `trusted` or `user`.
     #[error("{path}: records {content:?}, not \"trusted\" or \"user\" (how overlayfs keeps its markers in this store's layers); write back the one the store was made with (\"user\" if it was made inside a user namespace, rootless) or use a new store root")]
@@ -304,6 +307,7 @@ impl OverlayBackend {
                     root: root.to_path_buf(),
                     recorded: r,
                     current,
+                    unrecorded: false,
                 })
             }
             Some(_) => {}
@@ -315,6 +319,7 @@ impl OverlayBackend {
                         root: root.to_path_buf(),
                         recorded: OverlayXattrs::Trusted,
                         current,
+                        unrecorded: true,
                     });
                 }
             }
