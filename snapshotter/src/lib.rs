@@ -79,6 +79,7 @@ pub mod copy;
 pub mod error;
 pub mod filter;
 pub mod fsutil;
+pub mod idmap;
 pub mod layer;
 pub mod mount;
 pub mod patterns;

@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use crate::backend::{Backend, CreateOptions, JournalOp};
 use crate::error::{BackendError, Error, Result};
 use crate::filter::Filter;
+use crate::idmap::IdMap;
 use crate::meta::{self, Meta, Row};
 use crate::snapshotter::Snapshotter;
 use crate::types::{Info, Kind, Labels, Mount, Usage};
@@ -36,6 +37,7 @@ use crate::LABEL_VOLATILE;
 
 mod copying;
 mod flats;
+mod idmapped;
 mod images;
 mod layers;
 mod recovery;
@@ -311,6 +313,7 @@ impl<B: Backend> Store<B> {
         if let Some(p) = parent {
             check_key("parent", p)?;
         }
+        let idmap = IdMap::from_labels(&labels)?;
         let volatile = labels.get(LABEL_VOLATILE).is_some_and(|v| v == "true");
         if volatile && kind != Kind::Active {
             return Err(Error::invalid(
@@ -397,10 +400,11 @@ impl<B: Backend> Store<B> {
             Created::Taken(id, parents) => {
                 failpoint("create-after-commit");
                 let (mounted, _hold) = self.mount_chain(key, &parents)?;
-                return self
+                let mounts = self
                     .backend
                     .mounts(id, kind, &mounted)
-                    .map_err(|e| self.backend_err(key, "mounts", e));
+                    .map_err(|e| self.backend_err(key, "mounts", e))?;
+                return self.created_mounts(key, id, idmap.as_ref(), mounts);
             }
             Created::Journaled(id, parent_id, parents, seq) => (id, parent_id, parents, seq),
         };
@@ -440,9 +444,31 @@ impl<B: Backend> Store<B> {
             return Err(e);
         }
         failpoint("create-after-commit");
-        self.backend
+        let mounts = self
+            .backend
             .mounts(id, kind, &mounted)
-            .map_err(|e| self.backend_err(key, "mounts", e))
+            .map_err(|e| self.backend_err(key, "mounts", e))?;
+        self.created_mounts(key, id, idmap.as_ref(), mounts)
+    }
+
+    /// The mounts a new snapshot is returned with: idmapped when its labels ask for it. A
+    /// snapshot that cannot be presented so is removed again: the caller gets the error and
+    /// no snapshot.
+    fn created_mounts(
+        &self,
+        key: &str,
+        id: u64,
+        idmap: Option<&IdMap>,
+        mounts: Vec<Mount>,
+    ) -> Result<Vec<Mount>> {
+        let Some(map) = idmap else {
+            return Ok(mounts);
+        };
+        self.idmapped_mounts(key, id, map, mounts).inspect_err(|_| {
+            if let Err(e) = self.idmap_release(id).and_then(|()| Snapshotter::remove(self, key)) {
+                tracing::warn!(key, error = %e, "could not remove a snapshot that cannot be idmapped");
+            }
+        })
     }
 
     /// Rolls back a create that failed after its journal entry: removes the storage, then
@@ -576,6 +602,10 @@ impl<B: Backend> Store<B> {
             reconciled,
             ..CleanupReport::default()
         };
+        // Idmapped clones of snapshots that are gone, before their storage is reclaimed.
+        if let Err(e) = self.idmap_release_stale(&known) {
+            tracing::warn!(error = %e, "could not take off stale idmapped mounts; will retry");
+        }
         for id in ids.into_iter().filter(|id| !known.contains(id)) {
             match self.backend.remove(id) {
                 Ok(()) => report.reclaimed.push(id),
@@ -647,15 +677,28 @@ impl<B: Backend> Snapshotter for Store<B> {
             });
         }
         let (mounted, _hold) = self.mount_chain(key, &parents)?;
-        self.backend
+        let mounts = self
+            .backend
             .mounts(row.id, row.kind, &mounted)
             .map_err(|e| self.backend_err(key, "mounts", e))
-            .map_err(|e| self.broken(key, row.id, e))
+            .map_err(|e| self.broken(key, row.id, e))?;
+        let labels = self.with_meta(|m| m.read(key)?.labels(row.id))?;
+        match IdMap::from_labels(&labels)? {
+            None => Ok(mounts),
+            Some(map) => self.idmapped_mounts(key, row.id, &map, mounts),
+        }
     }
 
     fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
         check_key("name", name)?;
         check_key("key", key)?;
+        // A committed snapshot is not mounted: its idmapped clones go (mounts made from them
+        // keep working; a commit that fails below gets them again at the next `mounts`).
+        if let Ok((row, _)) = self.row(key) {
+            if row.kind == Kind::Active {
+                self.idmap_release(row.id)?;
+            }
+        }
         let (row, parents, seq, spare) = self.with_meta(|m| {
             let tx = m.write(key)?;
             let row = tx.row_by_key(key)?.ok_or_else(|| Error::not_found(key))?;
@@ -805,6 +848,11 @@ impl<B: Backend> Snapshotter for Store<B> {
             tx.commit()?;
             Ok((row.id, seq, spares))
         }))?;
+        // Before the storage goes: a clone would keep a removed directory alive (or a btrfs
+        // subvolume from being deleted). Cleanup retries one that cannot go now.
+        if let Err(e) = self.idmap_release(id) {
+            tracing::warn!(key, error = %e, "could not take off the snapshot's idmapped mounts; cleanup will retry");
+        }
         if let Some(seq) = seq {
             failpoint("remove-before-backend");
             self.backend
@@ -871,6 +919,18 @@ impl<B: Backend> Snapshotter for Store<B> {
                         ),
                     ));
                 }
+            }
+            if row.kind != Kind::Committed
+                && IdMap::from_labels(&labels)? != IdMap::from_labels(&tx.labels(row.id)?)?
+            {
+                return Err(Error::invalid(
+                    format!(
+                        "labels {} / {} of snapshot {key:?}",
+                        crate::idmap::LABEL_UID_MAPPING,
+                        crate::idmap::LABEL_GID_MAPPING
+                    ),
+                    "the id mapping of a snapshot is fixed when it is prepared; prepare another snapshot with the new mapping",
+                ));
             }
             tx.replace_labels(row.id, &labels)?;
             tx.touch(row.id, SystemTime::now())?;
