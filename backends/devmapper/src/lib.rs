@@ -305,7 +305,7 @@ pub struct DevmapperBackend {
 }
 
 /// The lock every change of a thin device's activation (and every look at it that activates
-/// it for a moment) holds: `root/devices/.lock`, flocked, behind a mutex for the threads of
+/// it for a moment) holds: `root/devmapper.lock`, flocked, behind a mutex for the threads of
 /// one process (a flock is held by an open file, which the threads share).
 ///
 /// Without it, two users activating one device raced: the second one's create failed
@@ -333,9 +333,9 @@ impl Drop for DeviceLockGuard<'_> {
 }
 
 impl DeviceLock {
-    fn new(devices: &Path) -> DeviceLock {
+    fn new(root: &Path) -> DeviceLock {
         DeviceLock {
-            path: devices.join(".lock"),
+            path: root.join("devmapper.lock"),
             file: Mutex::new(None),
         }
     }
@@ -345,10 +345,6 @@ impl DeviceLock {
     fn hold(&self) -> Result<DeviceLockGuard<'_>, DmapError> {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if file.is_none() {
-            if let Some(dir) = self.path.parent() {
-                fs::create_dir_all(dir)
-                    .map_err(|e| DmapError::io(dir, "create the devices directory", e))?;
-            }
             let f = fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
@@ -479,7 +475,7 @@ impl DevmapperBackend {
         let backend = DevmapperBackend {
             dm,
             root: root.to_path_buf(),
-            lock: DeviceLock::new(&devices),
+            lock: DeviceLock::new(root),
             devices,
             cfg,
             pool_dev,
@@ -505,7 +501,7 @@ impl DevmapperBackend {
             root: root.to_path_buf(),
             cfg,
             pool_dev,
-            lock: DeviceLock::new(&devices),
+            lock: DeviceLock::new(root),
             devices,
         })
     }
