@@ -298,6 +298,10 @@ enum Command {
         /// wins
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Print containerd's `[proxy_plugins.strata]` entry for this root and address, with
+        /// the capabilities of its backend (`remap-ids`: idmapped snapshots), and exit
+        #[arg(long)]
+        print_config: bool,
     },
 }
 
@@ -825,7 +829,12 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             out.done(&format!("unmounted {}", target.display()));
             return Ok(());
         }
-        Command::Serve { address, grace, .. } => return serve(&root, &cli.global, address, grace),
+        Command::Serve {
+            address,
+            grace,
+            print_config,
+            ..
+        } => return serve(&root, &cli.global, &address, &grace, print_config),
         _ => {}
     }
     let recover = !matches!(cli.command, Command::Fsck { .. });
@@ -941,10 +950,24 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
 }
 
 /// `serve`: the store as a containerd proxy snapshotter.
-fn serve(root: &Path, global: &Global, address: PathBuf, grace: Duration) -> Result<(), Failure> {
+fn serve(
+    root: &Path,
+    global: &Global,
+    address: &Path,
+    grace: &Duration,
+    print_config: bool,
+) -> Result<(), Failure> {
     #[cfg(feature = "containerd")]
     {
         let store: strata_grpc::SharedStore = std::sync::Arc::from(open_store(root, global)?);
+        if print_config {
+            print!(
+                "{}",
+                strata_grpc::proxy_plugin_config("strata", address, store.backend_name())
+            );
+            return Ok(());
+        }
+        let (address, grace) = (address.to_path_buf(), *grace);
         let opts = strata_grpc::ServeOptions { address, grace };
         strata_grpc::serve(store, &opts).map_err(|e| match e {
             strata_grpc::Error::Store(e) => Failure::Store(e),
@@ -953,7 +976,7 @@ fn serve(root: &Path, global: &Global, address: PathBuf, grace: Duration) -> Res
     }
     #[cfg(not(feature = "containerd"))]
     {
-        let _ = (root, global, address, grace);
+        let _ = (root, global, address, grace, print_config);
         Err(CliError("this strata was built without the containerd feature".into()).into())
     }
 }

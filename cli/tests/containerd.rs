@@ -174,6 +174,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.strata]
   type = "snapshot"
   address = "{strata}"
+  capabilities = ["remap-ids"]
 "#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
@@ -404,6 +405,102 @@ fn containerd_runs_a_container_on(backend: &str, root: &Path, work: &Path) {
             "containerd called {op}: {log}"
         );
     }
+}
+
+/// A container in a user namespace (`ctr run --uidmap --gidmap --remap-labels`: containerd
+/// passes the mapping to strata as snapshot labels): the image's files are root's inside,
+/// the container's root writes, and no chowned copy of the image is made.
+fn containerd_runs_a_user_namespaced_container_on(backend: &str, root: &Path, work: &Path) {
+    let archive = busybox_image(work);
+    let strata_socket = work.join("strata.sock");
+    let serve = Serve::start(root, backend, &strata_socket, &work.join("strata.log"));
+    let ctrd = Containerd::start(&work.join("containerd"), &strata_socket);
+    ctrd.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "strata",
+        "--base-name",
+        "strata.test/busybox",
+        archive.to_str().unwrap(),
+    ]);
+    let id = format!("strata-test-userns-{backend}");
+    let script = "busybox stat -c '%u:%g' /etc/greeting /bin/busybox; busybox id -u; \
+                  echo mine > /made; busybox stat -c '%u:%g' /made; cat /etc/greeting; \
+                  cat /proc/self/uid_map";
+    let output = ctrd.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "strata",
+        "--uidmap",
+        "0:100000:65536",
+        "--gidmap",
+        "0:100000:65536",
+        "--remap-labels",
+        "strata.test/busybox:v1",
+        &id,
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    let lines: Vec<String> = output
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        &lines[..6],
+        &[
+            "0:0",
+            "0:0",
+            "0",
+            "0:0",
+            "hello from layer 2",
+            "0 100000 65536"
+        ][..],
+        "{output}"
+    );
+    // No chowned copy: without the labels containerd views the image, chowns the view and
+    // commits it as a remapped layer.
+    let log = serve.log();
+    assert!(
+        log.contains("op=\"prepare\"") && !log.contains("op=\"view\""),
+        "{log}"
+    );
+    ctrd.ctr_ok(&["images", "rm", "--sync", "strata.test/busybox:v1"]);
+    ctrd.wait_for_no_snapshots();
+    // The container's idmapped mounts went with its snapshot.
+    let clones = fs::read_dir(root.join("idmap"))
+        .map(|d| {
+            d.filter(|e| e.as_ref().unwrap().file_name() != ".lock")
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(clones, 0, "idmapped mounts left under the root");
+    drop(ctrd);
+    serve.stop();
+}
+
+#[test]
+fn containerd_runs_a_user_namespaced_container_on_overlay() {
+    if !require_privileged("containerd on overlay") || !containerd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    containerd_runs_a_user_namespaced_container_on(
+        "overlay",
+        &dir.path().join("store"),
+        dir.path(),
+    );
+}
+
+#[test]
+fn containerd_runs_a_user_namespaced_container_on_native() {
+    if !require_privileged("containerd on native") || !containerd_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    containerd_runs_a_user_namespaced_container_on("native", &dir.path().join("store"), dir.path());
 }
 
 fn containerd_tools() -> bool {

@@ -7,7 +7,15 @@
 //! [proxy_plugins.strata]
 //!   type = "snapshot"
 //!   address = "/run/strata/strata.sock"
+//!   capabilities = ["remap-ids"]
 //! ```
+//!
+//! ([`proxy_plugin_config`]; `strata serve --print-config` prints it for a root). A proxy
+//! plugin cannot tell containerd its capabilities over the API: containerd (1.7 and later)
+//! reads them from this configuration. `remap-ids` says the snapshotter presents snapshots
+//! prepared with the `containerd.io/snapshot/uidmapping`/`gidmapping` labels under those ids
+//! itself ([`strata::idmap`]), so containerd does not chown a copy of the image; containerd
+//! 1.6 ignores the key and passes the labels when asked (`ctr run --remap-labels`).
 //!
 //! and calls Prepare, View, Mounts, Commit, Remove, Stat, Update, List, Usage and Cleanup on
 //! it. Keys arrive namespaced by containerd (`default/12/sha256:…`); the store treats them as
@@ -96,11 +104,39 @@ pub struct ServeOptions {
     pub grace: Duration,
 }
 
+/// What strata declares to containerd for a store of backend `backend`: `remap-ids` where
+/// the backend's mounts are directories strata can idmap (not devmapper's block devices).
+pub fn capabilities(backend: &str) -> &'static [&'static str] {
+    match backend {
+        "devmapper" => &[],
+        _ => &["remap-ids"],
+    }
+}
+
+/// containerd's configuration of strata as proxy snapshotter `name` on socket `address`,
+/// with the [`capabilities`] of `backend`.
+pub fn proxy_plugin_config(name: &str, address: &Path, backend: &str) -> String {
+    let caps = capabilities(backend)
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {:?}\n  capabilities = [{caps}]\n",
+        address.display().to_string()
+    )
+}
+
 /// Serves `store` on `opts.address` until SIGTERM or SIGINT; then lets the calls in flight
 /// finish (up to `opts.grace`), removes the socket and closes the store.
 pub fn serve(store: SharedStore, opts: &ServeOptions) -> Result<(), Error> {
     let _lock = ServeLock::take(store.root())?;
     store.set_managed(true)?;
+    tracing::info!(
+        backend = store.backend_name(),
+        capabilities = ?capabilities(store.backend_name()),
+        "declare the capabilities in containerd's proxy_plugins entry (strata serve --print-config)"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("strata-serve")

@@ -268,3 +268,38 @@ fn idmapped_btrfs_snapshots() {
     let store = strata_tests::btrfs_store(&root, 256 << 20);
     idmapped_case(&store, &root, tmp.path());
 }
+
+/// devmapper's mounts are a block device's file system, which strata does not mount itself:
+/// an idmapped prepare is refused with what to do, and leaves no snapshot and no device.
+#[cfg(feature = "devmapper")]
+mod devmapper {
+    use super::*;
+
+    #[test]
+    fn an_idmapped_prepare_is_refused_with_what_to_do() {
+        if !require_privileged("a devmapper store") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let store = strata_tests::devmapper_store(&root);
+        let base = store
+            .apply_layer(None, None, None, &image_layer()[..])
+            .unwrap()
+            .name;
+        let err = store
+            .prepare("c", Some(&base), mapping_labels())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot be idmapped"), "{err}");
+        assert!(
+            err.contains("chown") && err.contains("overlay, btrfs or native"),
+            "{err}"
+        );
+        assert!(store.stat("c").is_err(), "the snapshot was removed again");
+        // The key is free, and the same prepare without the labels works.
+        store.prepare("c", Some(&base), Labels::new()).unwrap();
+        store.remove("c").unwrap();
+        assert!(mounts_under(&root).is_empty(), "{:?}", mounts_under(&root));
+    }
+}
