@@ -158,20 +158,24 @@ fn bench_every_workload(backend: &'static str) {
         .iter()
         .map(|r| r["workload"].as_str().unwrap())
         .collect();
+    let mut standard = vec![
+        "empty-chain",
+        "empty-flat",
+        "small-files",
+        "containerd-benchsuite",
+        "diff",
+        "diff",
+        "apply",
+        "apply",
+        "deep",
+        "concurrent",
+    ];
+    // devmapper cannot present idmapped snapshots.
+    if backend != "devmapper" {
+        standard.push("idmap");
+    }
     assert_eq!(
-        names,
-        [
-            "empty-chain",
-            "empty-flat",
-            "small-files",
-            "containerd-benchsuite",
-            "diff",
-            "diff",
-            "apply",
-            "apply",
-            "deep",
-            "concurrent"
-        ],
+        names, standard,
         "the standard set, diff and apply once per compression"
     );
     for row in rows {
@@ -185,8 +189,15 @@ fn bench_every_workload(backend: &'static str) {
         assert!(p50 > 0.0 && p99 >= p50, "{row}");
         assert!(row["peak_rss_bytes"].as_u64().unwrap() > 0, "{row}");
         let has = |k: &str| row[k].as_f64().is_some_and(|x| x > 0.0);
-        if !matches!(w, "diff" | "apply") {
+        if !matches!(w, "diff" | "apply" | "idmap") {
             assert!(has("layers_per_s"), "{w}: {row}");
+        }
+        if w == "idmap" {
+            // Two idmapped prepares and mounts, one chowned copy to compare with.
+            assert_eq!(row["ops"], 2, "{row}");
+            for k in ["prepare_p50_ms", "mount_p50_ms", "chown_p50_ms"] {
+                assert!(has(k), "{k}: {row}");
+            }
         }
         if matches!(
             w,

@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -384,6 +385,106 @@ pub(crate) fn apply(
     let _ = fs::remove_file(&blob);
     s.cleanup()?;
     Ok(out)
+}
+
+/// The first host id of the `idmap` workload's mapping (`0:100000:65536`, uids and gids).
+const IDMAP_HOST: u32 = 100_000;
+
+/// `idmap`: a snapshot of the generated tree presented under a user namespace's ids, two
+/// ways (the first `rounds` times, the second once): prepared with containerd's uid/gid mapping labels (idmapped
+/// mounts) and mounted; or prepared plainly, mounted and every entry chowned into the range
+/// (what a client does for a snapshotter without `remap-ids`; on overlay each chown copies
+/// the file up). Each way checks that the tree's root shows as the mapped root. The
+/// operations timed are the idmapped prepare+mount (phases `prepare`, `mount`); phase
+/// `chown` is the other way's prepare, mount and chown.
+pub(crate) fn idmap(
+    s: &dyn strata::AnyStore,
+    work: &Path,
+    (name, _): &(String, tree::Written),
+    rounds: usize,
+    tag: &str,
+    tick: &dyn Fn(),
+) -> Res<Sample> {
+    let at = work.join("idmap-mnt");
+    fs::create_dir_all(&at).map_err(io_err(&at, "create the mount point"))?;
+    let mut labels = Labels::new();
+    for l in [
+        strata::idmap::LABEL_UID_MAPPING,
+        strata::idmap::LABEL_GID_MAPPING,
+    ] {
+        labels.insert(l.to_string(), format!("0:{IDMAP_HOST}:65536"));
+    }
+    let mut out = Sample::default();
+    let expect_root = |dir: &Path| -> Res<()> {
+        let m = fs::symlink_metadata(dir).map_err(io_err(dir, "stat the mounted tree"))?;
+        if (m.uid(), m.gid()) != (IDMAP_HOST, IDMAP_HOST) {
+            return Err(crate::CliError(format!(
+                "{}: owned by {}:{}, not by the mapped root {IDMAP_HOST}",
+                dir.display(),
+                m.uid(),
+                m.gid()
+            ))
+            .into());
+        }
+        Ok(())
+    };
+    for i in 0..rounds {
+        let key = format!("{tag}/idmapped-{i}");
+        let t0 = Instant::now();
+        let mounts = s.prepare(&key, Some(name), labels.clone())?;
+        let t1 = Instant::now();
+        with_mounted(&mounts, &at, |dir| {
+            let t2 = Instant::now();
+            out.phase("prepare").push(t1 - t0);
+            out.phase("mount").push(t2 - t1);
+            out.per_op.push(t2 - t0);
+            expect_root(dir)
+        })?;
+        s.remove(&key)?;
+        tick();
+        if i > 0 {
+            // One chown is enough to compare with: it takes seconds where the other takes
+            // milliseconds.
+            continue;
+        }
+        let key = format!("{tag}/chowned-{i}");
+        let t0 = Instant::now();
+        let mounts = s.prepare(&key, Some(name), Labels::new())?;
+        with_mounted(&mounts, &at, |dir| {
+            chown_tree(dir, IDMAP_HOST)?;
+            out.phase("chown").push(t0.elapsed());
+            expect_root(dir)
+        })?;
+        s.remove(&key)?;
+        tick();
+    }
+    out.total = out.per_op.iter().sum();
+    s.cleanup()?;
+    Ok(out)
+}
+
+/// Adds `by` to the owner and group of every entry under `dir` (and of `dir`), without
+/// following symlinks.
+fn chown_tree(dir: &Path, by: u32) -> Res<()> {
+    let shift = |p: &Path| -> Res<()> {
+        let m = fs::symlink_metadata(p).map_err(io_err(p, "stat"))?;
+        std::os::unix::fs::lchown(p, Some(m.uid() + by), Some(m.gid() + by))
+            .map_err(io_err(p, "chown"))?;
+        Ok(())
+    };
+    shift(dir)?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).map_err(io_err(&d, "read a directory"))? {
+            let e = e.map_err(io_err(&d, "read a directory"))?;
+            let p = e.path();
+            shift(&p)?;
+            if e.file_type().map_err(io_err(&p, "stat"))?.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn compression_name(c: Compression) -> &'static str {
