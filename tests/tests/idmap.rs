@@ -218,6 +218,16 @@ fn idmapped_case<B: Backend>(store: &Store<B>, root: &Path, work: &Path) {
     store
         .prepare("fixed", Some(&base), mapping_labels())
         .unwrap();
+    // The clones are gone (as after a reboot): Mounts attaches them again.
+    for m in mounts_under(root) {
+        rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH).unwrap();
+    }
+    assert!(mounts_under(root).is_empty());
+    let again = work.join("again");
+    fs::create_dir_all(&again).unwrap();
+    strata::mount::mount_all(&store.mounts("fixed").unwrap(), &again).unwrap();
+    assert_eq!(owner(&again.join("etc/hosts")), (HOST, HOST));
+    strata::mount::unmount(&again).unwrap();
     let mut info = store.stat("fixed").unwrap();
     info.labels
         .insert(LABEL_UID_MAPPING.into(), "0:200000:65536".into());
