@@ -104,13 +104,12 @@ pub struct ServeOptions {
     pub grace: Duration,
 }
 
-/// What strata declares to containerd for a store of backend `backend`: `remap-ids` where
-/// the backend's mounts are directories strata can idmap (not devmapper's block devices).
+/// What strata declares to containerd for a store of backend `backend`: `remap-ids`
+/// (every backend presents idmapped snapshots; devmapper's through a file system strata
+/// mounts itself).
 pub fn capabilities(backend: &str) -> &'static [&'static str] {
-    match backend {
-        "devmapper" => &[],
-        _ => &["remap-ids"],
-    }
+    let _ = backend;
+    &["remap-ids"]
 }
 
 /// containerd's configuration of strata as proxy snapshotter `name` on socket `address`,

@@ -232,15 +232,8 @@ pub(crate) fn run_in(
     let overlay = store.backend_name() == "overlay";
     let layers = args.layers.unwrap_or(500);
     let depth = args.depth.unwrap_or(if overlay { 500 } else { 1000 });
-    // devmapper's snapshots are block devices, which strata does not idmap: the standard
-    // set leaves `idmap` out there (asked for by name, it fails with the store's reason).
-    let standard: Vec<Workload> = STANDARD
-        .iter()
-        .copied()
-        .filter(|w| *w != Workload::Idmap || store.backend_name() != "devmapper")
-        .collect();
     let workloads: &[Workload] = if args.workloads.is_empty() {
-        &standard
+        STANDARD
     } else {
         &args.workloads
     };

@@ -6,6 +6,10 @@
 //! mount time, so the clones can go (at commit or remove) while a mount made from them is
 //! still in use.
 //!
+//! A backend whose mounts are a file system on a block device (devmapper) gets that file
+//! system mounted by the store under `ROOT/idmap/<id>/` too, and the caller a bind mount of
+//! an idmapped clone of it.
+//!
 //! A clone is named by a hash of the directory it presents, so asking again for the mounts of
 //! a snapshot (`Mounts`, after a reboot, after a chain was flattened) finds the clones made
 //! before and makes only what is missing. `ROOT/idmap/.lock` (flock) serialises the store's
@@ -66,17 +70,12 @@ impl<B: Backend> Store<B> {
                     });
                 }
                 "overlay" => out.push(clones.overlay(m)?),
-                other => {
-                    return Err(Error::precondition(
-                        key,
-                        format!(
-                            "the {} backend mounts it as {other} from {}, which cannot be idmapped by strata (only directories, bind or overlay, can): prepare it without the labels {} and {} and let the client chown it, or use the overlay, btrfs or native backend for user-namespaced containers",
-                            self.backend.name(),
-                            m.source,
-                            crate::idmap::LABEL_UID_MAPPING,
-                            crate::idmap::LABEL_GID_MAPPING,
-                        ),
-                    ))
+                // A file system on a block device (devmapper's): strata mounts it itself, and
+                // the caller gets a bind mount of an idmapped clone of that mount.
+                _ => {
+                    let mounted = clones.mount_device(&m)?;
+                    let clone = clones.attach(&mounted, readonly)?;
+                    out.push(Mount::bind(&clone, readonly));
                 }
             }
         }
@@ -238,6 +237,21 @@ impl Clones<'_> {
             rustix::mount::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
         )
         .map_err(|e| fail("attach the idmapped clone", e.into()))?;
+        Ok(target)
+    }
+
+    /// Mounts `m` (a file system on a block device) at `dir/m<hash of its source>` unless it
+    /// is mounted there already; returns where.
+    fn mount_device(&mut self, m: &Mount) -> Result<PathBuf> {
+        let hash = Sha256::digest(m.source.as_bytes());
+        let name: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let target = self.dir.join(format!("m{name}"));
+        if is_mount_point(&target) {
+            return Ok(target);
+        }
+        fs::create_dir_all(&target)
+            .map_err(|e| Error::io(&target, "create a device's mount point", e))?;
+        crate::mount::mount_all(std::slice::from_ref(m), &target)?;
         Ok(target)
     }
 
