@@ -217,6 +217,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 }
 
 impl Containerd {
+    /// Imports [`busybox_image`]'s archive into strata as `strata.test/busybox:v1`.
+    fn import_busybox(&self, archive: &Path) {
+        self.ctr_ok(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "strata",
+            "--base-name",
+            "strata.test/busybox",
+            archive.to_str().unwrap(),
+        ]);
+    }
+
     /// Waits (30 s at most) until containerd's gc has removed every snapshot it made in
     /// strata (Remove, then Cleanup).
     fn wait_for_no_snapshots(&self) {
@@ -299,15 +312,7 @@ fn containerd_runs_a_container_on(backend: &str, root: &Path, work: &Path) {
         "containerd loaded the strata proxy plugin: {plugins}"
     );
 
-    ctrd.ctr_ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "strata",
-        "--base-name",
-        "strata.test/busybox",
-        archive.to_str().unwrap(),
-    ]);
+    ctrd.import_busybox(&archive);
     let images = ctrd.ctr_ok(&["images", "ls", "-q"]);
     assert!(images.contains("strata.test/busybox:v1"), "{images}");
     // The unpacked layers are strata's: two committed snapshots, one the other's parent.
@@ -415,15 +420,7 @@ fn containerd_runs_a_user_namespaced_container_on(backend: &str, root: &Path, wo
     let strata_socket = work.join("strata.sock");
     let serve = Serve::start(root, backend, &strata_socket, &work.join("strata.log"));
     let ctrd = Containerd::start(&work.join("containerd"), &strata_socket);
-    ctrd.ctr_ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "strata",
-        "--base-name",
-        "strata.test/busybox",
-        archive.to_str().unwrap(),
-    ]);
+    ctrd.import_busybox(&archive);
     let id = format!("strata-test-userns-{backend}");
     let script = "busybox stat -c '%u:%g' /etc/greeting /bin/busybox; busybox id -u; \
                   echo mine > /made; busybox stat -c '%u:%g' /made; cat /etc/greeting; \
