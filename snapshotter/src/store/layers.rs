@@ -6,10 +6,11 @@ use std::io::{Read, Write};
 use super::Store;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::layer::apply::{apply_layer, apply_overlay_layer, Applied, ApplyOutcome};
+use crate::layer::apply::{apply_layer, apply_overlay_layer_with, Applied, ApplyOutcome};
 use crate::layer::diff::{
     overlay_fast_path_applies, write_layer, write_overlay_layer, DiffOptions, DiffStats,
 };
+use crate::layer::OverlayXattrs;
 use crate::layer::{Descriptor, Digest};
 use crate::mount::TempMount;
 use crate::types::Kind;
@@ -61,9 +62,12 @@ impl<B: Backend> Store<B> {
             }
         };
         let lower_path = lower.as_ref().map(|l| l.path());
-        // The overlay fast path reads only the layer's upper directory.
+        // The overlay fast path reads only the layer's upper directory. It reads
+        // trusted.overlay.* markers: a rootless store's upper directories (user.overlay.*)
+        // are diffed through a mount, which the kernel mounts with userxattr.
+        let trusted = self.backend.overlay_xattrs() == OverlayXattrs::Trusted;
         let fast_dir = match self.backend.overlay_upper(id) {
-            Some(dir) if overlay_fast_path_applies(&dir, opts)? => Some(dir),
+            Some(dir) if trusted && overlay_fast_path_applies(&dir, opts)? => Some(dir),
             _ => None,
         };
         let written = match fast_dir {
@@ -148,7 +152,8 @@ impl<B: Backend> Store<B> {
             .collect();
         let result = match (self.backend.overlay_upper(row.id), lowers) {
             (Some(upper), Some(lowers)) if !self.opts.apply_mounted => {
-                apply_overlay_layer(&upper, &lowers, mount, input, expected)
+                let xattrs = self.backend.overlay_xattrs();
+                apply_overlay_layer_with(&upper, &lowers, xattrs, mount, input, expected)
             }
             _ => {
                 let target = mount()?;
