@@ -298,3 +298,26 @@ fn sockets_are_left_out_and_a_replaced_directory_is_rewritten() {
     let names: Vec<(char, String)> = entries(&tar).into_iter().map(|e| (e.0, e.1)).collect();
     assert_eq!(names, vec![('0', "x".to_string())]);
 }
+
+#[test]
+fn a_file_named_like_a_whiteout_is_refused_with_its_path() {
+    for name in ["a/.wh.looks-deleted", ".wh..wh..opq"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (lower, upper) = scene(tmp.path());
+        write(&upper.join(name), "data", 0o644);
+        let err = write_layer(Some(&lower), &upper, Vec::new(), &DiffOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name.rsplit('/').next().unwrap()), "{err}");
+        assert!(err.contains(".wh.") && err.contains("rename"), "{err}");
+    }
+    // A directory so named is refused too, and so is a file below it.
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, upper) = scene(tmp.path());
+    fs::create_dir_all(upper.join(".wh.dir")).unwrap();
+    write(&upper.join(".wh.dir/inside"), "data", 0o644);
+    let err = write_layer(Some(&lower), &upper, Vec::new(), &DiffOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(".wh.dir"), "{err}");
+}

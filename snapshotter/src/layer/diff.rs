@@ -581,6 +581,18 @@ fn write_header_only<W: Write>(
     full: &Path,
     m: &fs::Metadata,
 ) -> Result<()> {
+    // In a layer, `.wh.<name>` means "<name> is deleted": a file of the snapshot named so
+    // would come back from any applier as a deletion (or be refused), not as itself.
+    if path
+        .file_name()
+        .is_some_and(|n| n.as_bytes().starts_with(b".wh."))
+    {
+        return Err(Error::invalid(
+            full.display().to_string(),
+            "its name starts with \".wh.\", which a layer can only hold as a deletion (an OCI \
+             whiteout): rename or remove it in the snapshot, then diff again",
+        ));
+    }
     let ft = m.file_type();
     let mut h = tar::Header::new_ustar();
     h.set_mode(m.mode() & 0o7777);
