@@ -25,7 +25,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::digest::{HashWriter, ThreadedHashWriter};
-use super::{Compression, Descriptor};
+use super::{Compression, Descriptor, OverlayXattrs};
 use crate::error::{Error, Result};
 
 /// The one extended attribute a layer carries (as containerd's writer).
@@ -85,7 +85,17 @@ pub fn write_layer<W: Write>(
 /// directory uses `redirect_dir` or `metacopy` (whose meaning needs the generic differ), nor
 /// when the options force the generic differ.
 pub fn overlay_fast_path_applies(upper_dir: &Path, opts: &DiffOptions) -> Result<bool> {
-    Ok(!opts.force_generic && !uses_redirect_or_metacopy(upper_dir)?)
+    overlay_fast_path_applies_with(upper_dir, OverlayXattrs::Trusted, opts)
+}
+
+/// [`overlay_fast_path_applies`] for an upper directory whose overlayfs markers live under
+/// `xattrs` (`user.overlay.*` for a store mounted with `userxattr`).
+pub fn overlay_fast_path_applies_with(
+    upper_dir: &Path,
+    xattrs: OverlayXattrs,
+    opts: &DiffOptions,
+) -> Result<bool> {
+    Ok(!opts.force_generic && !uses_redirect_or_metacopy(upper_dir, xattrs)?)
 }
 
 /// Like [`write_layer`], from an overlayfs upper directory (`upper_dir`) instead of a mounted
@@ -98,7 +108,21 @@ pub fn write_overlay_layer<W: Write>(
     out: W,
     opts: &DiffOptions,
 ) -> Result<(Descriptor, DiffStats, W)> {
-    write_layer_from(lower, Source::OverlayUpper(upper_dir), out, opts)
+    write_overlay_layer_with(lower, upper_dir, OverlayXattrs::Trusted, out, opts)
+}
+
+/// [`write_overlay_layer`] for an upper directory whose overlayfs markers live under
+/// `xattrs` (`user.overlay.*` for a store mounted with `userxattr`). The layer does not
+/// depend on it: an opaque directory's lower entries become whiteouts either way, and no
+/// overlayfs attribute is ever written. Check [`overlay_fast_path_applies_with`] first.
+pub fn write_overlay_layer_with<W: Write>(
+    lower: Option<&Path>,
+    upper_dir: &Path,
+    xattrs: OverlayXattrs,
+    out: W,
+    opts: &DiffOptions,
+) -> Result<(Descriptor, DiffStats, W)> {
+    write_layer_from(lower, Source::OverlayUpper(upper_dir, xattrs), out, opts)
 }
 
 /// Where the upper side of a diff comes from.
@@ -106,20 +130,20 @@ pub fn write_overlay_layer<W: Write>(
 enum Source<'a> {
     /// A mounted tree: compare everything with the lower tree.
     Tree(&'a Path),
-    /// An overlayfs upper directory: only what it holds changed.
-    OverlayUpper(&'a Path),
+    /// An overlayfs upper directory, with where its markers live: only what it holds changed.
+    OverlayUpper(&'a Path, OverlayXattrs),
 }
 
 impl Source<'_> {
     fn path(&self) -> &Path {
         match self {
-            Source::Tree(p) | Source::OverlayUpper(p) => p,
+            Source::Tree(p) | Source::OverlayUpper(p, _) => p,
         }
     }
 }
 
-fn uses_redirect_or_metacopy(dir: &Path) -> Result<bool> {
-    for name in ["trusted.overlay.redirect", "trusted.overlay.metacopy"] {
+fn uses_redirect_or_metacopy(dir: &Path, xattrs: OverlayXattrs) -> Result<bool> {
+    for name in [xattrs.redirect(), xattrs.metacopy()] {
         if has_xattr(dir, name)? {
             return Ok(true);
         }
@@ -131,10 +155,10 @@ fn uses_redirect_or_metacopy(dir: &Path) -> Result<bool> {
         let p = entry.path();
         let ft = entry.file_type().map_err(|e| Error::io(&p, "stat", e))?;
         if ft.is_dir() {
-            if uses_redirect_or_metacopy(&p)? {
+            if uses_redirect_or_metacopy(&p, xattrs)? {
                 return Ok(true);
             }
-        } else if ft.is_file() && has_xattr(&p, "trusted.overlay.metacopy")? {
+        } else if ft.is_file() && has_xattr(&p, xattrs.metacopy())? {
             return Ok(true);
         }
     }
@@ -151,9 +175,9 @@ fn has_xattr(p: &Path, name: &str) -> Result<bool> {
     }
 }
 
-fn is_opaque(p: &Path) -> Result<bool> {
+fn is_opaque(p: &Path, xattrs: OverlayXattrs) -> Result<bool> {
     let mut buf = [0u8; 8];
-    match rustix::fs::lgetxattr(p, "trusted.overlay.opaque", &mut buf[..]) {
+    match rustix::fs::lgetxattr(p, xattrs.opaque(), &mut buf[..]) {
         Ok(n) => Ok(&buf[..n] == b"y"),
         Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::NOTSUP) => Ok(false),
         Err(e) => Err(Error::io(p, "read the opaque attribute", e.into())),
@@ -241,9 +265,9 @@ fn write_tar<W: Write>(
     }
     match source {
         Source::Tree(_) => diff_dir(&mut w, lower, upper, Path::new(""))?,
-        Source::OverlayUpper(_) => {
+        Source::OverlayUpper(_, xattrs) => {
             w.stats.fast_path = true;
-            diff_upper_dir(&mut w, lower, upper, Path::new(""), false)?;
+            diff_upper_dir(&mut w, lower, upper, Path::new(""), false, xattrs)?;
         }
     }
     let hashed = w
@@ -345,10 +369,11 @@ fn diff_upper_dir<W: Write>(
     upper: &Path,
     rel: &Path,
     hidden: bool,
+    xattrs: OverlayXattrs,
 ) -> Result<()> {
     let dir = upper.join(rel);
     let up_names = sorted_names(&dir)?;
-    let hidden = hidden || is_opaque(&dir)?;
+    let hidden = hidden || is_opaque(&dir, xattrs)?;
     let low_names = match lower {
         Some(l) if hidden && lstat(&l.join(rel))?.is_some_and(|m| m.is_dir()) => {
             sorted_names(&l.join(rel))?
@@ -380,7 +405,7 @@ fn diff_upper_dir<W: Write>(
                 }
                 diff_upper_dir(
                     w,
-                    if low_dir || is_opaque(&full)? {
+                    if low_dir || is_opaque(&full, xattrs)? {
                         lower
                     } else {
                         None
@@ -388,6 +413,7 @@ fn diff_upper_dir<W: Write>(
                     upper,
                     &path,
                     hidden,
+                    xattrs,
                 )?;
             } else {
                 match lm {

@@ -8,9 +8,8 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::layer::apply::{apply_layer, apply_overlay_layer_with, Applied, ApplyOutcome};
 use crate::layer::diff::{
-    overlay_fast_path_applies, write_layer, write_overlay_layer, DiffOptions, DiffStats,
+    overlay_fast_path_applies_with, write_layer, write_overlay_layer_with, DiffOptions, DiffStats,
 };
-use crate::layer::OverlayXattrs;
 use crate::layer::{Descriptor, Digest};
 use crate::mount::TempMount;
 use crate::types::Kind;
@@ -62,16 +61,15 @@ impl<B: Backend> Store<B> {
             }
         };
         let lower_path = lower.as_ref().map(|l| l.path());
-        // The overlay fast path reads only the layer's upper directory. It reads
-        // trusted.overlay.* markers: a rootless store's upper directories (user.overlay.*)
-        // are diffed through a mount, which the kernel mounts with userxattr.
-        let trusted = self.backend.overlay_xattrs() == OverlayXattrs::Trusted;
+        // The overlay fast path reads only the layer's upper directory, its markers under
+        // the backend's prefix (user.overlay.* for a rootless store).
+        let xattrs = self.backend.overlay_xattrs();
         let fast_dir = match self.backend.overlay_upper(id) {
-            Some(dir) if trusted && overlay_fast_path_applies(&dir, opts)? => Some(dir),
+            Some(dir) if overlay_fast_path_applies_with(&dir, xattrs, opts)? => Some(dir),
             _ => None,
         };
         let written = match fast_dir {
-            Some(dir) => write_overlay_layer(lower_path, &dir, out, opts)?,
+            Some(dir) => write_overlay_layer_with(lower_path, &dir, xattrs, out, opts)?,
             None => {
                 let (chain, _upper_hold) = self.mount_chain(name, &chain)?;
                 let upper_mounts = self
