@@ -11,6 +11,7 @@ mod devmapper {
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
+    use strata::layer::diff::DiffOptions;
     use strata::{ErrorKind, Kind, Labels, Snapshotter, Store, StoreOptions};
     use strata_devmapper::{DevmapperBackend, DmapError, PoolOptions, UsePool};
     use strata_tests::{require_privileged, run_ok, Mounted};
@@ -218,6 +219,44 @@ mod devmapper {
         layer(&s, w, Some("kept"), "after", &[("b", b"written after")]);
         assert_eq!(read(&s, w, "after", "a"), b"committed before");
         assert_eq!(read(&s, w, "after", "b"), b"written after");
+        drop(s);
+        DevmapperBackend::destroy_pool(&root).unwrap();
+    }
+
+    /// Removing a layer gives its blocks back to a loop-backed pool's data file, also when a
+    /// diff left the layer's device active read-only (which refused the discard: the data
+    /// file kept the blocks until the pool reused them).
+    #[test]
+    fn removing_a_layer_a_diff_read_punches_its_blocks_out_of_the_data_file() {
+        use std::os::unix::fs::MetadataExt;
+        if !require_privileged("a loop-backed thin pool") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let w = tmp.path();
+        let root = w.join("root");
+        let (cfg, s) = own_pool(&root, 256 << 20, 128 << 20, "ext4");
+        let data = root.join(&cfg.loop_files.as_ref().unwrap().data);
+        let allocated = || fs::metadata(&data).unwrap().blocks() * 512;
+        let before = allocated();
+        layer(&s, w, None, "big", &[("big", &vec![0x5au8; 24 << 20])]);
+        let (_, stats, _) = s
+            .diff("big", &DiffOptions::default(), std::io::sink())
+            .unwrap();
+        assert!(stats.content_bytes >= 24 << 20, "{stats:?}");
+        let with_layer = allocated();
+        assert!(
+            with_layer >= before + (24 << 20),
+            "the layer's 24 MiB are in the data file: {before} then {with_layer} bytes"
+        );
+        s.remove("big").unwrap();
+        s.cleanup().unwrap();
+        let after = allocated();
+        assert!(
+            after + (20 << 20) <= with_layer,
+            "the removed layer's blocks were punched out of the data file: {with_layer} then \
+             {after} bytes"
+        );
         drop(s);
         DevmapperBackend::destroy_pool(&root).unwrap();
     }

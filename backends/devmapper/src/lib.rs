@@ -14,8 +14,8 @@
 //! same, activated and mounted read-only. Commit flushes the device, records its mapped
 //! blocks (so usage stays O(1) after deactivation) and deactivates it; committed devices are
 //! only activated again, read-only, for a diff or as an active origin. Remove discards the
-//! whole device (a loop-backed pool gets the space back in its data file), deactivates it and
-//! deletes the thin id.
+//! whole device (a loop-backed pool gets the space back in its data file; a device left
+//! active read-only is made writable for it first), deactivates it and deletes the thin id.
 //!
 //! All device-mapper work is ioctls through the `devicemapper` crate (no `dmsetup`); loop
 //! devices are attached with `losetup` and filesystems made with `mkfs`, once per pool.
@@ -714,6 +714,15 @@ impl DevmapperBackend {
         }
     }
 
+    /// Whether thin device `thin` is active and read-only.
+    fn read_only(&self, thin: u64) -> Result<bool, DmapError> {
+        let name = self.name(thin);
+        match self.dm.device_info(&DevId::Name(pool::dm_name(&name)?)) {
+            Ok(info) => Ok(info.flags().contains(DmFlags::DM_READONLY)),
+            Err(_) => Ok(false),
+        }
+    }
+
     /// Makes active thin device `thin` usable again after a process died half way through
     /// using it; says whether it is there afterwards. Resumes it if it is suspended: left so
     /// by a process killed between suspending it as an origin and resuming it
@@ -1037,6 +1046,12 @@ impl DevmapperBackend {
                 device: self.name(thin),
                 open,
             });
+        }
+        // A committed layer's device a diff, an export or a checksum activated read-only
+        // stays so: it would refuse the discard. Nobody has it open (checked above), so it
+        // is made again writable.
+        if self.read_only(thin)? {
+            self.deactivate(thin)?;
         }
         // Give the blocks back (a loop-backed pool punches holes in its data file).
         if let Ok(node) = self.activate(thin, false) {
