@@ -174,6 +174,16 @@ pub trait Backend: Send + Sync + 'static {
     /// creating any storage: what a diff reads.
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, Self::Error>;
 
+    /// Says that a reader unmounted the mounts [`Backend::view_mounts`] gave it for `chain`
+    /// (on every path, a failed read included; never for a reader that was killed). The
+    /// default does nothing; a backend that activated something for the view (devmapper: the
+    /// top layer's device) lets it go here unless another reader, in any process, still uses
+    /// it.
+    fn release_view(&self, chain: &[u64]) -> Result<(), Self::Error> {
+        let _ = chain;
+        Ok(())
+    }
+
     /// Whether (and past which depth) the backend mounts deep chains through flattened
     /// lowers. `None` (the default): every chain is mounted as it is.
     fn flatten_policy(&self) -> Option<FlattenPolicy> {

@@ -292,6 +292,30 @@ impl<B: Backend> Store<B> {
         Error::backend(key, op, self.backend.name(), e)
     }
 
+    /// Mounts the committed `chain` (top first) read-only under `ROOT/tmp` through
+    /// [`Backend::view_mounts`]; `name` and `op` name it in errors. The backend is told when
+    /// the mount is gone ([`Backend::release_view`]), whatever way the reader ends.
+    pub(crate) fn mount_view(
+        &self,
+        name: &str,
+        chain: &[u64],
+        op: &'static str,
+    ) -> Result<ChainView<'_, B>> {
+        let tmp = self.root.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+        let mounts = self
+            .backend
+            .view_mounts(chain)
+            .map_err(|e| self.backend_err(name, op, e))?;
+        let mut view = ChainView {
+            backend: &self.backend,
+            chain: chain.to_vec(),
+            mount: None,
+        };
+        view.mount = Some(crate::mount::TempMount::new_in(&tmp, &mounts)?);
+        Ok(view)
+    }
+
     /// Runs `f` with the open database.
     pub(crate) fn with_meta<T>(&self, f: impl FnOnce(&mut Meta) -> Result<T>) -> Result<T> {
         let mut guard = self.meta()?;
@@ -997,6 +1021,42 @@ impl<B: Backend> Drop for Store<B> {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
             tracing::warn!(root = %self.root.display(), error = %e, "closing the store failed");
+        }
+    }
+}
+
+/// A read-only mount of a committed chain ([`Store::mount_view`]): unmounted, and the
+/// backend told so ([`Backend::release_view`]), by [`ChainView::unmount`] or on drop.
+pub(crate) struct ChainView<'a, B: Backend> {
+    backend: &'a B,
+    chain: Vec<u64>,
+    mount: Option<crate::mount::TempMount>,
+}
+
+impl<B: Backend> ChainView<'_, B> {
+    /// The mount point.
+    pub(crate) fn path(&self) -> &Path {
+        match &self.mount {
+            Some(m) => m.path(),
+            None => Path::new(""),
+        }
+    }
+
+    /// Unmounts, reporting a failure (drop only logs it), then releases the view.
+    pub(crate) fn unmount(mut self) -> Result<()> {
+        match self.mount.take() {
+            Some(m) => m.unmount(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<B: Backend> Drop for ChainView<'_, B> {
+    fn drop(&mut self) {
+        // The mount goes first: the backend may deactivate what it was made of.
+        drop(self.mount.take());
+        if let Err(e) = self.backend.release_view(&self.chain) {
+            tracing::warn!(chain = ?self.chain, error = %e, "could not release a read-only view");
         }
     }
 }

@@ -504,3 +504,50 @@ fn stores_opening_concurrently_never_roll_back_each_other() {
     assert_eq!(s.list(&["kind==committed"]).unwrap().len(), 180);
     assert_eq!(sim.ids().unwrap().len(), 180, "every row has its storage");
 }
+
+/// Every read-only view the store mounts to read layers (a diff's parent and layer, a
+/// checksum, a copy's source) is released to the backend once unmounted, also when the read
+/// fails: devmapper deactivates the device it made for it then.
+#[test]
+fn read_only_views_are_released_after_every_read() {
+    if !support::can_mount() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, sim) = open(tmp.path());
+    let outstanding = || sim.views.lock().unwrap().clone();
+    s.prepare("a-active", None, Labels::new()).unwrap();
+    s.commit("a", "a-active", Labels::new()).unwrap();
+    s.prepare("b-active", Some("a"), Labels::new()).unwrap();
+    s.commit("b", "b-active", Labels::new()).unwrap();
+
+    let (_, stats, _) = s
+        .diff(
+            "b",
+            &strata::layer::diff::DiffOptions::default(),
+            std::io::sink(),
+        )
+        .unwrap();
+    assert!(stats.entries > 0, "{stats:?}");
+    assert_eq!(outstanding(), Vec::<Vec<u64>>::new(), "after a diff");
+
+    s.checksum("b", &[], &[]).unwrap();
+    assert_eq!(outstanding(), Vec::<Vec<u64>>::new(), "after a checksum");
+    let e = s.checksum("b", &["/missing"], &[]).unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert_eq!(
+        outstanding(),
+        Vec::<Vec<u64>>::new(),
+        "after a failed checksum"
+    );
+
+    s.prepare("c-active", None, Labels::new()).unwrap();
+    s.copy("a", &["/parents"], "c-active", "/p", &Default::default())
+        .unwrap();
+    assert_eq!(outstanding(), Vec::<Vec<u64>>::new(), "after a copy");
+    let e = s
+        .copy("a", &["/missing"], "c-active", "/q", &Default::default())
+        .unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert_eq!(outstanding(), Vec::<Vec<u64>>::new(), "after a failed copy");
+}

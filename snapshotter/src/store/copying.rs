@@ -18,20 +18,15 @@ impl<B: Backend> Store<B> {
     ) -> Result<(
         super::ExportGuard<'_, B>,
         super::flats::FlatsHold,
-        TempMount,
+        super::ChainView<'_, B>,
     )> {
         let guard = self.guard(&[name])?;
         let (row, parents) = self.row(name)?;
         let mut chain = vec![row.id];
         chain.extend(parents);
         let (chain, hold) = self.mount_chain(name, &chain)?;
-        let mounts = self
-            .backend
-            .view_mounts(&chain)
-            .map_err(|e| self.backend_err(name, "view", e))?;
-        let tmp = self.root.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-        Ok((guard, hold, TempMount::new_in(&tmp, &mounts)?))
+        let view = self.mount_view(name, &chain, "view")?;
+        Ok((guard, hold, view))
     }
 
     /// Copies `sources` (paths in committed snapshot or image `from`) into active snapshot

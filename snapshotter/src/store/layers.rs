@@ -47,18 +47,10 @@ impl<B: Backend> Store<B> {
     ) -> Result<(Descriptor, DiffStats, W)> {
         let mut chain = vec![id];
         chain.extend(parents);
-        let tmp = self.root.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
         let (parents, _lower_hold) = self.mount_chain(name, parents)?;
         let lower = match parents.is_empty() {
             true => None,
-            false => {
-                let m = self
-                    .backend
-                    .view_mounts(&parents)
-                    .map_err(|e| self.backend_err(name, "view the parent for a diff", e))?;
-                Some(TempMount::new_in(&tmp, &m)?)
-            }
+            false => Some(self.mount_view(name, &parents, "view the parent for a diff")?),
         };
         let lower_path = lower.as_ref().map(|l| l.path());
         // The overlay fast path reads only the layer's upper directory, its markers under
@@ -72,11 +64,7 @@ impl<B: Backend> Store<B> {
             Some(dir) => write_overlay_layer_with(lower_path, &dir, xattrs, out, opts)?,
             None => {
                 let (chain, _upper_hold) = self.mount_chain(name, &chain)?;
-                let upper_mounts = self
-                    .backend
-                    .view_mounts(&chain)
-                    .map_err(|e| self.backend_err(name, "view for a diff", e))?;
-                let upper = TempMount::new_in(&tmp, &upper_mounts)?;
+                let upper = self.mount_view(name, &chain, "view for a diff")?;
                 let written = write_layer(lower_path, upper.path(), out, opts)?;
                 upper.unmount()?;
                 written

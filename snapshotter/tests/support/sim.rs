@@ -22,6 +22,8 @@ pub struct Sim {
     pub fail_remove: Arc<Mutex<HashSet<u64>>>,
     /// Whether creates fail.
     pub fail_create: Arc<Mutex<bool>>,
+    /// The chains of [`Backend::view_mounts`] not released yet.
+    pub views: Arc<Mutex<Vec<Vec<u64>>>>,
 }
 
 impl Sim {
@@ -38,6 +40,7 @@ impl Sim {
             dir,
             fail_remove: Arc::default(),
             fail_create: Arc::default(),
+            views: Arc::default(),
         }
     }
 }
@@ -78,7 +81,18 @@ impl Backend for Sim {
         let top = chain
             .first()
             .ok_or_else(|| SimError("empty chain".into()))?;
+        self.views.lock().unwrap().push(chain.to_vec());
         Ok(vec![Mount::bind(&self.dir.join(top.to_string()), true)])
+    }
+
+    fn release_view(&self, chain: &[u64]) -> Result<(), SimError> {
+        let mut views = self.views.lock().unwrap();
+        let at = views
+            .iter()
+            .position(|c| c == chain)
+            .ok_or_else(|| SimError(format!("released a view never made: {chain:?}")))?;
+        views.remove(at);
+        Ok(())
     }
 
     fn remove(&self, id: u64) -> Result<(), SimError> {
