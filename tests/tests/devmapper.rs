@@ -223,11 +223,29 @@ mod devmapper {
         DevmapperBackend::destroy_pool(&root).unwrap();
     }
 
-    /// Removing a layer gives its blocks back to a loop-backed pool's data file, also when a
-    /// diff left the layer's device active read-only (which refused the discard: the data
-    /// file kept the blocks until the pool reused them).
+    /// The store's thin devices that are active (not the pool's own).
+    fn active_devices(cfg: &strata_devmapper::PoolConfig) -> Vec<String> {
+        let prefix = format!("{}-", cfg.prefix);
+        let mut v: Vec<String> = fs::read_dir("/sys/block")
+            .unwrap()
+            .filter_map(|e| fs::read_to_string(e.unwrap().path().join("dm/name")).ok())
+            .map(|n| n.trim().to_string())
+            .filter(|n| {
+                n.strip_prefix(&prefix)
+                    .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Reading a layer (a diff, a checksum, a copy from it) activates its device read-only
+    /// and lets it go afterwards: no device stays active per layer read. A reader that was
+    /// killed leaves the device active read-only; removing the layer then still gives its
+    /// blocks back to a loop-backed pool's data file (its discard refused a read-only
+    /// device, and the file kept the blocks until the pool reused them).
     #[test]
-    fn removing_a_layer_a_diff_read_punches_its_blocks_out_of_the_data_file() {
+    fn reading_a_layer_leaves_no_device_and_remove_punches_its_blocks_out() {
         use std::os::unix::fs::MetadataExt;
         if !require_privileged("a loop-backed thin pool") {
             return;
@@ -240,10 +258,52 @@ mod devmapper {
         let allocated = || fs::metadata(&data).unwrap().blocks() * 512;
         let before = allocated();
         layer(&s, w, None, "big", &[("big", &vec![0x5au8; 24 << 20])]);
+        assert_eq!(
+            active_devices(&cfg),
+            Vec::<String>::new(),
+            "after the commit"
+        );
+
         let (_, stats, _) = s
             .diff("big", &DiffOptions::default(), std::io::sink())
             .unwrap();
         assert!(stats.content_bytes >= 24 << 20, "{stats:?}");
+        assert_eq!(active_devices(&cfg), Vec::<String>::new(), "after a diff");
+        s.checksum("big", &["/big"], &[]).unwrap();
+        assert_eq!(
+            active_devices(&cfg),
+            Vec::<String>::new(),
+            "after a checksum"
+        );
+        layer(&s, w, Some("big"), "child", &[("c", b"c")]);
+        s.diff("child", &DiffOptions::default(), std::io::sink())
+            .unwrap();
+        assert_eq!(
+            active_devices(&cfg),
+            Vec::<String>::new(),
+            "after a child's diff"
+        );
+        s.remove("child").unwrap();
+        s.cleanup().unwrap();
+
+        // What a reader killed before it let the device go leaves: the layer's device
+        // active read-only (made by hand, as strata would).
+        let ids: Vec<u64> = fs::read_dir(root.join("devices"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+            .collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        let thin = ids[0] + cfg.thin_offset;
+        let name = format!("{}-{thin}", cfg.prefix);
+        let table = format!(
+            "0 {} thin {} {thin}",
+            cfg.base_size / 512,
+            sys_dev(&cfg.pool).unwrap()
+        );
+        let out = dmsetup(&["create", &name, "--readonly", "--table", &table]);
+        assert!(out.status.success(), "dmsetup create: {out:?}");
+        assert_eq!(active_devices(&cfg), vec![name.clone()]);
+
         let with_layer = allocated();
         assert!(
             with_layer >= before + (24 << 20),
@@ -251,6 +311,11 @@ mod devmapper {
         );
         s.remove("big").unwrap();
         s.cleanup().unwrap();
+        assert_eq!(
+            active_devices(&cfg),
+            Vec::<String>::new(),
+            "after the remove"
+        );
         let after = allocated();
         assert!(
             after + (20 << 20) <= with_layer,
@@ -365,40 +430,47 @@ mod devmapper {
         let (cfg, s) = own_pool(&root, 256 << 20, 64 << 20, "ext4");
         let w = tmp.path();
         layer(&s, w, None, "base", &[("a", b"kept")]);
-        // A diff leaves the layer's device active, read-only: the one device of the store.
-        s.diff("base", &Default::default(), std::io::sink())
-            .unwrap();
-        let ls = dmsetup(&["ls"]);
-        let prefix = format!("{}-", cfg.prefix);
-        let device = String::from_utf8_lossy(&ls.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .find(|n| n.starts_with(&prefix))
-            .unwrap()
-            .to_string();
-        // What a process killed inside `create_snap`'s suspend/resume leaves.
-        let out = dmsetup(&["suspend", &device]);
-        assert!(out.status.success(), "{out:?}");
-
-        assert_eq!(read(&s, w, "base", "a"), b"kept");
-        s.diff("base", &Default::default(), std::io::sink())
-            .unwrap();
-        layer(&s, w, Some("base"), "child", &[("b", b"new")]);
-        assert_eq!(read(&s, w, "child", "a"), b"kept");
-        let info = dmsetup(&["info", "-c", "--noheadings", "-o", "attr", &device]);
-        assert!(
-            !String::from_utf8_lossy(&info.stdout).contains('s'),
-            "{device} is still suspended: {info:?}"
-        );
-
-        // A process killed between creating a layer's device and loading its table leaves
-        // the device without one: the next view of the layer makes it again.
+        // A reader killed while it read the layer leaves its device active, read-only (made
+        // by hand here, as strata makes it).
         let ids = |root: &Path| -> Vec<String> {
             fs::read_dir(root.join("devices"))
                 .unwrap()
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect()
         };
+        let base: Vec<u64> = ids(&root).iter().filter_map(|n| n.parse().ok()).collect();
+        assert_eq!(base.len(), 1, "{base:?}");
+        let prefix = format!("{}-", cfg.prefix);
+        let thin = base[0] + cfg.thin_offset;
+        let device = format!("{prefix}{thin}");
+        let table = format!(
+            "0 {} thin {} {thin}",
+            cfg.base_size / 512,
+            sys_dev(&cfg.pool).unwrap()
+        );
+        let out = dmsetup(&["create", &device, "--readonly", "--table", &table]);
+        assert!(out.status.success(), "{out:?}");
+        // What a process killed inside `create_snap`'s suspend/resume leaves.
+        let out = dmsetup(&["suspend", &device]);
+        assert!(out.status.success(), "{out:?}");
+
+        // A view snapshots the layer (suspending and resuming its active device).
+        assert_eq!(read(&s, w, "base", "a"), b"kept");
+        let info = dmsetup(&["info", "-c", "--noheadings", "-o", "attr", &device]);
+        let attr = String::from_utf8_lossy(&info.stdout).trim().to_string();
+        assert!(
+            info.status.success() && !attr.is_empty() && !attr.contains('s'),
+            "{device} is still suspended: {info:?}"
+        );
+        // A diff reads it and lets it go.
+        s.diff("base", &Default::default(), std::io::sink())
+            .unwrap();
+        assert!(sys_dev(&device).is_none(), "{device} is still active");
+        layer(&s, w, Some("base"), "child", &[("b", b"new")]);
+        assert_eq!(read(&s, w, "child", "a"), b"kept");
+
+        // A process killed between creating a layer's device and loading its table leaves
+        // the device without one: the next view of the layer makes it again.
         let before = ids(&root);
         layer(&s, w, None, "other", &[("c", b"other")]);
         let id = ids(&root)

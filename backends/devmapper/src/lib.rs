@@ -13,13 +13,16 @@
 //! ext4/xfs (xfs snapshots mount with `nouuid`: they share the base's UUID). Views are the
 //! same, activated and mounted read-only. Commit flushes the device, records its mapped
 //! blocks (so usage stays O(1) after deactivation) and deactivates it; committed devices are
-//! only activated again, read-only, for a diff or as an active origin. Remove discards the
+//! only activated again, read-only, for a reader (a diff, an export, a checksum, a copy),
+//! and deactivated when the last reader in any process is done (`devices/.reading-<id>`,
+//! held with a shared flock by each reader). Remove discards the
 //! whole device (a loop-backed pool gets the space back in its data file; a device left
 //! active read-only is made writable for it first), deactivates it and deletes the thin id.
 //!
 //! All device-mapper work is ioctls through the `devicemapper` crate (no `dmsetup`); loop
 //! devices are attached with `losetup` and filesystems made with `mkfs`, once per pool.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -302,6 +305,10 @@ pub struct DevmapperBackend {
     devices: PathBuf,
     /// Serialises device activation among the store's threads and processes.
     lock: DeviceLock,
+    /// This process's readers of committed layers' devices ([`Backend::view_mounts`] until
+    /// [`Backend::release_view`]): per snapshot id, `devices/.reading-<id>` held open with a
+    /// shared flock (which other processes see) and how many readers here use it.
+    readers: Mutex<HashMap<u64, (fs::File, usize)>>,
 }
 
 /// The lock every change of a thin device's activation (and every look at it that activates
@@ -476,6 +483,7 @@ impl DevmapperBackend {
             dm,
             root: root.to_path_buf(),
             lock: DeviceLock::new(root),
+            readers: Mutex::default(),
             devices,
             cfg,
             pool_dev,
@@ -502,6 +510,7 @@ impl DevmapperBackend {
             cfg,
             pool_dev,
             lock: DeviceLock::new(root),
+            readers: Mutex::default(),
             devices,
         })
     }
@@ -860,6 +869,49 @@ impl DevmapperBackend {
         self.devices.join(id.to_string())
     }
 
+    /// The file readers of snapshot `id`'s device hold shared (see `readers`).
+    fn reading(&self, id: u64) -> PathBuf {
+        self.devices.join(format!(".reading-{id}"))
+    }
+
+    /// Counts a reader of snapshot `id`'s device in this process, taking the shared lock of
+    /// its readers' file for the first one. Callers hold the device lock.
+    fn add_reader(&self, id: u64) -> Result<(), DmapError> {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, n)) = readers.get_mut(&id) {
+            *n += 1;
+            return Ok(());
+        }
+        let path = self.reading(id);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| DmapError::io(&path, "open the readers' lock", e))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| DmapError::io(&path, "lock the readers' lock", e.into()))?;
+        readers.insert(id, (file, 1));
+        Ok(())
+    }
+
+    /// Uncounts a reader of snapshot `id`'s device in this process; says whether it was the
+    /// last one here (its shared lock is then let go).
+    fn drop_reader(&self, id: u64) -> bool {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        match readers.get_mut(&id) {
+            Some((_, n)) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                readers.remove(&id);
+                true
+            }
+            None => true,
+        }
+    }
+
     /// Notes that snapshot `id`'s thin id belongs to someone else (see `create`).
     fn foreign_note(&self, id: u64) -> PathBuf {
         self.devices.join(format!(".foreign-{id}"))
@@ -967,12 +1019,52 @@ impl Backend for DevmapperBackend {
         Ok(vec![self.mount_of(&node, kind == Kind::View)])
     }
 
+    /// Activates the top layer's device read-only, as a reader of it until
+    /// [`Backend::release_view`].
     fn view_mounts(&self, chain: &[u64]) -> Result<Vec<Mount>, DmapError> {
         let top = *chain.first().ok_or(DmapError::EmptyChain)?;
         let thin = self.thin(top)?;
         let _held = self.lock.hold()?;
-        let node = self.activate(thin, true)?;
-        Ok(vec![self.mount_of(&node, true)])
+        self.add_reader(top)?;
+        match self.activate(thin, true) {
+            Ok(node) => Ok(vec![self.mount_of(&node, true)]),
+            Err(e) => {
+                self.drop_reader(top);
+                Err(e)
+            }
+        }
+    }
+
+    /// Deactivates the top layer's device when its last reader, in any process, is done
+    /// and nothing else has it open: a diff or an export of an image no longer leaves a
+    /// device active per layer it read. A reader that was killed leaves it active, read-only,
+    /// until the layer is removed.
+    fn release_view(&self, chain: &[u64]) -> Result<(), DmapError> {
+        let top = *chain.first().ok_or(DmapError::EmptyChain)?;
+        let thin = self.thin(top)?;
+        let _held = self.lock.hold()?;
+        if !self.drop_reader(top) {
+            return Ok(());
+        }
+        let path = self.reading(top);
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(DmapError::io(&path, "open the readers' lock", e)),
+        };
+        // Readers elsewhere hold it shared (and take it only under the device lock, held
+        // here): exclusive means nobody reads the device.
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(()),
+            Err(e) => return Err(DmapError::io(&path, "lock the readers' lock", e.into())),
+        }
+        // Read-only and unopened: a committed layer's device nobody uses (an Active's or a
+        // View's own device is never read-only-and-idle by a reader's doing).
+        if self.read_only(thin)? && self.open_count(thin)? == 0 {
+            self.deactivate(thin)?;
+        }
+        fs::remove_file(&path).map_err(|e| DmapError::io(&path, "remove the readers' lock", e))
     }
 
     fn remove(&self, id: u64) -> Result<(), DmapError> {
@@ -1079,6 +1171,8 @@ impl DevmapperBackend {
                 Err(e) => return Err(e),
             }
         }
+        // A killed reader's lock file; nobody can read a deleted device.
+        let _ = fs::remove_file(self.reading(id));
         match fs::remove_file(&marker) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
