@@ -767,8 +767,16 @@ impl DevmapperBackend {
         let dm_name = pool::dm_name(&origin_name)?;
         let id = DevId::Name(dm_name);
         if active {
+            // Without freezing its file system: an origin is a committed layer, only ever
+            // active read-only (for a reader), so nothing of it is dirty, and a frozen block
+            // device refuses every mount meanwhile (EBUSY, "blockdev is frozen"), which a
+            // reader mounting the layer at that moment hit (the concurrency campaign). With
+            // the file system left alone, such a mount's reads just wait for the resume.
             self.dm
-                .device_suspend(&id, DmOptions::private().set_flags(DmFlags::DM_SUSPEND))
+                .device_suspend(
+                    &id,
+                    DmOptions::private().set_flags(DmFlags::DM_SUSPEND | DmFlags::DM_SKIP_LOCKFS),
+                )
                 .map_err(|e| DmapError::dm(&origin_name, "suspend the origin", e))?;
         }
         let made = self.message(&format!("create_snap {new} {origin}"), "create a snapshot");
