@@ -223,6 +223,21 @@ mod devmapper {
         DevmapperBackend::destroy_pool(&root).unwrap();
     }
 
+    /// Activates snapshot `id`'s thin device read-only with dmsetup, as strata does for a
+    /// reader (what a reader killed before it let the device go leaves); returns its name.
+    fn activate_read_only_by_hand(cfg: &strata_devmapper::PoolConfig, id: u64) -> String {
+        let thin = id + cfg.thin_offset;
+        let name = format!("{}-{thin}", cfg.prefix);
+        let table = format!(
+            "0 {} thin {} {thin}",
+            cfg.base_size / 512,
+            sys_dev(&cfg.pool).unwrap()
+        );
+        let out = dmsetup(&["create", &name, "--readonly", "--table", &table]);
+        assert!(out.status.success(), "dmsetup create {name}: {out:?}");
+        name
+    }
+
     /// The store's thin devices that are active (not the pool's own).
     fn active_devices(cfg: &strata_devmapper::PoolConfig) -> Vec<String> {
         let prefix = format!("{}-", cfg.prefix);
@@ -293,15 +308,7 @@ mod devmapper {
             .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
             .collect();
         assert_eq!(ids.len(), 1, "{ids:?}");
-        let thin = ids[0] + cfg.thin_offset;
-        let name = format!("{}-{thin}", cfg.prefix);
-        let table = format!(
-            "0 {} thin {} {thin}",
-            cfg.base_size / 512,
-            sys_dev(&cfg.pool).unwrap()
-        );
-        let out = dmsetup(&["create", &name, "--readonly", "--table", &table]);
-        assert!(out.status.success(), "dmsetup create: {out:?}");
+        let name = activate_read_only_by_hand(&cfg, ids[0]);
         assert_eq!(active_devices(&cfg), vec![name.clone()]);
 
         let with_layer = allocated();
@@ -441,15 +448,7 @@ mod devmapper {
         let base: Vec<u64> = ids(&root).iter().filter_map(|n| n.parse().ok()).collect();
         assert_eq!(base.len(), 1, "{base:?}");
         let prefix = format!("{}-", cfg.prefix);
-        let thin = base[0] + cfg.thin_offset;
-        let device = format!("{prefix}{thin}");
-        let table = format!(
-            "0 {} thin {} {thin}",
-            cfg.base_size / 512,
-            sys_dev(&cfg.pool).unwrap()
-        );
-        let out = dmsetup(&["create", &device, "--readonly", "--table", &table]);
-        assert!(out.status.success(), "{out:?}");
+        let device = activate_read_only_by_hand(&cfg, base[0]);
         // What a process killed inside `create_snap`'s suspend/resume leaves.
         let out = dmsetup(&["suspend", &device]);
         assert!(out.status.success(), "{out:?}");
