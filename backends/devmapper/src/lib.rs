@@ -1194,15 +1194,49 @@ impl DevmapperBackend {
     fn thin_exists(&self, thin: u64) -> bool {
         match self.node(thin) {
             Ok(Some(_)) => true,
-            _ => {
-                // Deactivated again only when this look activated it; a failed activation
-                // leaves nothing behind.
-                let ok = self.activate(thin, true).is_ok();
-                if ok {
-                    let _ = self.deactivate(thin);
-                }
-                ok
-            }
+            _ => self.probe(thin),
         }
+    }
+
+    /// Whether the pool has thin id `thin`, asked without activating a device: the thin
+    /// target's constructor opens the id in the pool's metadata when a table over it is
+    /// loaded, and fails for an id the pool lacks. The device made for the question (the
+    /// snapshot's own name; callers hold the device lock) only ever gets an inactive table,
+    /// so no block device comes up and nothing is read, and it is removed at once; one a
+    /// killed process left behind has no active table, which the next activation removes
+    /// ([`Self::set_right`]). An export guard asks this of every layer of an image: a full
+    /// activation per inactive layer made the checks of the crash campaign grow with the
+    /// depth of its chains.
+    fn probe(&self, thin: u64) -> bool {
+        let name = self.name(thin);
+        let Ok(dm_name) = pool::dm_name(&name) else {
+            return false;
+        };
+        if self
+            .dm
+            .device_create(dm_name, None, DmOptions::private())
+            .is_err()
+        {
+            return false;
+        }
+        let id = DevId::Name(dm_name);
+        let table = [(
+            0u64,
+            self.cfg.base_sectors().0,
+            "thin".to_string(),
+            format!("{} {}", self.pool_dev, thin),
+        )];
+        let loaded = self
+            .dm
+            .table_load(
+                &id,
+                &table,
+                DmOptions::private().set_flags(DmFlags::DM_READONLY),
+            )
+            .is_ok();
+        if let Err(e) = self.dm.device_remove(&id, DmOptions::private()) {
+            tracing::warn!(device = %name, error = %e, "could not remove the device of an existence check");
+        }
+        loaded
     }
 }
