@@ -28,7 +28,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use devicemapper::{DevId, Device, DmFlags, DmOptions, DM};
+use devicemapper::{DevId, Device, DeviceInfo, DmFlags, DmOptions, DM};
 use strata::{Backend, BackendError, CreateOptions, ErrorKind, Kind, Mount, Usage};
 
 pub mod pool;
@@ -352,13 +352,7 @@ impl DeviceLock {
     fn hold(&self) -> Result<DeviceLockGuard<'_>, DmapError> {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if file.is_none() {
-            let f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&self.path)
-                .map_err(|e| DmapError::io(&self.path, "open the device lock", e))?;
-            *file = Some(f);
+            *file = Some(open_lock_file(&self.path, "open the device lock")?);
         }
         if let Some(f) = file.as_ref() {
             rustix::fs::flock(f, rustix::fs::FlockOperation::LockExclusive)
@@ -366,6 +360,16 @@ impl DeviceLock {
         }
         Ok(DeviceLockGuard { file })
     }
+}
+
+/// Opens (creating it when missing) the file a lock of the backend is held on.
+fn open_lock_file(path: &Path, context: &'static str) -> Result<fs::File, DmapError> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| DmapError::io(path, context, e))
 }
 
 impl std::fmt::Debug for DevmapperBackend {
@@ -643,14 +647,18 @@ impl DevmapperBackend {
 
     /// The device node of active thin device `thin`, if it is active.
     fn node(&self, thin: u64) -> Result<Option<PathBuf>, DmapError> {
+        Ok(self
+            .info(thin)?
+            .map(|info| PathBuf::from(format!("/dev/dm-{}", info.device().minor))))
+    }
+
+    /// What device-mapper says of thin device `thin`; `None` when there is no such device.
+    fn info(&self, thin: u64) -> Result<Option<DeviceInfo>, DmapError> {
         let name = self.name(thin);
-        match self.dm.device_info(&DevId::Name(pool::dm_name(&name)?)) {
-            Ok(info) => Ok(Some(PathBuf::from(format!(
-                "/dev/dm-{}",
-                info.device().minor
-            )))),
-            Err(_) => Ok(None),
-        }
+        Ok(self
+            .dm
+            .device_info(&DevId::Name(pool::dm_name(&name)?))
+            .ok())
     }
 
     /// Activates thin device `thin` (read-only when asked) and returns its device node.
@@ -716,20 +724,14 @@ impl DevmapperBackend {
 
     /// How many users have thin device `thin` open (a mount is one); 0 when inactive.
     fn open_count(&self, thin: u64) -> Result<i32, DmapError> {
-        let name = self.name(thin);
-        match self.dm.device_info(&DevId::Name(pool::dm_name(&name)?)) {
-            Ok(info) => Ok(info.open_count()),
-            Err(_) => Ok(0),
-        }
+        Ok(self.info(thin)?.map_or(0, |info| info.open_count()))
     }
 
     /// Whether thin device `thin` is active and read-only.
     fn read_only(&self, thin: u64) -> Result<bool, DmapError> {
-        let name = self.name(thin);
-        match self.dm.device_info(&DevId::Name(pool::dm_name(&name)?)) {
-            Ok(info) => Ok(info.flags().contains(DmFlags::DM_READONLY)),
-            Err(_) => Ok(false),
-        }
+        Ok(self
+            .info(thin)?
+            .is_some_and(|info| info.flags().contains(DmFlags::DM_READONLY)))
     }
 
     /// Makes active thin device `thin` usable again after a process died half way through
@@ -891,12 +893,7 @@ impl DevmapperBackend {
             return Ok(());
         }
         let path = self.reading(id);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| DmapError::io(&path, "open the readers' lock", e))?;
+        let file = open_lock_file(&path, "open the readers' lock")?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockShared)
             .map_err(|e| DmapError::io(&path, "lock the readers' lock", e.into()))?;
         readers.insert(id, (file, 1));
@@ -1147,9 +1144,9 @@ impl DevmapperBackend {
                 open,
             });
         }
-        // A committed layer's device a diff, an export or a checksum activated read-only
-        // stays so: it would refuse the discard. Nobody has it open (checked above), so it
-        // is made again writable.
+        // A committed layer's device a reader was killed holding stays active read-only: it
+        // would refuse the discard. Nobody has it open (checked above), so it is made again
+        // writable.
         if self.read_only(thin)? {
             self.deactivate(thin)?;
         }
