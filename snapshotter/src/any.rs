@@ -101,6 +101,9 @@ pub trait AnyStore: Snapshotter {
     /// [`Store::verify`]: checks stored layers against their recorded content.
     fn verify(&self, names: &[&str]) -> Result<VerifyReport>;
 
+    /// [`Store::verify_layers`]: checks the named layers only, not the layers below them.
+    fn verify_layers(&self, names: &[&str]) -> Result<VerifyReport>;
+
     /// [`Store::export`]: writes images as an OCI layout or archive.
     fn export(&self, images: &[&str], out: &Path, opts: &ExportOptions) -> Result<ExportReport>;
 
@@ -211,6 +214,10 @@ impl<B: Backend> AnyStore for Store<B> {
 
     fn verify(&self, names: &[&str]) -> Result<VerifyReport> {
         Store::verify(self, names)
+    }
+
+    fn verify_layers(&self, names: &[&str]) -> Result<VerifyReport> {
+        Store::verify_layers(self, names)
     }
 
     fn export(&self, images: &[&str], out: &Path, opts: &ExportOptions) -> Result<ExportReport> {

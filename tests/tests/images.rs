@@ -234,10 +234,20 @@ fn damage_and_verify<B: Backend>(s: &Store<B>, layout: &Path, w: &Path) {
         "{clean:?}"
     );
     // The top layer (the COPY of /app) loses its content on disk.
-    let top = s.guard(&["app:1"]).unwrap().layers()[1].clone();
-    strata_tests::change_stored_layer(s.root(), &top, &w.join("damage"), |dir| {
+    let layers = s.guard(&["app:1"]).unwrap().layers().to_vec();
+    let (base, top) = (&layers[0].name, &layers[1]);
+    // verify_layers reads the named layer alone, not the layers below it.
+    let one = s.verify_layers(&[&top.name]).unwrap();
+    assert_eq!(one.verified, vec![top.name.clone()], "{one:?}");
+    strata_tests::change_stored_layer(s.root(), top, &w.join("damage"), |dir| {
         fs::write(dir.join("app/main"), b"").unwrap()
     });
+    let below = s.verify_layers(&[base]).unwrap();
+    assert_eq!(
+        (below.verified.clone(), below.damaged.len()),
+        (vec![base.clone()], 0),
+        "the base is intact: {below:?}"
+    );
     let out = w.join("verified-out");
     let e = s
         .export(
@@ -259,6 +269,9 @@ fn damage_and_verify<B: Backend>(s: &Store<B>, layout: &Path, w: &Path) {
     assert_eq!(e.kind(), ErrorKind::DataLoss, "{e}");
     let report = s.fsck(false).unwrap();
     assert_eq!(report.broken.len(), 1, "{report:?}");
+    let e = s.verify_layers(&[&top.name]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::DataLoss, "{e}");
+    assert!(e.to_string().contains(&top.name), "names the layer: {e}");
 }
 
 #[test]
