@@ -104,6 +104,15 @@ pub trait AnyStore: Snapshotter {
     /// [`Store::verify_layers`]: checks the named layers only, not the layers below them.
     fn verify_layers(&self, names: &[&str]) -> Result<VerifyReport>;
 
+    /// [`Store::prepare_in`]: prepares an Active snapshot held by `lease` from its creation.
+    fn prepare_in(
+        &self,
+        lease: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: crate::Labels,
+    ) -> Result<Vec<crate::Mount>>;
+
     /// [`Store::export`]: writes images as an OCI layout or archive.
     fn export(&self, images: &[&str], out: &Path, opts: &ExportOptions) -> Result<ExportReport>;
 
@@ -218,6 +227,16 @@ impl<B: Backend> AnyStore for Store<B> {
 
     fn verify_layers(&self, names: &[&str]) -> Result<VerifyReport> {
         Store::verify_layers(self, names)
+    }
+
+    fn prepare_in(
+        &self,
+        lease: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: crate::Labels,
+    ) -> Result<Vec<crate::Mount>> {
+        Store::prepare_in(self, lease, key, parent, labels)
     }
 
     fn export(&self, images: &[&str], out: &Path, opts: &ExportOptions) -> Result<ExportReport> {

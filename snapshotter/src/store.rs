@@ -325,14 +325,33 @@ impl<B: Backend> Store<B> {
         }
     }
 
+    /// Like [`Snapshotter::prepare`], with the new Active snapshot held by lease `lease`
+    /// from the transaction that creates it: no moment exists at which another process —
+    /// containerd's gc on a served store, which removes every snapshot it does not know —
+    /// can remove it. A builder's way to prepare beside such a remover; the lease must
+    /// exist.
+    pub fn prepare_in(
+        &self,
+        lease: &str,
+        key: &str,
+        parent: Option<&str>,
+        labels: Labels,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels, Some(lease))
+    }
+
     fn create(
         &self,
         kind: Kind,
         key: &str,
         parent: Option<&str>,
         labels: Labels,
+        lease: Option<&str>,
     ) -> Result<Vec<Mount>> {
         check_key("key", key)?;
+        if let Some(l) = lease {
+            check_key("lease", l)?;
+        }
         let parent = parent.filter(|p| !p.is_empty());
         if let Some(p) = parent {
             check_key("parent", p)?;
@@ -368,12 +387,32 @@ impl<B: Backend> Store<B> {
             }
         };
 
+        // The lease, checked in each transaction that adds to it (it may go in between).
+        let check_lease = |tx: &crate::meta::Tx<'_>| -> Result<()> {
+            match lease {
+                Some(l) if !tx.lease_exists(l)? => Err(Error::NotFound {
+                    key: l.into(),
+                    hint: format!(
+                        "no such lease, {key:?} was not made; create the lease first (strata lease create)"
+                    ),
+                }),
+                _ => Ok(()),
+            }
+        };
+        let add_to_lease = |tx: &crate::meta::Tx<'_>, id: u64| -> Result<()> {
+            match lease {
+                Some(l) => tx.lease_add(l, id),
+                None => Ok(()),
+            }
+        };
+
         // Step 1: check, allocate, journal.
         let created = self.with_meta(|m| {
             let tx = m.write(key)?;
             if tx.key_taken(key)? {
                 return Err(Error::AlreadyExists { key: key.into() });
             }
+            check_lease(&tx)?;
             let parent_id = match parent {
                 None => None,
                 Some(p) => {
@@ -411,6 +450,7 @@ impl<B: Backend> Store<B> {
                         continue;
                     }
                     tx.insert(&new_row(spare, parent_id, false), &labels)?;
+                    add_to_lease(&tx, spare)?;
                     tx.commit()?;
                     return Ok(Created::Taken(spare, parents));
                 }
@@ -459,7 +499,9 @@ impl<B: Backend> Store<B> {
         let row = new_row(id, parent_id, rebuildable);
         let recorded = self.with_meta(|m| {
             let tx = m.write(key)?;
+            check_lease(&tx)?;
             tx.insert(&row, &labels)?;
+            add_to_lease(&tx, id)?;
             tx.journal_remove(seq)?;
             tx.commit()
         });
@@ -679,11 +721,11 @@ impl<B: Backend> Store<B> {
 
 impl<B: Backend> Snapshotter for Store<B> {
     fn prepare(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        self.create(Kind::Active, key, parent, labels, None)
     }
 
     fn view(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        self.create(Kind::View, key, parent, labels, None)
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {

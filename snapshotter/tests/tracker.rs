@@ -127,6 +127,37 @@ fn remove_refuses_what_an_image_or_lease_holds() {
     s.remove("c1").unwrap();
 }
 
+/// `prepare_in` holds the new Active in the lease from the transaction that makes it (what a
+/// builder needs beside containerd's gc, which removes every snapshot it does not know); a
+/// missing lease makes nothing.
+#[test]
+fn prepare_in_holds_the_snapshot_from_its_creation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, sim) = open(tmp.path());
+    chain(&s, "p", 1);
+    let e = s
+        .prepare_in("missing", "step", Some("p0"), Labels::new())
+        .unwrap_err();
+    assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("missing")));
+    assert!(e.to_string().contains("\"step\" was not made"), "{e}");
+    assert_eq!(s.stat("step").unwrap_err().kind(), ErrorKind::NotFound);
+    let stored = std::fs::read_dir(sim.dir()).unwrap().count();
+    s.lease_create("build", None).unwrap();
+    for (key, parent) in [("root-step", None), ("step", Some("p0"))] {
+        s.prepare_in("build", key, parent, Labels::new()).unwrap();
+        let e = s.remove(key).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains("lease \"build\""), "{e}");
+    }
+    assert_eq!(std::fs::read_dir(sim.dir()).unwrap().count(), stored + 2);
+    // Committed, it stays in the lease (a commit keeps the snapshot's identity).
+    s.commit("layer", "step", Labels::new()).unwrap();
+    assert!(s.gc(false).unwrap().removed.is_empty());
+    s.lease_remove("build").unwrap();
+    s.remove("root-step").unwrap();
+    assert_eq!(s.gc(false).unwrap().removed, vec!["layer", "p0"]);
+}
+
 #[test]
 fn tracker_errors_name_what_they_are_about() {
     let tmp = tempfile::tempdir().unwrap();

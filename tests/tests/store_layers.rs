@@ -302,6 +302,53 @@ fn apply_layer_in_a_lease_is_held_until_tagged() {
     assert_eq!(e.kind(), ErrorKind::NotFound);
 }
 
+/// A layer read that, on its first read, tries to remove every Active snapshot of the store,
+/// as containerd's gc does on a served store with every snapshot it does not know.
+struct RemovesActives<'a, B: Backend> {
+    s: &'a Store<B>,
+    data: &'a [u8],
+    refused: Vec<String>,
+}
+
+impl<B: Backend> std::io::Read for RemovesActives<'_, B> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.refused.is_empty() {
+            for active in self.s.list(&["kind==active"]).unwrap() {
+                let e = self.s.remove(&active.name).unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+                assert!(e.to_string().contains("lease \"pull\""), "{e}");
+                self.refused.push(active.name);
+            }
+        }
+        self.data.read(buf)
+    }
+}
+
+/// Found by the containerd concurrency test: containerd's gc removed the Active snapshot of an
+/// apply-layer in flight (it was leased only once applied) and the pull failed "not found".
+/// `apply_layer_in` now holds it in the lease from its prepare.
+#[test]
+fn apply_layer_in_holds_its_snapshot_while_it_applies() {
+    if !require_privileged("apply-layer") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let s = overlay_store(tmp.path());
+    s.lease_create("pull", None).unwrap();
+    let layer = first_layer();
+    let mut input = RemovesActives {
+        s: &s,
+        data: &layer[..],
+        refused: Vec::new(),
+    };
+    let applied = s
+        .apply_layer_in(Some("pull"), None, None, None, &mut input)
+        .unwrap();
+    assert_eq!(input.refused.len(), 1, "the apply's own snapshot");
+    assert_eq!(s.stat(&applied.name).unwrap().kind, strata::Kind::Committed);
+    assert!(s.list(&["kind==active"]).unwrap().is_empty());
+}
+
 /// apply-layer on `s`: chainIDs, cache hits, records, errors that leave nothing behind.
 fn apply_layer_cycle<B: Backend>(s: &Store<B>, tmp: &Path) {
     build(s, tmp);

@@ -326,7 +326,14 @@ impl<B: Backend> Store<B> {
             self.owner.token,
             COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
-        crate::snapshotter::Snapshotter::prepare(self, &key, parent, crate::Labels::new())?;
+        // Leased from its first moment: a served store's containerd removes, in its gc, every
+        // snapshot it does not know of that nothing holds — this one, mid-apply, included.
+        match lease {
+            Some(l) => self.prepare_in(l, &key, parent, crate::Labels::new())?,
+            None => {
+                crate::snapshotter::Snapshotter::prepare(self, &key, parent, crate::Labels::new())?
+            }
+        };
         let result = (|| {
             let applied = self.apply(&key, input, digest)?;
             let got = applied.descriptor.diff_id.clone();
@@ -366,9 +373,6 @@ impl<B: Backend> Store<B> {
                 )?;
                 tx.commit()
             })?;
-            if let Some(l) = lease {
-                self.lease_add(l, &[&key])?;
-            }
             // Another thread or process may be committing the same layer (two pulls of one
             // image): its commit reserves the name until it ends. Keep theirs once it is
             // there, as when it was there before; commit ours if theirs failed.
@@ -397,8 +401,8 @@ impl<B: Backend> Store<B> {
                 }
             }
         })();
-        // Takes the apply's own snapshot out of the lease (it may hold it after a commit
-        // that failed), so that it can be removed.
+        // Takes the apply's own snapshot out of the lease (which holds it from its prepare),
+        // so that it can be removed.
         let unlease = || {
             let Some(l) = lease else { return };
             let dropped = self.with_meta(|m| {
