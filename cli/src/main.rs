@@ -75,6 +75,10 @@ enum Command {
         /// Label as k=v (repeatable); strata.io/volatile=true asks for a volatile overlay
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Hold the snapshot in this lease from its creation (a builder beside containerd's
+        /// gc, which removes every snapshot it does not know, on a served store)
+        #[arg(long)]
+        lease: Option<String>,
     },
     /// Create a read-only (View) snapshot of PARENT and print its mounts
     View {
@@ -845,7 +849,11 @@ fn run(cli: Cli, out: &Output) -> Result<(), Failure> {
             key,
             parent,
             labels: l,
-        } => out.mounts(&s.prepare(&key, parent.as_deref(), labels(l))?),
+            lease,
+        } => out.mounts(&match lease {
+            Some(lease) => s.prepare_in(&lease, &key, parent.as_deref(), labels(l))?,
+            None => s.prepare(&key, parent.as_deref(), labels(l))?,
+        }),
         Command::View {
             key,
             parent,

@@ -341,6 +341,18 @@ fn tracker_cli(backend: &'static str) {
     );
     r.ok(&["lease", "rm", "build"]);
     assert_eq!(r.ok(&["gc", "--dry-run"])["removed"][0], "orphan");
+    // prepare --lease: held from its creation; no lease, no snapshot.
+    let e = r.fails(&["prepare", "e", "base", "--lease", "step"], "not-found");
+    assert!(e["message"].as_str().unwrap().contains("step"), "{e}");
+    r.ok(&["lease", "create", "step"]);
+    r.ok(&["prepare", "e", "base", "--lease", "step"]);
+    let e = r.fails(&["remove", "e"], "failed-precondition");
+    assert!(
+        e["message"].as_str().unwrap().contains("lease \"step\""),
+        "{e}"
+    );
+    r.ok(&["lease", "rm", "step"]);
+    r.ok(&["remove", "e"]);
     r.ok(&["untag", "app:1"]);
     let gc = r.ok(&["gc"]);
     assert_eq!(gc["removed"], serde_json::json!(["orphan", "top", "base"]));
