@@ -296,6 +296,13 @@ impl Output {
             println!("  {i}");
         }
         println!("stale export guards: {}", r.stale_guards.len());
+        println!(
+            "snapshots of dead apply-layer runs: {}",
+            r.abandoned_applies.len()
+        );
+        for k in &r.abandoned_applies {
+            println!("  {k}");
+        }
         println!("leaked mounts: {}", r.leaked_mounts.len());
         for m in &r.leaked_mounts {
             println!("  {}", m.display());

@@ -1102,6 +1102,15 @@ impl Tx<'_> {
             .map_err(|e| self.e("add to the lease", e))
     }
 
+    /// Takes snapshot `id` out of every lease that holds it.
+    pub fn lease_drop_everywhere(&self, id: u64) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM lease_snapshots WHERE snapshot_id = ?1")
+            .and_then(|mut s| s.execute([db_id(id)]))
+            .map(|_| ())
+            .map_err(|e| self.e("take a snapshot out of its leases", e))
+    }
+
     /// Takes snapshot `id` out of lease `name` (nothing when it was not in it).
     pub fn lease_drop(&self, name: &str, id: u64) -> Result<()> {
         self.tx

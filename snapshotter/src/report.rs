@@ -152,6 +152,7 @@ pub fn fsck(r: &FsckReport) -> Value {
         "lost_unsynced": r.lost_unsynced,
         "interrupted": r.interrupted,
         "stale_guards": r.stale_guards,
+        "abandoned_applies": r.abandoned_applies,
         "leaked_mounts": r.leaked_mounts,
         "repaired": r.repaired,
         "failed": r.failed,

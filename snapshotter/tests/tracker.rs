@@ -322,6 +322,52 @@ fn a_guard_fails_before_export_when_a_layer_is_gone() {
     assert_eq!((e.kind(), e.key()), (ErrorKind::NotFound, Some("nope")));
 }
 
+/// An apply-layer killed before its commit leaves its Active snapshot (held by the caller's
+/// lease): recovery removes it once its process is gone, and leaves a live one's alone.
+#[test]
+fn recovery_removes_the_snapshot_of_a_dead_apply_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = || strata::StoreOptions {
+        recover: false,
+        ..Default::default()
+    };
+    let live = strata::Store::open(tmp.path(), support::sim::Sim::new(tmp.path()), opts()).unwrap();
+    let tokens: Vec<String> = std::fs::read_dir(tmp.path().join("owners"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            name.strip_suffix(".lock").map(str::to_string)
+        })
+        .collect();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    let (dead, alive) = (
+        "strata.io/apply/dead-owner/3".to_string(),
+        format!("strata.io/apply/{}/0", tokens[0]),
+    );
+    chain(&live, "p", 1);
+    live.lease_create("pull", None).unwrap();
+    for key in [&dead, &alive] {
+        live.prepare_in("pull", key, Some("p0"), Labels::new())
+            .unwrap();
+    }
+    let s = strata::Store::open(tmp.path(), support::sim::Sim::new(tmp.path()), opts()).unwrap();
+    let r = s.fsck(false).unwrap();
+    assert_eq!(r.abandoned_applies, vec![dead.clone()], "{r:?}");
+    assert!(!r.is_clean());
+    let r = s.fsck(true).unwrap();
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert!(
+        r.repaired.iter().any(|l| l.contains(&dead)),
+        "{:?}",
+        r.repaired
+    );
+    assert_eq!(s.stat(&dead).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(s.stat(&alive).unwrap().kind, strata::Kind::Active);
+    let leases = s.leases().unwrap();
+    assert_eq!(leases[0].snapshots, vec![alive.clone()]);
+    assert!(s.fsck(false).unwrap().is_clean());
+}
+
 #[test]
 fn fsck_finds_and_repairs_what_a_crash_leaves() {
     let tmp = tempfile::tempdir().unwrap();

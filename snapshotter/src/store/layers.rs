@@ -322,7 +322,8 @@ impl<B: Backend> Store<B> {
         }
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let key = format!(
-            "strata.io/apply/{}/{}",
+            "{}{}/{}",
+            super::tracker::APPLY_PREFIX,
             self.owner.token,
             COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );

@@ -7,7 +7,9 @@
 //!   held nothing (an empty committed layer; an Active snapshot or View from before the
 //!   boot, see [`crate::backend::Backend::fresh_is_rebuildable`]); otherwise marked broken:
 //!   never exported, reported, removable;
-//! * export guards (leases) of dead processes — dropped;
+//! * export guards and import leases of dead processes — dropped;
+//! * the Active snapshots apply-layer runs of dead processes applied into — removed (out of
+//!   the caller's lease first: nobody can commit them);
 //! * mounts of this store's snapshots leaked by dead processes ([`crate::mount::TempMount`]
 //!   directories) — unmounted.
 //!
@@ -17,7 +19,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::tracker::{GUARD_PREFIX, IMPORT_PREFIX};
+use super::tracker::{APPLY_PREFIX, GUARD_PREFIX, IMPORT_PREFIX};
 use super::{dead_owner, Store};
 use crate::backend::{Backend, CreateOptions};
 use crate::error::{Error, Result};
@@ -51,6 +53,9 @@ pub struct FsckReport {
     pub lost_unsynced: Vec<String>,
     /// Export guards and import leases whose process is gone.
     pub stale_guards: Vec<String>,
+    /// Active snapshots of apply-layer runs whose process is gone (`strata.io/apply/…`):
+    /// removed by the repair.
+    pub abandoned_applies: Vec<String>,
     /// Mounts left by dead processes.
     pub leaked_mounts: Vec<PathBuf>,
     /// What the repair did, one line each.
@@ -67,6 +72,7 @@ impl FsckReport {
             && self.lost_unsynced.is_empty()
             && self.interrupted.is_empty()
             && self.stale_guards.is_empty()
+            && self.abandoned_applies.is_empty()
             && self.leaked_mounts.is_empty()
             && self.failed.is_empty()
     }
@@ -121,6 +127,41 @@ impl<B: Backend> Store<B> {
                 }
                 r.stale_guards.push(lease);
             }
+        }
+
+        // The snapshots of apply-layer runs of dead processes: an apply killed before its
+        // commit leaves one, held by the caller's lease, that nothing will ever commit.
+        let applies: Vec<String> = crate::snapshotter::Snapshotter::list(self, &["kind==active"])?
+            .into_iter()
+            .map(|i| i.name)
+            .filter(|k| k.starts_with(APPLY_PREFIX))
+            .collect();
+        for key in applies {
+            let token = key[APPLY_PREFIX.len()..]
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            if token == self.owner.token || dead_owner(&self.root, token).is_none() {
+                continue;
+            }
+            if repair {
+                let removed = self
+                    .with_meta(|m| {
+                        let tx = m.write(&key)?;
+                        if let Some(row) = tx.row_by_key_or_image(&key)? {
+                            tx.lease_drop_everywhere(row.id)?;
+                        }
+                        tx.commit()
+                    })
+                    .and_then(|()| crate::snapshotter::Snapshotter::remove(self, &key));
+                match removed {
+                    Ok(()) => r
+                        .repaired
+                        .push(format!("removed {key}, the snapshot of a dead apply-layer")),
+                    Err(e) => r.failed.push(format!("{key}: {e}")),
+                }
+            }
+            r.abandoned_applies.push(key);
         }
 
         // Storage against rows: list storage first, then metadata (see cleanup_report).

@@ -269,6 +269,10 @@ pub(crate) const GUARD_PREFIX: &str = "strata.io/guard/";
 /// killed half way leaves its lease (holding the layers it applied) to the next recovery.
 pub(crate) const IMPORT_PREFIX: &str = "strata.io/import/";
 
+/// Keys of the Active snapshots `apply_layer` applies into start with this, then the owner's
+/// token and a counter: one whose process died is nobody's, and recovery removes it.
+pub(crate) const APPLY_PREFIX: &str = "strata.io/apply/";
+
 /// One layer pinned by an [`ExportGuard`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardedLayer {
