@@ -158,6 +158,8 @@ impl<B: Backend> Store<B> {
                     Ok(()) => r
                         .repaired
                         .push(format!("removed {key}, the snapshot of a dead apply-layer")),
+                    // Another process's recovery was first.
+                    Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
                     Err(e) => r.failed.push(format!("{key}: {e}")),
                 }
             }
