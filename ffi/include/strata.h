@@ -245,6 +245,22 @@ int strata_prepare(struct strata_store *store,
                    size_t labels_len,
                    struct strata_mount_list **out);
 
+// As [`strata_prepare`], with the new snapshot held by lease `lease` from the transaction
+// that creates it: a builder's way to prepare beside a remover such as containerd's gc on a
+// served store, which removes every snapshot it does not know of that nothing holds. Fails
+// with `STRATA_E_NOT_FOUND`, making nothing, when there is no such lease.
+//
+// # Safety
+//
+// As [`strata_prepare`]; `lease` is a NUL-terminated string.
+int strata_prepare_in(struct strata_store *store,
+                      const char *lease,
+                      const char *key,
+                      const char *parent,
+                      const struct strata_label *labels,
+                      size_t labels_len,
+                      struct strata_mount_list **out);
+
 // Creates read-only view `key` of committed `parent`; otherwise as [`strata_prepare`].
 //
 // # Safety

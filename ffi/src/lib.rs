@@ -160,6 +160,8 @@ pub unsafe extern "C" fn strata_close(store: *mut strata_store) -> c_int {
 #[derive(Clone, Copy)]
 enum Create {
     Prepare,
+    /// Prepare, held by the lease (a C string) from its creation.
+    PrepareIn(*const c_char),
     View,
 }
 
@@ -188,6 +190,11 @@ unsafe fn create(
     };
     let mounts = match how {
         Create::Prepare => s.prepare(key, parent, labels)?,
+        Create::PrepareIn(lease) => {
+            // SAFETY: the caller passes a valid lease string (see strata_prepare_in).
+            let lease = unsafe { req_str(lease, "lease")? };
+            s.prepare_in(lease, key, parent, labels)?
+        }
         Create::View => s.view(key, parent, labels)?,
     };
     if !out.is_null() {
@@ -216,6 +223,38 @@ pub unsafe extern "C" fn strata_prepare(
 ) -> c_int {
     // SAFETY: forwarded from this function's contract.
     call(|| unsafe { create(Create::Prepare, store, key, parent, labels, labels_len, out) })
+}
+
+/// As [`strata_prepare`], with the new snapshot held by lease `lease` from the transaction
+/// that creates it: a builder's way to prepare beside a remover such as containerd's gc on a
+/// served store, which removes every snapshot it does not know of that nothing holds. Fails
+/// with `STRATA_E_NOT_FOUND`, making nothing, when there is no such lease.
+///
+/// # Safety
+///
+/// As [`strata_prepare`]; `lease` is a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn strata_prepare_in(
+    store: *mut strata_store,
+    lease: *const c_char,
+    key: *const c_char,
+    parent: *const c_char,
+    labels: *const strata_label,
+    labels_len: usize,
+    out: *mut *mut strata_mount_list,
+) -> c_int {
+    // SAFETY: forwarded from this function's contract.
+    call(|| unsafe {
+        create(
+            Create::PrepareIn(lease),
+            store,
+            key,
+            parent,
+            labels,
+            labels_len,
+            out,
+        )
+    })
 }
 
 /// Creates read-only view `key` of committed `parent`; otherwise as [`strata_prepare`].

@@ -72,6 +72,16 @@ int main(int argc, char **argv) {
     CHECK(strata_leases(a, &doc));
     json_has(doc, "\"snapshots\":[\"loose\"]");
 
+    /* prepare_in: held by the lease from its creation; a missing lease makes nothing. */
+    EXPECT_FAIL(strata_prepare_in(a, "no-lease", "step", "base", NULL, 0, NULL),
+                STRATA_E_NOT_FOUND, "no-lease");
+    EXPECT_FAIL(strata_stat(a, "step", &(strata_info *){NULL}), STRATA_E_NOT_FOUND, "step");
+    CHECK(strata_lease_create(a, "step-lease", 0));
+    CHECK(strata_prepare_in(a, "step-lease", "step", "base", NULL, 0, NULL));
+    EXPECT_FAIL(strata_remove(a, "step"), STRATA_E_FAILED_PRECONDITION, "step-lease");
+    CHECK(strata_lease_remove(a, "step-lease"));
+    CHECK(strata_remove(a, "step"));
+
     /* gc keeps what the image and the lease hold; without the lease, loose goes. */
     CHECK(strata_gc(a, true, &doc));
     json_has(doc, "\"removed\":[]");
