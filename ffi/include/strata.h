@@ -450,6 +450,34 @@ int strata_apply_layer_path(struct strata_store *store,
                             const char *diff_id,
                             struct strata_layer **out);
 
+// As [`strata_apply_layer_fd`], with the layer held by lease `lease` (which must exist)
+// from its first moment — the snapshot it is applied into, the layer it commits, or the
+// one it finds cached — so that a gc before the caller tags it removes nothing (a pull).
+//
+// # Safety
+//
+// As [`strata_apply_layer_fd`]; `lease` is a NUL-terminated string.
+int strata_apply_layer_in_fd(struct strata_store *store,
+                             const char *lease,
+                             const char *parent,
+                             int fd,
+                             const char *digest,
+                             const char *diff_id,
+                             struct strata_layer **out);
+
+// As [`strata_apply_layer_in_fd`], from the file at `path`.
+//
+// # Safety
+//
+// As [`strata_apply_layer_in_fd`]; `path` is a NUL-terminated string.
+int strata_apply_layer_in_path(struct strata_store *store,
+                               const char *lease,
+                               const char *parent,
+                               const char *path,
+                               const char *digest,
+                               const char *diff_id,
+                               struct strata_layer **out);
+
 // Frees what [`strata_prepare`], [`strata_view`] or [`strata_mounts`] returned (NULL is
 // fine).
 //

@@ -711,6 +711,7 @@ pub unsafe extern "C" fn strata_apply_path(
 /// Applies a layer on top of `parent`.
 fn apply_layer_from(
     store: *mut strata_store,
+    lease: *const c_char,
     parent: *const c_char,
     input: File,
     digest: *const c_char,
@@ -719,8 +720,9 @@ fn apply_layer_from(
 ) -> Result<(), FfiError> {
     let s = handle::get(store)?;
     // SAFETY: the callers' contracts: NULL or valid strings.
-    let (parent, digest, diff_id) = unsafe {
+    let (lease, parent, digest, diff_id) = unsafe {
         (
+            opt_str(lease, "lease")?,
             opt_str(parent, "parent")?,
             opt_str(digest, "digest")?,
             opt_str(diff_id, "diff_id")?,
@@ -728,7 +730,8 @@ fn apply_layer_from(
     };
     let digest = digest.map(parse_digest).transpose()?;
     let diff_id = diff_id.map(parse_digest).transpose()?;
-    let layer = s.apply_layer(
+    let layer = s.apply_layer_in(
+        lease,
         parent,
         digest.as_ref(),
         diff_id.as_ref(),
@@ -760,7 +763,17 @@ pub unsafe extern "C" fn strata_apply_layer_fd(
     diff_id: *const c_char,
     out: *mut *mut strata_layer,
 ) -> c_int {
-    call(|| apply_layer_from(store, parent, dup_fd(fd)?, digest, diff_id, out))
+    call(|| {
+        apply_layer_from(
+            store,
+            std::ptr::null(),
+            parent,
+            dup_fd(fd)?,
+            digest,
+            diff_id,
+            out,
+        )
+    })
 }
 
 /// As [`strata_apply_layer_fd`], from the file at `path`.
@@ -781,7 +794,56 @@ pub unsafe extern "C" fn strata_apply_layer_path(
         // SAFETY: the caller passes a valid string.
         let path = Path::new(unsafe { req_str(path, "path") }?);
         let f = File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?;
-        apply_layer_from(store, parent, f, digest, diff_id, out)
+        apply_layer_from(store, std::ptr::null(), parent, f, digest, diff_id, out)
+    })
+}
+
+/// As [`strata_apply_layer_fd`], with the layer held by lease `lease` (which must exist)
+/// from its first moment — the snapshot it is applied into, the layer it commits, or the
+/// one it finds cached — so that a gc before the caller tags it removes nothing (a pull).
+///
+/// # Safety
+///
+/// As [`strata_apply_layer_fd`]; `lease` is a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn strata_apply_layer_in_fd(
+    store: *mut strata_store,
+    lease: *const c_char,
+    parent: *const c_char,
+    fd: c_int,
+    digest: *const c_char,
+    diff_id: *const c_char,
+    out: *mut *mut strata_layer,
+) -> c_int {
+    call(|| {
+        // SAFETY: the caller passes a valid string.
+        unsafe { req_str(lease, "lease") }?;
+        apply_layer_from(store, lease, parent, dup_fd(fd)?, digest, diff_id, out)
+    })
+}
+
+/// As [`strata_apply_layer_in_fd`], from the file at `path`.
+///
+/// # Safety
+///
+/// As [`strata_apply_layer_in_fd`]; `path` is a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn strata_apply_layer_in_path(
+    store: *mut strata_store,
+    lease: *const c_char,
+    parent: *const c_char,
+    path: *const c_char,
+    digest: *const c_char,
+    diff_id: *const c_char,
+    out: *mut *mut strata_layer,
+) -> c_int {
+    call(|| {
+        // SAFETY: the caller passes valid strings.
+        unsafe { req_str(lease, "lease") }?;
+        // SAFETY: as above.
+        let path = Path::new(unsafe { req_str(path, "path") }?);
+        let f = File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?;
+        apply_layer_from(store, lease, parent, f, digest, diff_id, out)
     })
 }
 

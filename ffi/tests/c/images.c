@@ -92,6 +92,24 @@ int main(int argc, char **argv) {
     json_has(doc, "\"dry_run\":false");
     EXPECT_FAIL(strata_stat(a, "loose", &(strata_info *){NULL}), STRATA_E_NOT_FOUND, "loose");
 
+    /* apply-layer in a lease (a pull): held from its first moment until the lease goes. */
+    char *pulled = join(work, "pulled.tar");
+    CHECK(strata_diff_path(a, "base", STRATA_COMPRESSION_NONE, pulled, NULL));
+    strata_layer *pl = NULL;
+    EXPECT_FAIL(strata_apply_layer_in_path(a, "no-lease", NULL, pulled, NULL, NULL, &pl),
+                STRATA_E_NOT_FOUND, "no-lease");
+    CHECK(strata_lease_create(a, "pull-1", 0));
+    CHECK(strata_apply_layer_in_path(a, "pull-1", NULL, pulled, NULL, NULL, &pl));
+    CHECK(strata_gc(a, false, &doc));
+    json_has(doc, "\"removed\":[]");
+    CHECK(strata_leases(a, &doc));
+    json_has(doc, pl->name);
+    CHECK(strata_lease_remove(a, "pull-1"));
+    CHECK(strata_gc(a, false, &doc));
+    json_has(doc, pl->name);
+    strata_free_layer(pl);
+    free(pulled);
+
     /* fsck and verify. */
     CHECK(strata_fsck(a, false, &doc));
     json_has(doc, "\"clean\":true");
