@@ -700,18 +700,14 @@ pub unsafe extern "C" fn strata_apply_path(
     digest: *const c_char,
     out: *mut *mut strata_applied,
 ) -> c_int {
-    call(|| {
-        // SAFETY: the caller passes a valid string.
-        let path = Path::new(unsafe { req_str(path, "path") }?);
-        let f = File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?;
-        apply_from(store, key, f, digest, out)
-    })
+    // SAFETY: forwarded from this function's contract.
+    call(|| apply_from(store, key, unsafe { layer_file(path) }?, digest, out))
 }
 
 /// Applies a layer on top of `parent`.
 fn apply_layer_from(
     store: *mut strata_store,
-    lease: *const c_char,
+    lease: Option<&str>,
     parent: *const c_char,
     input: File,
     digest: *const c_char,
@@ -720,9 +716,8 @@ fn apply_layer_from(
 ) -> Result<(), FfiError> {
     let s = handle::get(store)?;
     // SAFETY: the callers' contracts: NULL or valid strings.
-    let (lease, parent, digest, diff_id) = unsafe {
+    let (parent, digest, diff_id) = unsafe {
         (
-            opt_str(lease, "lease")?,
             opt_str(parent, "parent")?,
             opt_str(digest, "digest")?,
             opt_str(diff_id, "diff_id")?,
@@ -744,6 +739,17 @@ fn apply_layer_from(
     Ok(())
 }
 
+/// Opens the layer file at `path` for the `*_path` apply calls.
+///
+/// # Safety
+///
+/// `path` is a NUL-terminated string.
+unsafe fn layer_file(path: *const c_char) -> Result<File, FfiError> {
+    // SAFETY: forwarded from this function's contract.
+    let path = Path::new(unsafe { req_str(path, "path") }?);
+    Ok(File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?)
+}
+
 /// Applies the layer read from `fd` on top of committed `parent` (NULL: none) and commits it
 /// under its chainID; with `diff_id` given and that chain already committed, returns it
 /// without reading (the cache hit). `digest` (NULL: unchecked) checks the blob. The layer is
@@ -763,17 +769,7 @@ pub unsafe extern "C" fn strata_apply_layer_fd(
     diff_id: *const c_char,
     out: *mut *mut strata_layer,
 ) -> c_int {
-    call(|| {
-        apply_layer_from(
-            store,
-            std::ptr::null(),
-            parent,
-            dup_fd(fd)?,
-            digest,
-            diff_id,
-            out,
-        )
-    })
+    call(|| apply_layer_from(store, None, parent, dup_fd(fd)?, digest, diff_id, out))
 }
 
 /// As [`strata_apply_layer_fd`], from the file at `path`.
@@ -790,11 +786,17 @@ pub unsafe extern "C" fn strata_apply_layer_path(
     diff_id: *const c_char,
     out: *mut *mut strata_layer,
 ) -> c_int {
+    // SAFETY: forwarded from this function's contract.
     call(|| {
-        // SAFETY: the caller passes a valid string.
-        let path = Path::new(unsafe { req_str(path, "path") }?);
-        let f = File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?;
-        apply_layer_from(store, std::ptr::null(), parent, f, digest, diff_id, out)
+        apply_layer_from(
+            store,
+            None,
+            parent,
+            unsafe { layer_file(path) }?,
+            digest,
+            diff_id,
+            out,
+        )
     })
 }
 
@@ -817,7 +819,7 @@ pub unsafe extern "C" fn strata_apply_layer_in_fd(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller passes a valid string.
-        unsafe { req_str(lease, "lease") }?;
+        let lease = Some(unsafe { req_str(lease, "lease") }?);
         apply_layer_from(store, lease, parent, dup_fd(fd)?, digest, diff_id, out)
     })
 }
@@ -839,11 +841,8 @@ pub unsafe extern "C" fn strata_apply_layer_in_path(
 ) -> c_int {
     call(|| {
         // SAFETY: the caller passes valid strings.
-        unsafe { req_str(lease, "lease") }?;
-        // SAFETY: as above.
-        let path = Path::new(unsafe { req_str(path, "path") }?);
-        let f = File::open(path).map_err(|e| core_strata::Error::io(path, "open the layer", e))?;
-        apply_layer_from(store, lease, parent, f, digest, diff_id, out)
+        let (lease, f) = unsafe { (req_str(lease, "lease")?, layer_file(path)?) };
+        apply_layer_from(store, Some(lease), parent, f, digest, diff_id, out)
     })
 }
 
