@@ -468,7 +468,7 @@ impl<B: Backend> Store<B> {
                     .backend
                     .mounts(id, kind, &mounted)
                     .map_err(|e| self.backend_err(key, "mounts", e))?;
-                return self.created_mounts(key, id, idmap.as_ref(), mounts);
+                return self.created_mounts(key, id, idmap.as_ref(), mounts, lease);
             }
             Created::Journaled(id, parent_id, parents, seq) => (id, parent_id, parents, seq),
         };
@@ -514,24 +514,37 @@ impl<B: Backend> Store<B> {
             .backend
             .mounts(id, kind, &mounted)
             .map_err(|e| self.backend_err(key, "mounts", e))?;
-        self.created_mounts(key, id, idmap.as_ref(), mounts)
+        self.created_mounts(key, id, idmap.as_ref(), mounts, lease)
     }
 
     /// The mounts a new snapshot is returned with: idmapped when its labels ask for it. A
-    /// snapshot that cannot be presented so is removed again: the caller gets the error and
-    /// no snapshot.
+    /// snapshot that cannot be presented so is removed again (out of `lease` first, which
+    /// [`Store::prepare_in`] put it in): the caller gets the error and no snapshot.
     fn created_mounts(
         &self,
         key: &str,
         id: u64,
         idmap: Option<&IdMap>,
         mounts: Vec<Mount>,
+        lease: Option<&str>,
     ) -> Result<Vec<Mount>> {
         let Some(map) = idmap else {
             return Ok(mounts);
         };
+        let unlease = || match lease {
+            Some(l) => self.with_meta(|m| {
+                let tx = m.write(key)?;
+                tx.lease_drop(l, id)?;
+                tx.commit()
+            }),
+            None => Ok(()),
+        };
         self.idmapped_mounts(key, id, map, mounts).inspect_err(|_| {
-            if let Err(e) = self.idmap_release(id).and_then(|()| Snapshotter::remove(self, key)) {
+            let removed = self
+                .idmap_release(id)
+                .and_then(|()| unlease())
+                .and_then(|()| Snapshotter::remove(self, key));
+            if let Err(e) = removed {
                 tracing::warn!(key, error = %e, "could not remove a snapshot that cannot be idmapped");
             }
         })

@@ -158,6 +158,39 @@ fn prepare_in_holds_the_snapshot_from_its_creation() {
     assert_eq!(s.gc(false).unwrap().removed, vec!["layer", "p0"]);
 }
 
+/// A snapshot `prepare_in` made but cannot present under the ids its labels ask for is
+/// removed again, out of the lease first: the caller gets the error and no snapshot.
+#[test]
+fn prepare_in_leaves_nothing_when_the_snapshot_cannot_be_idmapped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, sim) = open(tmp.path());
+    chain(&s, "p", 1);
+    let stored = std::fs::read_dir(sim.dir()).unwrap().count();
+    // Where the idmapped clones would go, a file: presenting the snapshot fails.
+    std::fs::write(tmp.path().join("idmap"), b"").unwrap();
+    s.lease_create("build", None).unwrap();
+    let mut labels = Labels::new();
+    labels.insert(
+        strata::idmap::LABEL_UID_MAPPING.into(),
+        "0:100000:65536".into(),
+    );
+    labels.insert(
+        strata::idmap::LABEL_GID_MAPPING.into(),
+        "0:100000:65536".into(),
+    );
+    let e = s
+        .prepare_in("build", "mapped", Some("p0"), labels)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("idmap"),
+        "names where it failed: {e}"
+    );
+    assert_eq!(s.stat("mapped").unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(s.leases().unwrap()[0].snapshots.is_empty());
+    s.cleanup().unwrap();
+    assert_eq!(std::fs::read_dir(sim.dir()).unwrap().count(), stored);
+}
+
 #[test]
 fn tracker_errors_name_what_they_are_about() {
     let tmp = tempfile::tempdir().unwrap();
