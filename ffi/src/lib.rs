@@ -786,17 +786,10 @@ pub unsafe extern "C" fn strata_apply_layer_path(
     diff_id: *const c_char,
     out: *mut *mut strata_layer,
 ) -> c_int {
-    // SAFETY: forwarded from this function's contract.
     call(|| {
-        apply_layer_from(
-            store,
-            None,
-            parent,
-            unsafe { layer_file(path) }?,
-            digest,
-            diff_id,
-            out,
-        )
+        // SAFETY: forwarded from this function's contract.
+        let f = unsafe { layer_file(path) }?;
+        apply_layer_from(store, None, parent, f, digest, diff_id, out)
     })
 }
 

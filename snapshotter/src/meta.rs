@@ -1082,6 +1082,19 @@ impl Tx<'_> {
             .map_err(|e| self.e("create the lease", e))
     }
 
+    /// Lease `name`'s expiry: `None` when there is no such lease, `Some(None)` when it never
+    /// expires.
+    pub fn lease_expiry(&self, name: &str) -> Result<Option<Option<SystemTime>>> {
+        self.tx
+            .prepare_cached("SELECT expires_ns FROM leases WHERE name = ?1")
+            .and_then(|mut s| {
+                s.query_row([name], |r| r.get::<_, Option<i64>>(0))
+                    .optional()
+            })
+            .map(|e| e.map(|ns| ns.map(from_ns)))
+            .map_err(|e| self.e("look up the lease", e))
+    }
+
     /// Whether lease `name` exists (expired or not).
     pub fn lease_exists(&self, name: &str) -> Result<bool> {
         self.tx

@@ -193,6 +193,21 @@ pub(crate) fn check_key(what: &str, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// Active snapshot keys under [`tracker::APPLY_PREFIX`] are apply-layer's own: recovery
+/// removes those of dead processes, so nobody else may make one.
+fn check_not_reserved(key: &str) -> Result<()> {
+    if key.starts_with(tracker::APPLY_PREFIX) {
+        return Err(Error::invalid(
+            format!("key {key:?}"),
+            format!(
+                "keys under {} are strata's own (apply-layer's, removed when their process is gone); choose another key",
+                tracker::APPLY_PREFIX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(feature = "failpoints")]
 fn failpoint(name: &str) {
     if std::env::var("STRATA_FAILPOINT").is_ok_and(|v| v == name) {
@@ -337,10 +352,11 @@ impl<B: Backend> Store<B> {
         parent: Option<&str>,
         labels: Labels,
     ) -> Result<Vec<Mount>> {
+        check_not_reserved(key)?;
         self.create(Kind::Active, key, parent, labels, Some(lease))
     }
 
-    fn create(
+    pub(crate) fn create(
         &self,
         kind: Kind,
         key: &str,
@@ -390,13 +406,8 @@ impl<B: Backend> Store<B> {
         // The lease, checked in each transaction that adds to it (it may go in between).
         let check_lease = |tx: &crate::meta::Tx<'_>| -> Result<()> {
             match lease {
-                Some(l) if !tx.lease_exists(l)? => Err(Error::NotFound {
-                    key: l.into(),
-                    hint: format!(
-                        "no such lease, {key:?} was not made; create the lease first (strata lease create)"
-                    ),
-                }),
-                _ => Ok(()),
+                Some(l) => tracker::check_live_lease(tx, l, &format!("snapshot {key:?}")),
+                None => Ok(()),
             }
         };
         let add_to_lease = |tx: &crate::meta::Tx<'_>, id: u64| -> Result<()> {
@@ -545,7 +556,7 @@ impl<B: Backend> Store<B> {
                 .and_then(|()| unlease())
                 .and_then(|()| Snapshotter::remove(self, key));
             if let Err(e) = removed {
-                tracing::warn!(key, error = %e, "could not remove a snapshot that cannot be idmapped");
+                tracing::warn!(key, lease, error = %e, "could not remove a snapshot that cannot be idmapped; remove it by hand (strata remove KEY), after taking it out of its lease (strata lease rm)");
             }
         })
     }
@@ -734,6 +745,7 @@ impl<B: Backend> Store<B> {
 
 impl<B: Backend> Snapshotter for Store<B> {
     fn prepare(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        check_not_reserved(key)?;
         self.create(Kind::Active, key, parent, labels, None)
     }
 

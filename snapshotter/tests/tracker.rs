@@ -150,6 +150,19 @@ fn prepare_in_holds_the_snapshot_from_its_creation() {
         assert!(e.to_string().contains("lease \"build\""), "{e}");
     }
     assert_eq!(std::fs::read_dir(sim.dir()).unwrap().count(), stored + 2);
+    // An expired lease holds nothing: making a snapshot in it is refused.
+    s.lease_create("short", Some(std::time::Duration::from_millis(1)))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let e = s
+        .prepare_in("short", "late", None, Labels::new())
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.key()),
+        (ErrorKind::FailedPrecondition, Some("short"))
+    );
+    assert!(e.to_string().contains("expired"), "{e}");
+    assert_eq!(s.stat("late").unwrap_err().kind(), ErrorKind::NotFound);
     // Committed, it stays in the lease (a commit keeps the snapshot's identity).
     s.commit("layer", "step", Labels::new()).unwrap();
     assert!(s.gc(false).unwrap().removed.is_empty());
@@ -379,10 +392,27 @@ fn recovery_removes_the_snapshot_of_a_dead_apply_layer() {
     );
     chain(&live, "p", 1);
     live.lease_create("pull", None).unwrap();
-    for key in [&dead, &alive] {
-        live.prepare_in("pull", key, Some("p0"), Labels::new())
+    // Such keys are apply-layer's own: nobody else can make one.
+    let e = live
+        .prepare_in("pull", &dead, Some("p0"), Labels::new())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("strata's own"), "{e}");
+    assert_eq!(
+        live.prepare(&alive, None, Labels::new())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
+    // What apply-layer runs leave, made here under other keys and renamed in the database.
+    let db = rusqlite::Connection::open(tmp.path().join("metadata.db")).unwrap();
+    for (made, key) in [("d", &dead), ("a", &alive)] {
+        live.prepare_in("pull", made, Some("p0"), Labels::new())
+            .unwrap();
+        db.execute("UPDATE snapshots SET key = ?1 WHERE key = ?2", [key, made])
             .unwrap();
     }
+    drop(db);
     let s = strata::Store::open(tmp.path(), support::sim::Sim::new(tmp.path()), opts()).unwrap();
     let r = s.fsck(false).unwrap();
     assert_eq!(r.abandoned_applies, vec![dead.clone()], "{r:?}");

@@ -388,10 +388,13 @@ impl<B: Backend> Store<B> {
         Ok(report)
     }
 
-    /// Like [`Store::verify`], but checks only the named committed snapshots, not the
-    /// layers below them: for a caller that has checked those already (a builder checking
-    /// the layer it just committed, a crash campaign checking what the last run added). Each
-    /// is pinned with its chain while it is read; its cost does not grow with its depth.
+    /// Like [`Store::verify`], but recomputes the checksum of the named committed snapshots
+    /// only, not of the layers below them: for a caller that has checked those already (a
+    /// builder checking the layer it just committed, a crash campaign checking what the last
+    /// run added). Each is pinned with its chain while it is read (the guard checks that
+    /// every layer of the chain is there) and diffed against its parent: one layer's diff
+    /// instead of one per layer of the chain. An empty `names` checks nothing (unlike
+    /// `verify`, where it means every layer).
     pub fn verify_layers(&self, names: &[&str]) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         for name in names {

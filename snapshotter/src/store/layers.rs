@@ -272,12 +272,9 @@ impl<B: Backend> Store<B> {
     ) -> Result<AppliedLayer> {
         if let Some(l) = lease {
             crate::store::check_key("lease", l)?;
-            if !self.with_meta(|m| m.read(l)?.lease_exists(l))? {
-                return Err(Error::NotFound {
-                    key: l.into(),
-                    hint: "no such lease; create it first (strata lease create)".into(),
-                });
-            }
+            self.with_meta(|m| {
+                super::tracker::check_live_lease(&m.read(l)?, l, "the applied layer")
+            })?;
         }
         // Whether the committed layer `chain` is there and now held by the lease.
         let hold = |chain: &str| -> Result<bool> {
@@ -329,12 +326,7 @@ impl<B: Backend> Store<B> {
         );
         // Leased from its first moment: a served store's containerd removes, in its gc, every
         // snapshot it does not know of that nothing holds — this one, mid-apply, included.
-        match lease {
-            Some(l) => self.prepare_in(l, &key, parent, crate::Labels::new())?,
-            None => {
-                crate::snapshotter::Snapshotter::prepare(self, &key, parent, crate::Labels::new())?
-            }
-        };
+        self.create(Kind::Active, &key, parent, crate::Labels::new(), lease)?;
         let result = (|| {
             let applied = self.apply(&key, input, digest)?;
             let got = applied.descriptor.diff_id.clone();

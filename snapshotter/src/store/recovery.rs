@@ -148,7 +148,7 @@ impl<B: Backend> Store<B> {
                 let removed = self
                     .with_meta(|m| {
                         let tx = m.write(&key)?;
-                        if let Some(row) = tx.row_by_key_or_image(&key)? {
+                        if let Some(row) = tx.row_by_key(&key)? {
                             tx.lease_drop_everywhere(row.id)?;
                         }
                         tx.commit()

@@ -273,6 +273,26 @@ pub(crate) const IMPORT_PREFIX: &str = "strata.io/import/";
 /// token and a counter: one whose process died is nobody's, and recovery removes it.
 pub(crate) const APPLY_PREFIX: &str = "strata.io/apply/";
 
+/// That lease `lease` exists and has not expired (an expired lease holds nothing), checked
+/// in the transaction that is about to make it hold something; `what` says what the caller
+/// was going to put in it.
+pub(crate) fn check_live_lease(tx: &crate::meta::Tx<'_>, lease: &str, what: &str) -> Result<()> {
+    match tx.lease_expiry(lease)? {
+        None => Err(Error::NotFound {
+            key: lease.into(),
+            hint: format!("no such lease, so {what} was not made; create the lease first (strata lease create)"),
+        }),
+        Some(Some(at)) if at <= std::time::SystemTime::now() => Err(Error::precondition(
+            lease,
+            format!(
+                "the lease expired {} s ago and holds nothing, so {what} was not made; create a new lease (strata lease create --expire D)",
+                at.elapsed().map(|d| d.as_secs()).unwrap_or_default()
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// One layer pinned by an [`ExportGuard`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardedLayer {
