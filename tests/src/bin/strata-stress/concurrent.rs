@@ -453,7 +453,7 @@ pub(crate) fn run(a: &Args) -> Res<()> {
 
     // Nothing lost, nothing half made, everything accounted for.
     let mut checked = std::collections::BTreeSet::new();
-    let (kept, _) = crate::check(a, &mut checked)?;
+    let (kept, _) = crate::check(a, &mut checked, &mut Rng(a.seed ^ 0xc4ec))?;
     let accounting = crate::accounting::check(
         &a.backend,
         &a.root,

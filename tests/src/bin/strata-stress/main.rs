@@ -26,7 +26,8 @@
 //! * every committed layer any worker made (reported or not) holds exactly what that worker
 //!   wrote: each layer carries a manifest of its files and their SHA-256, checked through a
 //!   View; layers with a recorded content checksum are re-verified (`verify_layers`: the
-//!   layer alone — the layers below it were checked when they were new);
+//!   layer alone — the layers below it were checked when they were new), and two layers
+//!   checked after earlier kills, picked at random, are verified again;
 //! * after the last kill, a worker runs a fixed number of operations to the end: everything
 //!   works afterwards; then nothing is left mounted under the root.
 //!
@@ -250,7 +251,7 @@ struct Worker<'a> {
     tmp: PathBuf,
     n: u64,
     /// Builds hold their snapshot under a lease from prepare to tag (as a builder beside a
-    /// running gc must); the crash campaign's single worker does not need to.
+    /// running gc must), pulls their layer until it is tagged.
     lease: bool,
 }
 
@@ -276,19 +277,32 @@ impl Worker<'_> {
         let id = format!("{}-{}", self.tag, self.n);
         let parent = self.parent()?;
         let key = format!("a/{id}");
-        let mounts = match self.s.prepare(&key, parent.as_deref(), Labels::new()) {
-            Ok(m) => m,
-            // Removed by gc (or another round's untag) since it was listed.
-            Err(e) if e.kind() == strata::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(format!("prepare {key}: {e}")),
-        };
+        // With a lease, the snapshot is in it from its first moment (prepare_in).
         let lease = format!("build/{id}");
         if self.lease {
             self.s
                 .lease_create(&lease, Some(Duration::from_secs(600)))
-                .and_then(|()| self.s.lease_add(&lease, &[&key]))
                 .map_err(|e| format!("lease {lease}: {e}"))?;
         }
+        let prepared = match self.lease {
+            true => self
+                .s
+                .prepare_in(&lease, &key, parent.as_deref(), Labels::new()),
+            false => self.s.prepare(&key, parent.as_deref(), Labels::new()),
+        };
+        let mounts = match prepared {
+            Ok(m) => m,
+            // Removed by gc (or another round's untag) since it was listed.
+            Err(e) if e.kind() == strata::ErrorKind::NotFound => {
+                if self.lease {
+                    self.s
+                        .lease_remove(&lease)
+                        .map_err(|e| format!("remove lease {lease}: {e}"))?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(format!("prepare {key}: {e}")),
+        };
         let m = TempMount::new_in(&self.tmp, &mounts).map_err(err("mount"))?;
         // Sometimes delete something the parent has: whiteouts, copy-ups.
         if parent.is_some() && self.rng.below(3) == 0 {
@@ -380,8 +394,19 @@ impl Worker<'_> {
         }
     }
 
-    /// Removes the Active snapshots and Views killed workers left behind.
+    /// Removes the leases, Active snapshots and Views killed workers left behind.
     fn remove_leftovers(&mut self) -> Res<()> {
+        // The leases of killed workers' builds and pulls first (this worker's own are gone
+        // by the time it gets here): they hold what is left below.
+        for l in self.s.leases().map_err(err("list leases"))? {
+            if l.name.starts_with("build/") || l.name.starts_with("pull/") {
+                match self.s.lease_remove(&l.name) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == strata::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("remove lease {}: {e}", l.name)),
+                }
+            }
+        }
         for info in self
             .s
             .list(&["kind==active", "kind==view"])
@@ -480,7 +505,10 @@ fn worker(a: &Args) -> Res<()> {
         tag: format!("{}", a.seed),
         tmp,
         n: 0,
-        lease: false,
+        // Builds and pulls under leases, as beside a gc: a kill then leaves a lease holding
+        // a snapshot (and, mid-apply, apply-layer's own snapshot, which recovery removes);
+        // such leases expire after 600 s.
+        lease: true,
     };
     w.note(&format!("start {}", a.seed))?;
     loop {
@@ -565,7 +593,7 @@ fn check_manifest(s: &dyn AnyStore, tmp: &Path, name: &str, id: &str) -> Res<()>
 /// The checks after a kill (see the module docs). `checked`: layers whose content was
 /// already checked (committed layers never change), so each check reads only what the last
 /// worker added.
-fn check(a: &Args, checked: &mut BTreeSet<String>) -> Res<(usize, usize)> {
+fn check(a: &Args, checked: &mut BTreeSet<String>, rng: &mut Rng) -> Res<(usize, usize)> {
     let s = open(&a.backend, &a.root, a.durable)?;
     let report = s.fsck(false).map_err(err("fsck"))?;
     if !report.is_clean() {
@@ -592,12 +620,14 @@ fn check(a: &Args, checked: &mut BTreeSet<String>) -> Res<(usize, usize)> {
     let tmp = a.root.join("tmp");
     fs::create_dir_all(&tmp).map_err(err("create tmp"))?;
     let mut new = 0;
+    let mut old = Vec::new();
     let ids: BTreeMap<&String, &String> = log.kept.iter().collect();
     for info in s.list(&["kind==committed"]).map_err(err("list"))? {
         // A layer by its name and commit time: an applied layer removed and applied again
         // under the same chainID is new content, checked again.
         let seen = format!("{} {:?}", info.name, info.created);
         if checked.contains(&seen) {
+            old.push(info.name);
             continue;
         }
         let name = info.name;
@@ -623,6 +653,22 @@ fn check(a: &Args, checked: &mut BTreeSet<String>) -> Res<(usize, usize)> {
         }
         checked.insert(seen);
         new += 1;
+    }
+    // And two layers checked after earlier kills, at random: what a later recovery might
+    // have damaged below the new ones.
+    for _ in 0..2 {
+        let Some(name) = rng.pick(&old).cloned() else {
+            break;
+        };
+        let v = s
+            .verify_layers(&[&name])
+            .map_err(|e| format!("verify {name} again: {e}"))?;
+        if !v.damaged.is_empty() {
+            return Err(format!(
+                "verify found a layer checked before damaged: {:?}",
+                v.damaged
+            ));
+        }
     }
     s.close().map_err(err("close"))?;
     Ok((log.kept.len(), new))
@@ -688,7 +734,8 @@ fn crash(a: &Args) -> Res<()> {
             ));
         }
         killed_running += 1;
-        check(a, &mut checked).map_err(|e| format!("round {round} (seed {seed}): {e}"))?;
+        check(a, &mut checked, &mut rng)
+            .map_err(|e| format!("round {round} (seed {seed}): {e}"))?;
         // Progress on standard error: what a long run that is stopped from outside made.
         if killed_running % 25 == 0 {
             eprintln!(
@@ -708,7 +755,7 @@ fn crash(a: &Args) -> Res<()> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let (kept, _) = check(a, &mut checked)?;
+    let (kept, _) = check(a, &mut checked, &mut rng)?;
     // Nothing left mounted or leaked, and the disk holds what the store reports.
     let accounting = accounting::check(
         &a.backend,
