@@ -985,10 +985,7 @@ impl Tx<'_> {
     /// Deletes row `id`, its labels and its entries in (expired) leases. Its spares go with
     /// it (a trigger); their storage is then unknown, so cleanup reclaims it.
     pub fn delete(&self, id: u64) -> Result<()> {
-        self.tx
-            .prepare_cached("DELETE FROM lease_snapshots WHERE snapshot_id = ?1")
-            .and_then(|mut s| s.execute([db_id(id)]))
-            .map_err(|e| self.e("delete", e))?;
+        self.lease_drop_everywhere(id)?;
         self.tx
             .prepare_cached("DELETE FROM snapshots WHERE id = ?1")
             .and_then(|mut s| s.execute([db_id(id)]))
